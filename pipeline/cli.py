@@ -1,0 +1,137 @@
+"""``llmpipe run|plan|why|status|ui``: the command line over the orchestrator.
+
+Hydra overrides follow the command: ``llmpipe run --config-name llama-7b stage.sft.lr=1e-4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.errors import LlmpipeError
+
+log = logging.getLogger("llmpipe")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmpipe", description="Run the LLM lifecycle pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("-c", "--config-name", default=os.environ.get("LLMPIPE_CONF", "tiny"),
+                        help="top-level config in the config dir (default: tiny)")
+        sp.add_argument("--config-dir", type=Path, default=None, help="config folder (default: ./conf)")
+        return sp
+
+    add("run", "run the pipeline (cached stages are skipped)").add_argument("overrides", nargs="*")
+    add("plan", "show what would run and why, without running").add_argument("overrides", nargs="*")
+    why = add("why", "show what changed since a stage's last successful run")
+    why.add_argument("stage")
+    why.add_argument("overrides", nargs="*")
+    add("status", "show the state of every stage's output").add_argument("overrides", nargs="*")
+    ui = add("ui", "start the MLflow UI on the tracking store")
+    ui.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, project_path: str, default_config_dir: Path) -> int:
+    from pipeline.logs import setup_logging
+    from pipeline.worker import load_project
+
+    args = _parser().parse_args(argv)
+    setup_logging()
+    try:
+        from pipeline import config as config_mod
+
+        project = load_project(project_path)
+        config_dir = (args.config_dir or _find_config_dir(default_config_dir)).resolve()
+        cfg = config_mod.load(project, config_dir, args.config_name, args.overrides)
+        return COMMANDS[args.command](args, cfg, project)
+    except LlmpipeError as exc:
+        print(f"llmpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _find_config_dir(default: Path) -> Path:
+    local = Path.cwd() / "conf"
+    return local if local.is_dir() else default
+
+
+def cmd_plan(args, cfg, project) -> int:
+    from pipeline.plan import make_plan
+
+    plan = make_plan(cfg, project)
+    print(f"plan for config '{cfg.name}' (root {cfg.root})")
+    print(f"{'stage':<10} {'fingerprint':<13} {'action':<9} reason")
+    for sp in plan.stages.values():
+        print(f"{sp.name:<10} {sp.fingerprint:<13} {sp.action:<9} {sp.reason}")
+    return 0
+
+
+def cmd_run(args, cfg, project) -> int:
+    from pipeline.runner import Runner
+
+    result = Runner(cfg, project).run()
+    print(result.summary())
+    if result.parent_run_id:
+        print(f"MLflow run {result.parent_run_id}: `make ui` to browse")
+    return 0 if result.ok else 1
+
+
+def cmd_why(args, cfg, project) -> int:
+    from pipeline.plan import explain, make_plan
+
+    print(explain(make_plan(cfg, project), args.stage))
+    return 0
+
+
+def cmd_status(args, cfg, project) -> int:
+    from pipeline.plan import make_plan
+
+    plan = make_plan(cfg, project)
+    store = plan.store
+    print(f"status for config '{cfg.name}' (root {cfg.root})")
+    for sp in plan.stages.values():
+        fp = sp.fingerprint
+        if store.is_done(sp.name, fp):
+            info = store.info(sp.name, fp) or {}
+            state = f"done     {info.get('finished_at_iso', '')} {store.final_dir(sp.name, fp)}"
+        elif store.is_locked(sp.name, fp):
+            state = f"running  {store.partial_dir(sp.name, fp)}"
+        elif failure := store.failure(sp.name, fp):
+            state = f"failed   attempt {failure['attempt']}: {failure['reason']} ({store.partial_dir(sp.name, fp)})"
+        else:
+            older = store.successes(sp.name)
+            state = "missing" + (f"  (an older output: {older[-1]['fingerprint']})" if older else "")
+        print(f"{sp.name:<10} {fp:<13} {state}")
+    return 0
+
+
+def cmd_ui(args, cfg, project) -> int:
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", cfg.tracking.ui_host, "--port", str(cfg.tracking.ui_port)]
+    print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({uri}); Ctrl-C stops it")
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        return 0
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "why": cmd_why, "status": cmd_status, "ui": cmd_ui}

@@ -1,0 +1,162 @@
+"""Compose the Hydra configuration and validate it into typed dataclasses before anything runs.
+
+Top-level keys: ``run``, ``tracking`` and ``cluster`` belong to the orchestrator; ``stage.<name>``
+to each registered stage; any group the project declares as shared (e.g. ``model``) to the
+project. Anything else is an unknown key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import ConfigError
+from pipeline.schema import build, field_paths, suggest
+from pipeline.stage import Project
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    root: str = "runs"  # where stage outputs and the embedded MLflow store live; relative to the project folder
+    only: tuple[str, ...] = ()  # run just these stages (and whatever they need that is not cached)
+    from_: str | None = field(default=None, metadata={"key": "from"})  # force this stage and all its descendants
+    force: tuple[str, ...] = ()  # re-run these stages even if their output exists
+    lock_wait_s: float = 86400.0  # how long to wait for another run producing the same output
+    keep_going: bool = True  # after a failure, still run stages that do not depend on it
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True  # log runs to MLflow
+    uri: str | None = None  # MLflow tracking URI; null: sqlite store under run.root; MLFLOW_TRACKING_URI wins
+    experiment: str = "llmpipe"  # MLflow experiment name
+    artifact_location: str | None = None  # for a new experiment; null: <run.root>/mlartifacts with the embedded store
+    ui_host: str = "127.0.0.1"  # `llmpipe ui` binds here
+    ui_port: int = 5000  # and on this port
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    executor: Literal["local"] = "local"  # where stages run
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for stage processes
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str  # the top-level config it was composed from
+    project_dir: Path
+    run: RunConfig
+    tracking: TrackingConfig
+    cluster: ClusterConfig
+    stages: Mapping[str, Any]  # stage name -> typed stage config
+    shared: Mapping[str, Any]  # shared group -> typed config
+    resolved: Mapping[str, Any]  # the whole resolved config as plain data
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def root(self) -> Path:
+        root = Path(os.path.expanduser(self.run.root))
+        return root if root.is_absolute() else (self.project_dir / root).resolve()
+
+
+_ORCHESTRATOR_SECTIONS = {"run": RunConfig, "tracking": TrackingConfig, "cluster": ClusterConfig}
+
+
+def compose(config_dir: Path, config_name: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Hydra-compose ``config_name`` with command-line style overrides; return resolved plain data."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_dir).resolve()
+    if not (config_dir / f"{config_name}.yaml").exists():
+        names = sorted(p.stem for p in config_dir.glob("*.yaml"))
+        raise ConfigError(f"no top-level config '{config_name}' in {config_dir}" + suggest(config_name, names))
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="llmpipe"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot compose config '{config_name}' from {config_dir}: {exc}") from None
+    assert isinstance(data, dict)
+    return data
+
+
+def validate(
+    data: Mapping[str, Any],
+    project: Project,
+    *,
+    name: str,
+    project_dir: Path,
+    overrides: Sequence[str] = (),
+) -> PipelineConfig:
+    """Check every key of the resolved config against its schema; collect all problems."""
+    problems: list[str] = []
+    source = f"config '{name}'"
+    known = set(_ORCHESTRATOR_SECTIONS) | set(project.shared) | {"stage"}
+    for key in data:
+        if key not in known:
+            problems.append(f"{key}: unknown top-level key" + suggest(key, known))
+
+    def section(key: str, cls: type, value: Any) -> Any:
+        try:
+            return build(cls, {} if value is None else value, path=key)
+        except ConfigError as exc:
+            problems.extend(str(exc).split("\n  ")[1:])
+            return None
+
+    sections = {k: section(k, cls, data.get(k)) for k, cls in _ORCHESTRATOR_SECTIONS.items()}
+    shared = {k: section(k, cls, data.get(k)) for k, cls in project.shared.items()}
+
+    stage_data = data.get("stage") or {}
+    if not isinstance(stage_data, Mapping):
+        problems.append(f"stage: expected a mapping of stage configs, got {stage_data!r}")
+        stage_data = {}
+    for key in stage_data:
+        if key not in project.stage_names:
+            problems.append(f"stage.{key}: unknown stage" + suggest(key, project.stage_names))
+    stages = {s.name: section(f"stage.{s.name}", s.config, stage_data.get(s.name)) for s in project.stages}
+
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid configuration in {source}:", *problems]))
+    return PipelineConfig(
+        name=name,
+        project_dir=Path(project_dir).resolve(),
+        run=sections["run"],
+        tracking=sections["tracking"],
+        cluster=sections["cluster"],
+        stages=stages,
+        shared=shared,
+        resolved=dict(data),
+        overrides=tuple(overrides),
+    )
+
+
+def load(
+    project: Project,
+    config_dir: Path,
+    config_name: str,
+    overrides: Sequence[str] = (),
+    project_dir: Path | None = None,
+) -> PipelineConfig:
+    check_project(project)
+    data = compose(config_dir, config_name, overrides)
+    return validate(data, project, name=config_name, project_dir=project_dir or Path(config_dir).parent,
+                    overrides=overrides)
+
+
+def check_project(project: Project) -> None:
+    """Developer errors in the registry itself: execution-only fields that do not exist."""
+    for stage in project.stages:
+        paths = field_paths(stage.config)
+        for name in stage.unhashed:
+            if name not in paths:
+                raise ConfigError(
+                    f"stage '{stage.name}' names execution-only field '{name}', which its config "
+                    f"{stage.config.__name__} does not have" + suggest(name, paths)
+                )

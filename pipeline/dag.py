@@ -1,0 +1,109 @@
+"""The stage graph, built only from the stages' declared inputs and outputs."""
+
+from __future__ import annotations
+
+import graphlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError, CycleError, DuplicateProducerError, MissingInputError
+from pipeline.schema import suggest
+from pipeline.stage import Stage
+
+
+@dataclass(frozen=True)
+class Dag:
+    stages: dict[str, Stage]  # in topological order
+    producers: dict[str, str]  # "<stage>.<artifact>" -> producing stage
+    parents: dict[str, tuple[str, ...]]
+    children: dict[str, tuple[str, ...]]
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.stages)
+
+    def ancestors(self, name: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(self.parents[name])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(self.parents[n])
+        return seen
+
+    def descendants(self, name: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(self.children[name])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(self.children[n])
+        return seen
+
+    def check_names(self, names: Iterable[str], key: str) -> None:
+        for n in names:
+            if n not in self.stages:
+                raise ConfigError(f"{key}: unknown stage '{n}'" + suggest(n, self.stages))
+
+
+def build_dag(stages: Sequence[Stage]) -> Dag:
+    """Wire stages by their declarations; raise a named error on any inconsistency."""
+    by_name: dict[str, Stage] = {}
+    for s in stages:
+        if s.name in by_name:
+            raise DuplicateProducerError(f"two stages are named '{s.name}'")
+        by_name[s.name] = s
+
+    producers: dict[str, str] = {}
+    for s in stages:
+        for artifact in s.outputs:
+            ref = s.output_ref(artifact)
+            if ref in producers:  # unreachable while refs are prefixed by unique names; kept for safety
+                raise DuplicateProducerError(f"'{ref}' is produced by both '{producers[ref]}' and '{s.name}'")
+            producers[ref] = s.name
+
+    parents: dict[str, tuple[str, ...]] = {}
+    for s in stages:
+        ps = []
+        for ref in s.inputs:
+            if ref not in producers:
+                owner = ref.split(".")[0]
+                hint = (f"; '{owner}' produces {list(by_name[owner].outputs)}" if owner in by_name
+                        else suggest(owner, by_name))
+                raise MissingInputError(f"stage '{s.name}' needs '{ref}', which no stage produces{hint}")
+            if producers[ref] not in ps:
+                ps.append(producers[ref])
+        parents[s.name] = tuple(ps)
+
+    try:
+        order = _stable_order(parents, [s.name for s in stages])
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]
+        raise CycleError("stages depend on each other in a cycle: " + " -> ".join(cycle)) from None
+
+    children: dict[str, list[str]] = {n: [] for n in by_name}
+    for n, ps in parents.items():
+        for p in ps:
+            children[p].append(n)
+    return Dag(
+        stages={n: by_name[n] for n in order},
+        producers=producers,
+        parents=parents,
+        children={n: tuple(c) for n, c in children.items()},
+    )
+
+
+def _stable_order(parents: dict[str, tuple[str, ...]], registry_order: list[str]) -> list[str]:
+    """Topological order that prefers registry order among ready stages."""
+    sorter = graphlib.TopologicalSorter(parents)
+    sorter.prepare()  # raises CycleError
+    rank = {n: i for i, n in enumerate(registry_order)}
+    order: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=rank.__getitem__)
+        for n in ready:
+            order.append(n)
+            sorter.done(n)
+    return order

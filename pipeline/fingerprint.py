@@ -1,0 +1,83 @@
+"""Content addresses for stage outputs.
+
+fingerprint = sha256(canonical JSON of stage name, code version, resolved config minus the
+stage's execution-only fields, external source state and upstream fingerprints)[:12]
+
+Every config field counts unless the stage names it as execution-only: forgetting to exclude a
+field costs a re-run, forgetting to include one would silently reuse a stale output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+FINGERPRINT_LENGTH = 12
+
+
+class UnhashableValue(ConfigError):
+    """A value with no deterministic serialisation (a set, an object, NaN...)."""
+
+
+def _canonical(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnhashableValue(f"{path}: {value!r} cannot be fingerprinted (not finite)")
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UnhashableValue(f"{path}: key {k!r} is not a string")
+            out[k] = _canonical(v, f"{path}.{k}" if path else k)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise UnhashableValue(
+        f"{path or '<root>'}: {type(value).__name__} value {value!r} has no deterministic "
+        "serialisation; use plain strings, numbers, lists and mappings"
+    )
+
+
+def canonical_json(value: Any) -> str:
+    """Key order, whitespace and tuple/list differences do not change the result."""
+    return json.dumps(_canonical(value, ""), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def without(config: Mapping[str, Any], dotted: Iterable[str]) -> dict[str, Any]:
+    """A deep copy of ``config`` minus the given dotted paths."""
+    out = json.loads(json.dumps(config))
+    for path in dotted:
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def fingerprint_payload(
+    stage: str,
+    version: int,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    external: Any = None,
+) -> dict[str, Any]:
+    payload = {"stage": stage, "version": version, "config": dict(config), "inputs": dict(inputs)}
+    if external is not None:
+        payload["external"] = external
+    return payload
+
+
+def fingerprint(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_LENGTH]

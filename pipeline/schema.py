@@ -1,0 +1,209 @@
+"""Turn plain config mappings into typed, frozen dataclasses, or say exactly what is wrong.
+
+OmegaConf's structured configs reject unknown keys too, but name neither the alternatives nor
+all the problems at once; here every problem is reported with its full key path and, for an
+unknown key, the closest valid names ("did you mean").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pipeline.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def suggest(key: str, candidates: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest candidate, or ' (valid keys: ...)'."""
+    candidates = sorted(candidates)
+    close = difflib.get_close_matches(key, candidates, n=2, cutoff=0.6)
+    if close:
+        return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
+    if candidates:
+        return " (valid keys: " + ", ".join(candidates) + ")"
+    return ""
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(f"{path or '<root>'}: {message}")
+
+
+def build(cls: type, data: Any, path: str = "", source: str | None = None) -> Any:
+    """Validate ``data`` against dataclass ``cls`` and return an instance.
+
+    Raises :class:`ConfigError` listing every problem found, each with its key path.
+    """
+    errors = _Collector()
+    value = _convert(cls, data, path, errors)
+    if errors.problems:
+        head = f"invalid configuration{f' in {source}' if source else ''}:"
+        raise ConfigError("\n  ".join([head, *errors.problems]))
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, path: str, errors: _Collector) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _convert_dataclass(tp, value, path, errors)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        for candidate in non_none:
+            trial = _Collector()
+            converted = _convert(candidate, value, path, trial)
+            if not trial.problems:
+                return converted
+        if len(non_none) == 1:
+            return _convert(non_none[0], value, path, errors)
+        errors.add(path, f"expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            errors.add(path, f"{value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if value is None:
+        errors.add(path, f"expected {_type_name(tp)}, got null")
+        return None
+    if origin in (tuple, list) or tp in (tuple, list):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            errors.add(path, f"expected a list, got {value!r}")
+            return ()
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            item_tp = args[0]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                errors.add(path, f"expected {len(args)} items, got {len(value)}")
+                return ()
+            return tuple(_convert(a, v, _join(path, i), errors) for i, (a, v) in enumerate(zip(args, value)))
+        else:
+            item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, v, _join(path, i), errors) for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            errors.add(path, f"expected a mapping, got {value!r}")
+            return {}
+        key_tp, val_tp = args if args else (str, Any)
+        out = {}
+        for k, v in value.items():
+            if key_tp is str and not isinstance(k, str):
+                errors.add(_join(path, str(k)), "keys must be strings")
+                continue
+            out[k] = _convert(val_tp, v, _join(path, k), errors)
+        return types.MappingProxyType(out)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            errors.add(path, f"{value!r} is not one of {', '.join(repr(m.value) for m in tp)}")
+            return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.add(path, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.add(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.add(path, f"expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.add(path, f"expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            errors.add(path, f"expected a path, got {value!r}")
+            return value
+        return Path(value)
+    errors.add(path, f"unsupported schema type {_type_name(tp)}")
+    return value
+
+
+def _convert_dataclass(cls: type, value: Any, path: str, errors: _Collector) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        errors.add(path, f"expected a mapping for {cls.__name__}, got {value!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {key_of(f): f for f in dataclasses.fields(cls) if f.init}
+    for key in value:
+        if key not in fields:
+            errors.add(_join(path, key), "unknown key" + suggest(str(key), fields))
+    kwargs = {}
+    for key, f in fields.items():
+        if key in value:
+            kwargs[f.name] = _convert(hints[f.name], value[key], _join(path, key), errors)
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            errors.add(_join(path, key), f"missing required key ({_type_name(hints[f.name])})")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # __post_init__ checks of the dataclass itself
+        if not errors.problems:
+            errors.add(path, str(exc))
+        return None
+
+
+def key_of(f: dataclasses.Field) -> str:
+    """The config key of a field: its name, or ``metadata={"key": ...}`` for Python keywords."""
+    return f.metadata.get("key", f.name)
+
+
+def to_plain(value: Any) -> Any:
+    """A dataclass instance (or nested values) as plain JSON-like data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {key_of(f): to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def field_paths(cls: type, prefix: str = "") -> set[str]:
+    """Every dotted field path of a dataclass schema, nested dataclasses included."""
+    paths = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        p = _join(prefix, key_of(f))
+        paths.add(p)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            paths |= field_paths(tp, p)
+    return paths

@@ -1,0 +1,110 @@
+"""What a stage is, and what it is handed when it runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Metrics = Mapping[str, float | int]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A lifecycle step with declared inputs and outputs.
+
+    ``name`` is the one name used everywhere: module, config group ``stage/<name>``, output
+    folder ``<root>/<name>/<name>-<fingerprint>`` and MLflow run name.
+    """
+
+    name: str
+    config: type  # frozen dataclass: the schema of conf/stage/<name>/*.yaml
+    run: Callable[[Any, StageContext], Metrics | None]  # writes only under ctx.output_dir
+    inputs: tuple[str, ...] = ()  # "<stage>.<artifact>" references
+    outputs: tuple[str, ...] = ()  # artifact names created under the output dir
+    version: int = 1  # bump when the code's results change: it re-addresses the output
+    unhashed: frozenset[str] = frozenset()  # execution-only config fields (dotted paths)
+    resumable: bool = False  # True: a failed attempt's partial output is handed to the next
+    external: Callable[[Any], Any] | None = None  # state of outside sources, folded into the fingerprint
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"stage name {self.name!r} must be a Python identifier")
+        for ref in self.inputs:
+            if ref.count(".") != 1 or not all(ref.split(".")):
+                raise ValueError(f"stage '{self.name}': input {ref!r} must look like '<stage>.<artifact>'")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError(f"stage '{self.name}': outputs {self.outputs} repeat a name")
+
+    def output_ref(self, artifact: str) -> str:
+        return f"{self.name}.{artifact}"
+
+
+@dataclass(frozen=True)
+class Project:
+    """Everything the orchestrator needs to know about a concrete pipeline.
+
+    ``stages`` is the explicit registry. ``shared`` maps top-level config groups the project owns
+    (e.g. ``model``) to their schema dataclass; stages reach them by interpolation
+    (``model: ${model}``) so that only stages that use a group are fingerprinted on it.
+    ``import_path`` ("module:attribute") lets worker processes load the same project.
+    """
+
+    name: str
+    stages: tuple[Stage, ...]
+    import_path: str
+    shared: Mapping[str, type] = field(default_factory=dict)
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets: where its inputs are and where to write.
+
+    ``output_dir`` is a private in-progress directory; the runner commits it atomically when
+    ``run`` returns. A resumable stage finds the previous attempt's files there.
+    """
+
+    stage: str
+    fingerprint: str
+    output_dir: Path
+    inputs: Mapping[str, Path]  # "<stage>.<artifact>" -> committed path
+    attempt: int = 1
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("llmpipe.stage"))
+    metrics_file: Path | None = None
+
+    def output(self, artifact: str) -> Path:
+        """Path of one of this stage's declared artifacts (created by the stage)."""
+        return self.output_dir / artifact
+
+    def input(self, ref: str) -> Path:
+        try:
+            return self.inputs[ref]
+        except KeyError:
+            raise KeyError(f"stage '{self.stage}' did not declare input {ref!r}; it has {sorted(self.inputs)}") from None
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Record a metric now (a curve when ``step`` is given); streamed to tracking live."""
+        self.log_metrics({name: value}, step=step)
+
+    def log_metrics(self, metrics: Metrics, step: int | None = None) -> None:
+        if self.metrics_file is None:
+            return
+        record = {"t": time.time(), "step": step, "attempt": self.attempt,
+                  "metrics": {k: float(v) for k, v in metrics.items()}}
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,1 @@
+"""The eleven lifecycle stages. Each module defines one Stage; stages/registry.py lists them."""

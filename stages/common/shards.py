@@ -1,0 +1,182 @@
+"""Shard in, shard out: the execution model of the data stages.
+
+A data stage is a function from one input shard to one output shard (plus a ShardResult with
+its counts). ``map_shards`` runs it over every shard in a process pool, with a progress bar,
+and is resumable per shard: each finished shard leaves ``_shards/<name>.json`` next to the
+outputs, so a restarted attempt redoes only the shards that did not finish. The same function
+can later run as one Slurm array task per shard group (``shard_indices``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llmpipe.shards")
+
+DONE_DIR = "_shards"
+
+
+@dataclass
+class ShardResult:
+    """Counts for one shard; summed over shards into the stage's metrics."""
+
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    drops: Counter = field(default_factory=Counter)  # reason -> documents dropped
+    counts: Counter = field(default_factory=Counter)  # any other additive count (e.g. pii_email)
+
+    def add(self, other: ShardResult) -> None:
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.drops.update(other.drops)
+        self.counts.update(other.counts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "drops": dict(self.drops), "counts": dict(self.counts)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardResult:
+        return cls(data["docs_in"], data["docs_out"], data["bytes_in"], data["bytes_out"],
+                   Counter(data["drops"]), Counter(data["counts"]))
+
+    def metrics(self, seconds: float) -> dict[str, float]:
+        """The stage metrics: docs in/out, drops per reason, throughput."""
+        out: dict[str, float] = {"docs_in": self.docs_in, "docs_out": self.docs_out,
+                                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                                 "docs_dropped": self.docs_in - self.docs_out}
+        out.update({f"dropped_{reason}": n for reason, n in sorted(self.drops.items())})
+        out.update({k: v for k, v in sorted(self.counts.items())})
+        if seconds > 0:
+            out["docs_per_s"] = self.docs_in / seconds
+            out["bytes_per_s"] = self.bytes_in / seconds
+        return out
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work handed to a worker process."""
+
+    index: int  # position of the shard in the sorted input list
+    source: str  # input shard path or URL
+    name: str  # stable output name, e.g. "00003"
+    output_dir: Path  # where the shard's outputs go (the stage's output dir or a subfolder)
+    config: Any  # the stage's typed config (picklable frozen dataclass)
+
+
+ShardFn = Callable[[ShardTask], ShardResult]
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def done_marker(output_dir: Path, name: str) -> Path:
+    return output_dir / DONE_DIR / f"{name}.json"
+
+
+def map_shards(
+    fn: ShardFn,
+    sources: Sequence[str | Path],
+    output_dir: Path,
+    config: Any,
+    *,
+    workers: int,
+    desc: str,
+    on_progress: Callable[[int, ShardResult], None] | None = None,
+    shard_indices: Iterable[int] | None = None,
+) -> ShardResult:
+    """Run ``fn`` on every shard not yet done; return the sum over all shards (done before too).
+
+    ``fn`` must be a module-level function (it is pickled to worker processes). It must write
+    its outputs atomically (``write_parquet_atomic``): the done marker is written after it returns.
+    """
+    from tqdm import tqdm
+
+    output_dir = Path(output_dir)
+    (output_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    indices = list(range(len(sources))) if shard_indices is None else list(shard_indices)
+    total = ShardResult()
+    todo: list[ShardTask] = []
+    for i in indices:
+        name = shard_name(i)
+        marker = done_marker(output_dir, name)
+        if marker.is_file():
+            total.add(ShardResult.from_json(json.loads(marker.read_text())))
+        else:
+            todo.append(ShardTask(i, str(sources[i]), name, output_dir, config))
+    if len(todo) < len(indices):
+        log.info("%s: %d of %d shards already done, resuming", desc, len(indices) - len(todo), len(indices))
+
+    def finish(task: ShardTask, result: ShardResult) -> None:
+        _write_json_atomic(done_marker(output_dir, task.name), result.to_json())
+        total.add(result)
+        bar.update(1)
+        bar.set_postfix(docs=total.docs_in, kept=total.docs_out)
+        if on_progress:
+            on_progress(bar.n, total)
+
+    # tqdm writes to stderr; the executor captures it into the stage log.
+    bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=desc, unit="shard",
+               mininterval=2.0, disable=None if os.isatty(2) else False)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for task in todo:
+                finish(task, fn(task))
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+                pending = {pool.submit(fn, t): t for t in todo}
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        finish(pending.pop(fut), fut.result())
+    finally:
+        bar.close()
+    return total
+
+
+def write_parquet_atomic(table: Any, path: Path, **kwargs: Any) -> int:
+    """Write a pyarrow Table to ``path`` via a temporary file; return the bytes written."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def list_parquet(directory: Path) -> list[Path]:
+    """The Parquet shards of a documents artifact, in a stable order."""
+    return sorted(Path(directory).glob("*.parquet"))
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class Throughput:
+    """Wall time of a stage body, for docs/s and bytes/s."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
