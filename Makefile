@@ -23,7 +23,7 @@ setup: $(STAMP)  ## create .venv with the pinned CPU environment (requirements/c
 
 $(STAMP): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --quiet "pip==26.3"
+	$(PIP) --quiet "pip==26.3" "setuptools==78.1.1" "wheel==0.48.0"
 	$(PIP) --no-deps --requirement requirements/cpu.lock
 	$(PIP) --no-deps --no-build-isolation --editable .
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+cpu') else f'not the CPU torch: {v}')"

@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config-dir", type=Path, default=None, help="config folder (default: ./conf)")
         return sp
 
-    add("run", "run the pipeline (cached stages are skipped)").add_argument("overrides", nargs="*")
+    run = add("run", "run the pipeline (cached stages are skipped)")
+    run.add_argument("--wait-tracking", action="store_true", help="return only after MLflow has every event")
+    run.add_argument("overrides", nargs="*")
+    add("sync", "apply tracking journals that did not reach MLflow yet").add_argument("overrides", nargs="*")
     add("plan", "show what would run and why, without running").add_argument("overrides", nargs="*")
     why = add("why", "show what changed since a stage's last successful run")
     why.add_argument("stage")
@@ -59,6 +62,9 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmpipe plan | head`
+        sys.stderr.close()
+        return 0
 
 
 def _find_config_dir(default: Path) -> Path:
@@ -82,9 +88,20 @@ def cmd_run(args, cfg, project) -> int:
 
     result = Runner(cfg, project).run()
     print(result.summary())
-    if result.parent_run_id:
-        print(f"MLflow run {result.parent_run_id}: `make ui` to browse")
+    tracker = result.tracker
+    if tracker is not None and tracker.journal is not None:
+        if args.wait_tracking:
+            tracker.wait()
+        print(f"MLflow: run llmpipe.run_key={tracker.key} (syncing from {tracker.journal}); `make ui` to browse")
     return 0 if result.ok else 1
+
+
+def cmd_sync(args, cfg, project) -> int:
+    from pipeline.mlflow_sync import sync_pending
+
+    n = sync_pending(cfg.root)
+    print(f"applied {n} tracking journal(s) under {cfg.root}")
+    return 0
 
 
 def cmd_why(args, cfg, project) -> int:
@@ -134,4 +151,4 @@ def cmd_ui(args, cfg, project) -> int:
         return 0
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "why": cmd_why, "status": cmd_status, "ui": cmd_ui}
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "why": cmd_why, "status": cmd_status, "ui": cmd_ui, "sync": cmd_sync}

@@ -33,14 +33,19 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     duration_s: float = 0.0
-    mlflow_run_id: str | None = None
+    tracking_key: str | None = None  # the stage run's llmpipe.run_key tag in MLflow
+    causes: list[str] = field(default_factory=list)  # failed stages that kept this one from running
+
+    def __post_init__(self) -> None:
+        if self.status == FAILED:
+            self.causes = [self.stage]
 
 
 @dataclass
 class RunResult:
     plan: Plan
     outcomes: dict[str, Outcome]
-    parent_run_id: str | None = None
+    tracker: NullTracker | None = None
 
     @property
     def ok(self) -> bool:
@@ -95,12 +100,13 @@ class Runner:
         stop = False
         try:
             for sp in plan.stages.values():
-                bad = [p for p in plan.dag.parents[sp.name] if outcomes.get(p) and outcomes[p].status in (FAILED, BLOCKED)]
+                causes = sorted({c for p in plan.dag.parents[sp.name] if p in outcomes for c in outcomes[p].causes})
                 if sp.action == EXCLUDED:
                     outcomes[sp.name] = Outcome(sp.name, NOT_RUN, sp.fingerprint, error=sp.reason)
-                elif bad or stop:
-                    why = f"upstream {', '.join(bad)} failed" if bad else "stopped after a failure (run.keep_going=false)"
-                    outcomes[sp.name] = Outcome(sp.name, BLOCKED, sp.fingerprint, error=why)
+                elif causes or stop:
+                    why = (f"upstream {', '.join(causes)} failed" if causes
+                           else "stopped after a failure (run.keep_going=false)")
+                    outcomes[sp.name] = Outcome(sp.name, BLOCKED, sp.fingerprint, error=why, causes=causes)
                     log.warning("%s: not run, %s", sp.name, why)
                 elif sp.action == SKIP:
                     outcomes[sp.name] = self._cached(plan, sp)
@@ -110,7 +116,7 @@ class Runner:
         except BaseException:
             self.tracker.end(False)
             raise
-        result = RunResult(plan, outcomes, self.tracker.parent_run_id)
+        result = RunResult(plan, outcomes, self.tracker)
         self.tracker.end(result.ok)
         return result
 
@@ -129,12 +135,12 @@ class Runner:
         final = store.final_dir(sp.name, sp.fingerprint)
         log.info("%s: cached (%s)", sp.name, final)
         tags = {**self._tags(plan, sp, final), "llmpipe.status": CACHED, "llmpipe.cached": "true",
-                "llmpipe.produced_by_run_id": str(info.get("mlflow_run_id")),
+                "llmpipe.produced_by_key": str(info.get("tracking_key")),
                 "llmpipe.produced_git_commit": str(info.get("git_commit"))}
         run_id = self.tracker.stage_started(sp.name, to_plain(sp.config), tags)
         metrics = dict(info.get("metrics", {}))
         self.tracker.stage_finished(run_id, True, metrics, {}, [final / STAGE_INFO])
-        return Outcome(sp.name, CACHED, sp.fingerprint, final, metrics, mlflow_run_id=run_id)
+        return Outcome(sp.name, CACHED, sp.fingerprint, final, metrics, tracking_key=run_id)
 
     def _execute(self, plan: Plan, sp: StagePlan, pipeline_started: float) -> Outcome:
         store, stage = plan.store, sp.stage
@@ -170,14 +176,14 @@ class Runner:
                 log.error("%s: failed after %.1fs: %s (log: %s)", sp.name, duration, result.error,
                           partial / LOG_FILE)
                 return Outcome(sp.name, FAILED, sp.fingerprint, partial, error=result.error,
-                               duration_s=duration, mlflow_run_id=run_id)
+                               duration_s=duration, tracking_key=run_id)
             info = self._stage_info(sp, attempt, t0, duration, result.metrics, run_id, result.details)
             final = store.commit(sp.name, sp.fingerprint, info)
             self.tracker.stage_finished(run_id, True, result.metrics, {"llmpipe.status": RAN},
                                         [final / STAGE_INFO, final / LOG_FILE])
             log.info("%s: done in %.1fs -> %s", sp.name, duration, final)
             return Outcome(sp.name, RAN, sp.fingerprint, final, result.metrics, duration_s=duration,
-                           mlflow_run_id=run_id)
+                           tracking_key=run_id)
 
     def _stage_info(self, sp: StagePlan, attempt: int, started: float, duration: float,
                     metrics: Mapping[str, float], run_id: str | None, details: Mapping[str, Any]) -> dict:
@@ -190,7 +196,7 @@ class Runner:
             "started_at": started, "finished_at": finished,
             "finished_at_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
             "duration_s": duration, "attempt": attempt, "metrics": dict(metrics),
-            "mlflow_run_id": run_id, "mlflow_parent_run_id": self.tracker.parent_run_id,
+            "tracking_key": run_id, "pipeline_tracking_key": self.tracker.key,
             "pipeline_config": self.cfg.name, "overrides": list(self.cfg.overrides),
             "executor": {"kind": self.cfg.cluster.executor, **details},
         }

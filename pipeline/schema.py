@@ -103,7 +103,8 @@ def _convert(tp: Any, value: Any, path: str, errors: _Collector) -> Any:
             if len(args) != len(value):
                 errors.add(path, f"expected {len(args)} items, got {len(value)}")
                 return ()
-            return tuple(_convert(a, v, _join(path, i), errors) for i, (a, v) in enumerate(zip(args, value)))
+            pairs = enumerate(zip(args, value, strict=True))
+            return tuple(_convert(a, v, _join(path, i), errors) for i, (a, v) in pairs)
         else:
             item_tp = args[0] if args else Any
         return tuple(_convert(item_tp, v, _join(path, i), errors) for i, v in enumerate(value))

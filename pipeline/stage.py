@@ -95,7 +95,8 @@ class StageContext:
         try:
             return self.inputs[ref]
         except KeyError:
-            raise KeyError(f"stage '{self.stage}' did not declare input {ref!r}; it has {sorted(self.inputs)}") from None
+            raise KeyError(f"stage '{self.stage}' did not declare input {ref!r}; "
+                           f"it has {sorted(self.inputs)}") from None
 
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """Record a metric now (a curve when ``step`` is given); streamed to tracking live."""

@@ -1,7 +1,14 @@
-"""MLflow lineage: one parent run per pipeline invocation, one nested run per stage.
+"""Lineage for MLflow: one parent run per pipeline invocation, one nested run per stage.
 
-Tracking is a hook around stages, not code inside them: stages report metrics through their
-context (a metrics file) and the runner forwards them here, live, as curves.
+The runner never talks to MLflow itself. It appends events to a journal
+(``<root>/.tracking/<key>.jsonl``) and a separate sync process (``pipeline.mlflow_sync``)
+applies them to MLflow while the pipeline runs. Why:
+- importing mlflow takes ~2 s, longer than a whole fully cached run is allowed to take;
+- a slow or unreachable tracking server never blocks or fails a stage: the journal keeps the
+  events, and the next `llmpipe run` (or `llmpipe sync`) applies whatever was not applied yet.
+
+Tracking is a hook around stages, not code inside them: stages report metrics to their own
+metrics file and the runner forwards them here.
 """
 
 from __future__ import annotations
@@ -9,7 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +28,7 @@ from pipeline.config import PipelineConfig
 
 log = logging.getLogger("llmpipe.tracking")
 
-MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-BATCH = 100  # MLflow's limit on params per log_batch call
+JOURNAL_DIR = ".tracking"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -44,88 +53,123 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-class NullTracker:
-    """Used with tracking.enabled=false."""
+def new_key() -> str:
+    return uuid.uuid4().hex
 
-    parent_run_id: str | None = None
+
+class NullTracker:
+    """Used with tracking.enabled=false: records nothing."""
+
+    key: str | None = None
+    journal: Path | None = None
+    sync_process: subprocess.Popen | None = None
 
     def start(self, cfg: PipelineConfig, tags: Mapping[str, str]) -> None: ...
     def stage_started(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
         return None
-    def log_records(self, run_id: str | None, records: Iterable[Mapping[str, Any]]) -> None: ...
-    def stage_finished(self, run_id: str | None, ok: bool, metrics: Mapping[str, float],
+    def log_records(self, key: str | None, records: Iterable[Mapping[str, Any]]) -> None: ...
+    def stage_finished(self, key: str | None, ok: bool, metrics: Mapping[str, float],
                        tags: Mapping[str, str], files: Iterable[Path]) -> None: ...
     def end(self, ok: bool) -> None: ...
 
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Block until the sync process has applied the journal; True if it finished cleanly."""
+        return True
 
-class MlflowTracker(NullTracker):
-    def __init__(self, cfg: PipelineConfig):
-        self.uri = tracking_uri(cfg)
-        self.experiment_name = cfg.tracking.experiment
-        self.artifact_location = artifact_location(cfg)
-        self.client = None
-        self.experiment_id: str | None = None
+
+class JournalTracker(NullTracker):
+    """Writes tracking events to a journal and starts the process that applies them to MLflow."""
+
+    def __init__(self, cfg: PipelineConfig, start_sync: bool = True):
+        self.cfg = cfg
+        self.start_sync = start_sync
+        self.key = new_key()
+        self.journal = cfg.root / JOURNAL_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}-{self.key[:8]}.jsonl"
+        self._file = None
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n")
+        self._file.flush()
 
     def start(self, cfg: PipelineConfig, tags: Mapping[str, str]) -> None:
-        from mlflow.tracking import MlflowClient  # heavy: only when a run actually tracks
-
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment_name)
-        self.experiment_id = (exp.experiment_id if exp else
-                              self.client.create_experiment(self.experiment_name, self.artifact_location))
-        run = self.client.create_run(self.experiment_id, run_name=f"pipeline-{cfg.name}", tags=dict(tags))
-        self.parent_run_id = run.info.run_id
-        params = {"config": cfg.name, "overrides": " ".join(cfg.overrides) or "-"}
-        self._log_params(self.parent_run_id, params)
-        self.client.log_text(self.parent_run_id, json.dumps(cfg.resolved, indent=2, default=str),
-                             "resolved_config.json")
-        log.info("MLflow: %s, experiment %r, run %s", self.uri, self.experiment_name, self.parent_run_id)
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.journal, "a", encoding="utf-8")  # noqa: SIM115 - open for the run's lifetime
+        self._emit("pipeline_start", key=self.key, run_name=f"pipeline-{cfg.name}", pid=os.getpid(),
+                   uri=tracking_uri(cfg), experiment=cfg.tracking.experiment,
+                   artifact_location=artifact_location(cfg), tags={**tags, "llmpipe.run_key": self.key},
+                   params={"config": cfg.name, "overrides": " ".join(cfg.overrides) or "-"},
+                   resolved_config=cfg.resolved)
+        if self.start_sync:
+            self.sync_process = start_sync_process(self.journal)
+        for pending in pending_journals(cfg.root, exclude=self.journal):
+            log.info("applying an earlier, unfinished tracking journal %s", pending.name)
+            start_sync_process(pending)
 
     def stage_started(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        assert self.client is not None
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": self.parent_run_id, **tags})
-        self._log_params(run.info.run_id, flatten(params))
-        return run.info.run_id
+        key = new_key()
+        self._emit("stage_start", key=key, stage=name, params=flatten(params),
+                   tags={**tags, "llmpipe.run_key": key})
+        return key
 
-    def log_records(self, run_id: str | None, records: Iterable[Mapping[str, Any]]) -> None:
-        from mlflow.entities import Metric
+    def log_records(self, key: str | None, records: Iterable[Mapping[str, Any]]) -> None:
+        self._emit("metrics", key=key, records=list(records))
 
-        metrics = [Metric(k, float(v), int(r["t"] * 1000), int(r["step"] or 0))
-                   for r in records for k, v in r["metrics"].items()]
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
-
-    def stage_finished(self, run_id: str | None, ok: bool, metrics: Mapping[str, float],
+    def stage_finished(self, key: str | None, ok: bool, metrics: Mapping[str, float],
                        tags: Mapping[str, str], files: Iterable[Path]) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        for f in files:
-            if Path(f).is_file():
-                self.client.log_artifact(run_id, str(f))
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        self._emit("stage_end", key=key, ok=ok, metrics=dict(metrics), tags=dict(tags),
+                   files=[str(f) for f in files])
 
     def end(self, ok: bool) -> None:
-        if self.client and self.parent_run_id:
-            self.client.set_terminated(self.parent_run_id, "FINISHED" if ok else "FAILED")
+        self._emit("pipeline_end", key=self.key, ok=ok)
+        if self._file:
+            self._file.close()
+            self._file = None
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+    def wait(self, timeout: float = 120.0) -> bool:
+        if self.sync_process is None:
+            return True
+        try:
+            return self.sync_process.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            return False
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, params=items[i:i + BATCH])
+
+def state_path(journal: Path) -> Path:
+    return journal.with_suffix(".state.json")
 
 
-def _param_value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+def pending_journals(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Journals whose events were not all applied yet (a sync already at work on one just exits)."""
+    out = []
+    for journal in sorted((root / JOURNAL_DIR).glob("*.jsonl")):
+        state = state_path(journal)
+        if journal != exclude and not (state.is_file() and json.loads(state.read_text() or "{}").get("done")):
+            out.append(journal)
+    return out
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_sync_process(journal: Path) -> subprocess.Popen:
+    """Apply ``journal`` to MLflow in a detached process (it follows the journal until the run ends)."""
+    log_file = journal.with_suffix(".sync.log")
+    with open(log_file, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.mlflow_sync", str(journal)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
 
 def make_tracker(cfg: PipelineConfig) -> NullTracker:
-    return MlflowTracker(cfg) if cfg.tracking.enabled else NullTracker()
+    return JournalTracker(cfg) if cfg.tracking.enabled else NullTracker()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import traceback
@@ -75,6 +77,13 @@ def _write(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def _stop_group(signum: int, frame: Any) -> None:
+    """SIGTERM stops the stage and everything it started (launchers, ranks, servers): the worker
+    leads its own process group."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.killpg(os.getpgid(0), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     task = json.loads(Path(argv[0]).read_text())
     setup_logging(stream=sys.stdout)
+    signal.signal(signal.SIGTERM, _stop_group)
     return run_task(task)
 
 

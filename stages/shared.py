@@ -22,9 +22,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
+            raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by "
+                             f"model.num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_heads {self.num_heads} is not a multiple of model.num_kv_heads {self.num_kv_heads}")
+            raise ValueError(f"model.num_heads {self.num_heads} is not a multiple of "
+                             f"model.num_kv_heads {self.num_kv_heads}")
 
 
 @dataclass(frozen=True)

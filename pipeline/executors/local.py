@@ -37,7 +37,7 @@ class LocalExecutor:
                       f"=====\n".encode())
             log.flush()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                    cwd=task.cwd, start_new_session=True)
+                                    cwd=task.cwd, start_new_session=True, preexec_fn=_die_with_parent)
             pump = threading.Thread(target=self._pump, args=(proc, log, task.stage), daemon=True)
             pump.start()
             try:
@@ -60,6 +60,18 @@ class LocalExecutor:
             if self.echo:
                 sys.stderr.write(f"[{stage}] {line.decode(errors='replace')}")
                 sys.stderr.flush()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the orchestrator dies (even by SIGKILL), so no stage keeps
+    writing into a partial directory that a later run will reuse."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux/glibc: Ctrl-C handling still stops the group
+        pass
 
 
 def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

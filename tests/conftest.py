@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Stage worker processes import test-only projects (tests.pipeline.toy) from the repo root.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+# Never reach a hub from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """Load the toy project's config from a temporary project folder: toy(overrides...)."""
+    from pipeline import config
+    from tests.pipeline.toy import PROJECT, write_toy_conf
+
+    conf_dir = write_toy_conf(tmp_path)
+
+    def load(*overrides: str, conf_name: str = "toy"):
+        return config.load(PROJECT, conf_dir, conf_name, list(overrides), project_dir=tmp_path)
+
+    load.project = PROJECT
+    load.dir = tmp_path
+    load.conf_dir = conf_dir
+    return load

@@ -1,0 +1,56 @@
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline import CycleError, DuplicateProducerError, MissingInputError, Stage
+from pipeline.dag import build_dag
+
+
+@dataclass(frozen=True)
+class Empty:
+    pass
+
+
+def stage(name, inputs=(), outputs=("out",)):
+    return Stage(name, Empty, lambda cfg, ctx: {}, tuple(inputs), tuple(outputs))
+
+
+def test_topological_order_keeps_registry_order_among_peers():
+    dag = build_dag([stage("c", ["a.out"]), stage("a"), stage("b"), stage("d", ["c.out", "b.out"])])
+    assert dag.order == ["a", "b", "c", "d"]
+    assert dag.ancestors("d") == {"a", "b", "c"}
+    assert dag.descendants("a") == {"c", "d"}
+    assert dag.parents["d"] == ("c", "b")
+
+
+def test_cycle_is_named():
+    with pytest.raises(CycleError, match="cycle: .*a.*b"):
+        build_dag([stage("a", ["b.out"]), stage("b", ["a.out"])])
+
+
+def test_input_nobody_produces_is_named_with_what_exists():
+    with pytest.raises(MissingInputError, match=r"'b' needs 'a.documents'.*'a' produces \['out'\]"):
+        build_dag([stage("a"), stage("b", ["a.documents"])])
+    with pytest.raises(MissingInputError, match="did you mean 'dedup'"):
+        build_dag([stage("dedup"), stage("b", ["dedupe.out"])])
+
+
+def test_two_producers_of_one_artifact():
+    with pytest.raises(DuplicateProducerError, match="'a'"):
+        build_dag([stage("a"), stage("a")])
+
+
+def test_malformed_declarations_fail_at_definition():
+    with pytest.raises(ValueError, match="<stage>.<artifact>"):
+        stage("a", ["nodot"])
+    with pytest.raises(ValueError, match="repeat"):
+        stage("a", outputs=("x", "x"))
+
+
+def test_real_registry_forms_a_dag_with_eleven_stages():
+    from stages.registry import PROJECT
+
+    dag = build_dag(PROJECT.stages)
+    assert dag.order == ["ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align",
+                         "quantize", "serve", "evaluate"]
+    assert dag.descendants("pii") >= {"tokenize", "pretrain", "sft", "align", "quantize", "serve", "evaluate"}
