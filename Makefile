@@ -14,7 +14,7 @@ STAMP := $(VENV)/.setup-done
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
 
-.PHONY: help setup pipeline stage plan why status ui test test-unit bench lint lock clean
+.PHONY: help setup corpus pipeline stage plan why status ui test test-unit bench lint lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -29,10 +29,13 @@ $(STAMP): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+cpu') else f'not the CPU torch: {v}')"
 	@touch $@
 
-pipeline: setup  ## run the whole pipeline (CONF=tiny by default; ARGS= Hydra overrides)
+corpus: setup  ## build the embedded WARC corpus (no download) into data/embedded; a no-op when built
+	@$(PY) -m stages.corpus data/embedded
+
+pipeline: setup corpus  ## run the whole pipeline (CONF=tiny by default; ARGS= Hydra overrides)
 	$(LLMPIPE) run --config-name $(CONF) $(ARGS)
 
-stage: setup  ## run one stage and what it needs: make stage STAGE=tokenize
+stage: setup corpus  ## run one stage and what it needs: make stage STAGE=tokenize
 	@test -n "$(STAGE)" || { echo "usage: make stage STAGE=<name>"; exit 2; }
 	$(LLMPIPE) run --config-name $(CONF) "run.only=[$(STAGE)]" $(ARGS)
 
@@ -70,6 +73,6 @@ lock:  ## re-resolve requirements/cpu.in into requirements/cpu.lock in a scratch
 	.lock-venv/bin/pip freeze | grep -v '^llmpipe' >> requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock && rm -rf .lock-venv
 
-clean:  ## remove run outputs (runs/) and caches; keeps .venv
-	rm -rf runs .pytest_cache .ruff_cache
+clean:  ## remove run outputs (runs/), the embedded corpus and caches; keeps .venv
+	rm -rf runs data/embedded .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
         project = load_project(project_path)
         config_dir = (args.config_dir or _find_config_dir(default_config_dir)).resolve()
         cfg = config_mod.load(project, config_dir, args.config_name, args.overrides)
+        # Relative paths in configs (inputs, sample files) mean "relative to the project folder", for the
+        # orchestrator (plan-time source state) exactly as for the stage processes it starts there.
+        os.chdir(cfg.project_dir)
         return COMMANDS[args.command](args, cfg, project)
     except LlmpipeError as exc:
         print(f"llmpipe: error: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ from pipeline.executors import Executor, Task, make_executor
 from pipeline.plan import EXCLUDED, SKIP, Plan, StagePlan, make_plan
 from pipeline.provenance import git_commit, host
 from pipeline.schema import to_plain
-from pipeline.stage import Project
+from pipeline.stage import ARTIFACTS_FILE, Project
 from pipeline.store import LOG_FILE, METRICS_FILE, STAGE_INFO
 from pipeline.tracking import NullTracker, make_tracker
 
@@ -57,6 +57,13 @@ class RunResult:
             detail = o.error or (str(o.output) if o.output else "")
             rows.append(f"{o.stage:<10} {o.status:<9} {o.fingerprint:<13} {o.duration_s:>7.1f}s  {detail}")
         return "\n".join(rows)
+
+
+def _requested_artifacts(output: Path) -> list[Path]:
+    import json
+
+    listing = output / ARTIFACTS_FILE
+    return [output / name for name in json.loads(listing.read_text())] if listing.is_file() else []
 
 
 class MetricsTail:
@@ -180,7 +187,7 @@ class Runner:
             info = self._stage_info(sp, attempt, t0, duration, result.metrics, run_id, result.details)
             final = store.commit(sp.name, sp.fingerprint, info)
             self.tracker.stage_finished(run_id, True, result.metrics, {"llmpipe.status": RAN},
-                                        [final / STAGE_INFO, final / LOG_FILE])
+                                        [final / STAGE_INFO, final / LOG_FILE, *_requested_artifacts(final)])
             log.info("%s: done in %.1fs -> %s", sp.name, duration, final)
             return Outcome(sp.name, RAN, sp.fingerprint, final, result.metrics, duration_s=duration,
                            tracking_key=run_id)

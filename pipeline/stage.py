@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 Metrics = Mapping[str, float | int]
+ARTIFACTS_FILE = "_artifacts.json"  # files a stage asked to attach to its tracking run
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,14 @@ class StageContext:
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         """Record a metric now (a curve when ``step`` is given); streamed to tracking live."""
         self.log_metrics({name: value}, step=step)
+
+    def log_artifact(self, path: Path | str) -> None:
+        """Ask for a file under ``output_dir`` (a table, a chart) to be attached to the stage's MLflow run."""
+        rel = Path(path).resolve().relative_to(self.output_dir.resolve())  # ValueError outside output_dir
+        listing = self.output_dir / ARTIFACTS_FILE
+        names = json.loads(listing.read_text()) if listing.exists() else []
+        if str(rel) not in names:
+            listing.write_text(json.dumps([*names, str(rel)]))
 
     def log_metrics(self, metrics: Metrics, step: int | None = None) -> None:
         if self.metrics_file is None:

@@ -35,14 +35,20 @@ class ShardResult:
     bytes_out: int = 0
     drops: Counter = field(default_factory=Counter)  # reason -> documents dropped
     counts: Counter = field(default_factory=Counter)  # any other additive count (e.g. pii_email)
+    # Work done in this attempt only (not restored from done markers): the basis of docs/s and bytes/s.
+    timed_docs: int = 0
+    timed_bytes: int = 0
 
-    def add(self, other: ShardResult) -> None:
+    def add(self, other: ShardResult, timed: bool = True) -> None:
         self.docs_in += other.docs_in
         self.docs_out += other.docs_out
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
         self.drops.update(other.drops)
         self.counts.update(other.counts)
+        if timed:
+            self.timed_docs += other.timed_docs if other.timed_docs else other.docs_in
+            self.timed_bytes += other.timed_bytes if other.timed_bytes else other.bytes_in
 
     def to_json(self) -> dict[str, Any]:
         return {"docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in,
@@ -60,9 +66,9 @@ class ShardResult:
                                  "docs_dropped": self.docs_in - self.docs_out}
         out.update({f"dropped_{reason}": n for reason, n in sorted(self.drops.items())})
         out.update({k: v for k, v in sorted(self.counts.items())})
-        if seconds > 0:
-            out["docs_per_s"] = self.docs_in / seconds
-            out["bytes_per_s"] = self.bytes_in / seconds
+        if seconds > 0:  # shards restored from an earlier attempt took none of these seconds
+            out["docs_per_s"] = self.timed_docs / seconds
+            out["bytes_per_s"] = self.timed_bytes / seconds
         return out
 
 
@@ -115,7 +121,7 @@ def map_shards(
         name = shard_name(i)
         marker = done_marker(output_dir, name)
         if marker.is_file():
-            total.add(ShardResult.from_json(json.loads(marker.read_text())))
+            total.add(ShardResult.from_json(json.loads(marker.read_text())), timed=False)
         else:
             todo.append(ShardTask(i, str(sources[i]), name, output_dir, config))
     if len(todo) < len(indices):

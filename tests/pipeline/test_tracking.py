@@ -46,7 +46,7 @@ def test_parent_and_nested_runs_with_params_metrics_tags(toy):
     assert tags["llmpipe.output_path"] == str(result.outcomes["upper"].output)
     assert tags["llmpipe.status"] == "ran" and "llmpipe.git_commit" in tags
     artifacts = {a.path for a in client.list_artifacts(upper.info.run_id)}
-    assert {"stage_info.json", "stage.log"} <= artifacts
+    assert {"stage_info.json", "stage.log", "report.md"} <= artifacts  # report.md: asked for by the stage
 
     # a stepped metric is a curve
     history = client.get_metric_history(runs["source"].info.run_id, "progress")

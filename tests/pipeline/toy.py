@@ -48,6 +48,8 @@ class UpperConfig:
 def run_upper(cfg: UpperConfig, ctx: StageContext) -> dict[str, float]:
     text = ctx.input("source.text").read_text()
     ctx.output("text").write_text(text.upper() + cfg.suffix)
+    (ctx.output_dir / "report.md").write_text(f"# upper\n{len(text)} chars\n")
+    ctx.log_artifact(ctx.output_dir / "report.md")
     return {"chars": len(text) + len(cfg.suffix)}
 
 

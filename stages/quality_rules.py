@@ -1,0 +1,353 @@
+"""Document-level quality heuristics of the quality stage: Gopher and C4 rules.
+
+Each rule reads one document and either keeps it (``None``) or drops it with a reason name
+(a string such as ``"stop_words"``); the stage counts drops as ``dropped_<reason>``. A document
+is dropped by the first rule it fails, in the order of ``Rules.check``: cheap statistics first,
+repetition last. A threshold set to null in the config turns its rule off.
+
+Sources, for the semantics and the default thresholds in conf/stage/quality/default.yaml:
+
+- Gopher: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training
+  Gopher", Appendix A (MassiveWeb): the quality filter (word count, mean word length,
+  symbol-to-word ratio, bullet and ellipsis lines, alphabetic words, stop words) and repetition
+  removal (duplicate lines and paragraphs, top n-gram and duplicate n-gram character fractions).
+- C4: Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+  Transformer", Section 2.2, with the constants of its reference implementation (TensorFlow
+  Datasets' c4_utils: 3 sentences, 5 words per line, end marks . ? ! ", words up to 1000 chars).
+  C4 removes lines; this stage only drops whole documents and never edits text, so the line rules
+  become "count the sentences in the lines C4 would keep".
+- FineWeb: Penedo et al. 2024, who turned C4's terminal-punctuation line rule into a document
+  rule: drop when (about) 12% of the lines or fewer end with punctuation; here, below 12%.
+
+These are plain statistics over whitespace words: no library in the environment implements
+them (datatrove does, but is not a dependency), and English stop words are the paper's list.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import compress
+from pathlib import Path
+
+# Every reason a heuristic can give, in the order the rules run.
+REASONS = (
+    "empty_text",
+    "too_few_words", "too_many_words", "mean_word_length", "symbol_ratio", "bullet_lines",
+    "ellipsis_lines", "alpha_words", "stop_words",
+    "long_word", "lorem_ipsum", "curly_bracket", "bad_words", "punct_lines", "too_few_sentences",
+    "duplicate_lines", "duplicate_line_chars", "duplicate_paragraphs", "duplicate_paragraph_chars",
+    "top_ngram_ratio", "duplicate_ngram_ratio",
+)
+
+# Stripped from both ends of a whitespace token to get a word; a token of only these is no word.
+_PUNCT = string.punctuation + "“”‘’«»…–—·•"
+_BULLETS = ("•", "‣", "◦", "⁃", "●", "○", "▪", "■", "□", "►", "-", "*", "–", "—")
+_ELLIPSES = ("...", "…")
+_END_MARKS = (".", "?", "!", '"')  # C4's terminal punctuation
+_PUNCT_LINE_ENDS = (".", "?", "!", '"', "'", "”", "’")  # FineWeb's, with typographic quotes
+_C4_SKIP_LINE = ("javascript", "terms of use", "privacy policy", "cookie policy", "uses cookies",
+                 "use of cookies", "use cookies")  # lines C4 removes: JavaScript warnings, policy notices
+# A sentence ends with end marks (and perhaps closing quotes or brackets) before a space or the end.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_NO_LETTER_LINE = re.compile(r"^(?:[^\w\n]|[\d_])+$", re.MULTILINE)  # a word (one per line) without any letter
+
+
+@dataclass(frozen=True)
+class GopherQualityConfig:
+    min_words: int | None = 50  # fewer words drop the document (too_few_words)
+    max_words: int | None = 100_000  # more words drop the document (too_many_words)
+    min_mean_word_length: float | None = 3.0  # mean word length in characters below this drops (mean_word_length)
+    max_mean_word_length: float | None = 10.0  # mean word length above this drops (mean_word_length)
+    max_symbol_word_ratio: float | None = 0.1  # '#' per word or ellipses per word above this drops (symbol_ratio)
+    max_bullet_lines_ratio: float | None = 0.9  # share of lines starting with a bullet above this drops (bullet_lines)
+    max_ellipsis_lines_ratio: float | None = 0.3  # share of lines ending with an ellipsis above this drops
+    min_alpha_words_ratio: float | None = 0.8  # share of words with a letter below this drops (alpha_words)
+    min_stop_words: int | None = 2  # fewer occurrences of stop_words drop the document (stop_words)
+    stop_words: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher's list
+
+    def __post_init__(self) -> None:
+        _check_range(self, "min_words", "max_words")
+        _check_range(self, "min_mean_word_length", "max_mean_word_length")
+        _check_fractions(self, "max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio")
+
+
+@dataclass(frozen=True)
+class GopherRepetitionConfig:
+    max_duplicate_lines_ratio: float | None = 0.3  # share of lines repeating an earlier line (duplicate_lines)
+    max_duplicate_line_chars_ratio: float | None = 0.2  # share of characters in such lines (duplicate_line_chars)
+    max_duplicate_paragraphs_ratio: float | None = 0.3  # share of repeated paragraphs (duplicate_paragraphs)
+    max_duplicate_paragraph_chars_ratio: float | None = 0.2  # characters in repeated paragraphs
+    # [n, max]: characters covered by the most frequent n-gram, over all word characters (top_ngram_ratio)
+    max_top_ngram_ratio: tuple[tuple[int, float], ...] = ((2, 0.20), (3, 0.18), (4, 0.16))
+    # [n, max]: characters covered by repeats of an earlier n-gram (duplicate_ngram_ratio)
+    max_duplicate_ngram_ratio: tuple[tuple[int, float], ...] = (
+        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+
+    def __post_init__(self) -> None:
+        _check_fractions(self, "max_duplicate_lines_ratio", "max_duplicate_line_chars_ratio",
+                         "max_duplicate_paragraphs_ratio", "max_duplicate_paragraph_chars_ratio")
+        for key in ("max_top_ngram_ratio", "max_duplicate_ngram_ratio"):
+            for n, limit in getattr(self, key):
+                if n < 1 or not 0.0 <= limit <= 1.0:
+                    raise ValueError(f"{key}: [{n}, {limit}] needs n >= 1 and a ratio in [0, 1]")
+
+
+@dataclass(frozen=True)
+class C4Config:
+    min_sentences: int | None = 3  # fewer sentences in the lines C4 keeps drop the document (too_few_sentences)
+    min_words_per_line: int = 5  # a line counts towards min_sentences only with this many words (C4: 5)
+    min_punct_lines_ratio: float | None = 0.12  # share of lines ending in punctuation below this drops (punct_lines)
+    max_word_length: int | None = 1000  # a longer whitespace token drops the document (long_word)
+    lorem_ipsum: bool = True  # drop documents containing "lorem ipsum" (lorem_ipsum)
+    curly_bracket: bool = False  # drop documents containing "{" (C4 did; off because code is wanted)
+    bad_words_file: str | None = None  # word list, one entry per line (C4 used LDNOOBW); a match drops (bad_words)
+
+    def __post_init__(self) -> None:
+        _check_fractions(self, "min_punct_lines_ratio")
+        if self.min_words_per_line < 0:
+            raise ValueError(f"min_words_per_line must be >= 0, got {self.min_words_per_line}")
+
+
+@dataclass
+class DocStats:
+    """What several rules share, computed once per document."""
+
+    text: str
+    tokens: list[str]  # whitespace tokens
+    words: list[str]  # tokens without surrounding punctuation; empty ones left out
+    lines: list[str] = field(default_factory=list)  # non-empty lines, stripped
+
+    @classmethod
+    def of(cls, text: str) -> DocStats:
+        tokens = text.split()
+        words = [w for w in (t.strip(_PUNCT) for t in tokens) if w]
+        lines = [s for s in (line.strip() for line in text.split("\n")) if s]
+        return cls(text, tokens, words, lines)
+
+
+class Rules:
+    """The configured heuristics, ready to check documents (bad-word pattern compiled once)."""
+
+    def __init__(self, gopher: GopherQualityConfig, repetition: GopherRepetitionConfig, c4: C4Config,
+                 bad_words: Iterable[str] = ()):
+        self.gopher = gopher
+        self.repetition = repetition
+        self.c4 = c4
+        self.stop_words = frozenset(gopher.stop_words)
+        self.bad_words = _bad_words_pattern(bad_words)
+
+    def check(self, text: str | None) -> tuple[str | None, int]:
+        """(reason or None, word count) for one document."""
+        if text is None or not text.strip():
+            return "empty_text", 0
+        doc = DocStats.of(text)
+        reason = self.gopher_quality(doc) or self.c4_rules(doc) or self.gopher_repetition(doc)
+        return reason, len(doc.words)
+
+    def gopher_quality(self, doc: DocStats) -> str | None:
+        """Gopher's quality filter (Rae et al. 2021, App. A)."""
+        g = self.gopher
+        n_words = len(doc.words)
+        if g.min_words is not None and n_words < g.min_words:
+            return "too_few_words"
+        if g.max_words is not None and n_words > g.max_words:
+            return "too_many_words"
+        per_word = max(n_words, 1)
+        mean_len = sum(map(len, doc.words)) / per_word
+        if ((g.min_mean_word_length is not None and mean_len < g.min_mean_word_length)
+                or (g.max_mean_word_length is not None and mean_len > g.max_mean_word_length)):
+            return "mean_word_length"
+        if g.max_symbol_word_ratio is not None:
+            # The paper bounds the hash and the ellipsis separately, each against the word count.
+            hashes = doc.text.count("#")
+            ellipses = sum(doc.text.count(e) for e in _ELLIPSES)
+            if max(hashes, ellipses) / per_word > g.max_symbol_word_ratio:
+                return "symbol_ratio"
+        n_lines = max(len(doc.lines), 1)
+        if (g.max_bullet_lines_ratio is not None
+                and sum(line.startswith(_BULLETS) for line in doc.lines) / n_lines > g.max_bullet_lines_ratio):
+            return "bullet_lines"
+        if (g.max_ellipsis_lines_ratio is not None
+                and sum(line.endswith(_ELLIPSES) for line in doc.lines) / n_lines > g.max_ellipsis_lines_ratio):
+            return "ellipsis_lines"
+        if g.min_alpha_words_ratio is not None:
+            no_letter = len(_NO_LETTER_LINE.findall("\n".join(doc.words)))
+            if (n_words - no_letter) / per_word < g.min_alpha_words_ratio:
+                return "alpha_words"
+        # Occurrences, matched case-sensitively as the reference implementations do: a text in
+        # capitals only has no "the" and is dropped, which is the point of the rule.
+        if g.min_stop_words is not None and sum(map(self.stop_words.__contains__, doc.words)) < g.min_stop_words:
+            return "stop_words"
+        return None
+
+    def c4_rules(self, doc: DocStats) -> str | None:
+        """C4's page rules (Raffel et al. 2020, Sec. 2.2) applied to whole documents."""
+        c = self.c4
+        if c.max_word_length is not None and max(map(len, doc.tokens)) > c.max_word_length:
+            return "long_word"
+        lowered = doc.text.lower()
+        if c.lorem_ipsum and "lorem ipsum" in lowered:
+            return "lorem_ipsum"
+        if c.curly_bracket and "{" in doc.text:
+            return "curly_bracket"
+        if self.bad_words is not None and self.bad_words.search(lowered):
+            return "bad_words"
+        if c.min_punct_lines_ratio is not None:
+            ended = sum(line.endswith(_PUNCT_LINE_ENDS) for line in doc.lines)
+            if ended / max(len(doc.lines), 1) < c.min_punct_lines_ratio:
+                return "punct_lines"
+        if c.min_sentences is not None and count_c4_sentences(doc.lines, c.min_words_per_line) < c.min_sentences:
+            return "too_few_sentences"
+        return None
+
+    def gopher_repetition(self, doc: DocStats) -> str | None:
+        """Gopher's repetition removal (Rae et al. 2021, App. A, thresholds of its Table A1)."""
+        r = self.repetition
+        n_chars = max(len(doc.text), 1)
+        if r.max_duplicate_lines_ratio is not None or r.max_duplicate_line_chars_ratio is not None:
+            dup, dup_chars = duplicate_elements(doc.lines)
+            if r.max_duplicate_lines_ratio is not None and dup / max(len(doc.lines), 1) > r.max_duplicate_lines_ratio:
+                return "duplicate_lines"
+            if r.max_duplicate_line_chars_ratio is not None and dup_chars / n_chars > r.max_duplicate_line_chars_ratio:
+                return "duplicate_line_chars"
+        if r.max_duplicate_paragraphs_ratio is not None or r.max_duplicate_paragraph_chars_ratio is not None:
+            paragraphs = [p for p in (s.strip() for s in _PARAGRAPH_BREAK.split(doc.text)) if p]
+            dup, dup_chars = duplicate_elements(paragraphs)
+            limit = r.max_duplicate_paragraphs_ratio
+            if limit is not None and dup / max(len(paragraphs), 1) > limit:
+                return "duplicate_paragraphs"
+            limit = r.max_duplicate_paragraph_chars_ratio
+            if limit is not None and dup_chars / n_chars > limit:
+                return "duplicate_paragraph_chars"
+        return self.ngram_repetition([w.lower() for w in doc.words])
+
+    def ngram_repetition(self, words: list[str]) -> str | None:
+        """Top n-gram and duplicate n-gram character fractions, going up in n.
+
+        A repeated n-gram starts where a repeated (n-1)-gram starts, so each n only looks at the
+        positions the previous one found repeated: most words drop out after n = 2 or 3.
+        """
+        top = dict(self.repetition.max_top_ngram_ratio)
+        dup = dict(self.repetition.max_duplicate_ngram_ratio)
+        lengths = [len(w) for w in words]
+        total = sum(lengths)
+        if not (top or dup) or total == 0:
+            return None
+        ns = sorted(top.keys() | dup.keys())
+        starts: list[int] | None = None
+        for n in range(ns[0], ns[-1] + 1):
+            repeated = repeated_ngrams(words, n, starts)
+            if n in top and top_ngram_chars(repeated) / total > top[n]:
+                return "top_ngram_ratio"
+            if n in dup and duplicate_ngram_chars(repeated, lengths, n) / total > dup[n]:
+                return "duplicate_ngram_ratio"
+            if not repeated:
+                break  # no n-gram repeats, so no longer one can
+            starts = sorted(i for positions in repeated.values() for i in positions)
+        return None
+
+
+def duplicate_elements(elements: list[str]) -> tuple[int, int]:
+    """(how many elements repeat an earlier one, their characters): Gopher's duplicate lines/paragraphs."""
+    seen: set[str] = set()
+    dup = dup_chars = 0
+    for e in elements:
+        if e in seen:
+            dup += 1
+            dup_chars += len(e)
+        else:
+            seen.add(e)
+    return dup, dup_chars
+
+
+def repeated_ngrams(words: list[str], n: int, starts: Iterable[int] | None = None) -> dict[tuple[str, ...], list[int]]:
+    """Every word n-gram that occurs more than once, with its start positions (among ``starts`` if given)."""
+    where: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    if starts is None:
+        for i, gram in enumerate(zip(*(words[k:] for k in range(n)), strict=False)):  # stops at the last n-gram
+            where[gram].append(i)
+    else:
+        last = len(words) - n
+        for i in starts:
+            if i <= last:
+                where[tuple(words[i:i + n])].append(i)
+    return {gram: positions for gram, positions in where.items() if len(positions) > 1}
+
+
+def top_ngram_chars(repeated: dict[tuple[str, ...], list[int]]) -> int:
+    """Characters covered by the most frequent n-gram, every occurrence counted (Gopher's top n-gram).
+
+    An n-gram seen once is no repetition, so only repeated ones are candidates.
+    """
+    if not repeated:
+        return 0
+    gram, positions = max(repeated.items(), key=lambda item: len(item[1]))
+    return len(positions) * sum(map(len, gram))
+
+
+def duplicate_ngram_chars(repeated: dict[tuple[str, ...], list[int]], lengths: list[int], n: int) -> int:
+    """Characters of the words covered by the repeats of n-grams (Gopher's duplicate n-grams).
+
+    As with duplicate lines, an n-gram's first occurrence is the original and its later ones are
+    the duplicates (so a text written out twice scores 0.5, not 1). A word covered by overlapping
+    duplicates counts once ("taking care not to count characters that occur in overlapping n-grams
+    more than once").
+    """
+    covered = bytearray(len(lengths))
+    for positions in repeated.values():
+        for i in positions[1:]:
+            covered[i:i + n] = b"\x01" * n
+    return sum(compress(lengths, covered))
+
+
+def count_c4_sentences(lines: list[str], min_words_per_line: int) -> int:
+    """Sentences in the lines C4 keeps: ending in an end mark, long enough, no JavaScript/policy notice.
+
+    C4 split sentences with NLTK's Punkt English model, which is a download; ends of sentences
+    (end marks before a space or the line end) count the same for the purpose of "at least 3".
+    """
+    total = 0
+    for line in lines:
+        if not line.endswith(_END_MARKS) or len(line.split()) < min_words_per_line:
+            continue
+        lowered = line.lower()
+        if any(s in lowered for s in _C4_SKIP_LINE):
+            continue
+        total += max(len(_SENTENCE_END.findall(line)), 1)
+    return total
+
+
+def read_word_list(path: Path) -> list[str]:
+    """Entries of a bad-words file: one per line, blank lines and '#' comments ignored, lowercased."""
+    entries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip().lower()
+        if line and not line.startswith("#"):
+            entries.append(line)
+    return entries
+
+
+def _bad_words_pattern(entries: Iterable[str]) -> re.Pattern[str] | None:
+    # Whole words or phrases only: "ass" must not match "class". Longest first, so phrases win.
+    entries = sorted({e.lower() for e in entries if e}, key=len, reverse=True)
+    if not entries:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, entries)) + r")(?!\w)")
+
+
+def _check_range(cfg: object, low_key: str, high_key: str) -> None:
+    low, high = getattr(cfg, low_key), getattr(cfg, high_key)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{low_key} ({low}) is greater than {high_key} ({high})")
+
+
+def _check_fractions(cfg: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} must be a fraction in [0, 1], got {value}")
