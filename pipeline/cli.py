@@ -47,7 +47,14 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
     from pipeline.logs import setup_logging
     from pipeline.worker import load_project
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may stand before or after options (`run a=1 -c tiny b=2`): argparse hands back the
+    # later ones as unknown arguments; anything else unknown is an error.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     setup_logging()
     try:
         from pipeline import config as config_mod

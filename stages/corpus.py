@@ -63,7 +63,7 @@ from typing import Any
 
 from pipeline import LlmpipeError
 
-CORPUS_VERSION = 1  # bump when the output changes: an existing corpus with another version is rebuilt
+CORPUS_VERSION = 2  # bump when the output changes: an existing corpus with another version is rebuilt
 SEED = 20240501
 SHARDS = 4
 MARKER = ".complete"
@@ -434,26 +434,47 @@ def _alnum(rng: random.Random, n: int, alphabet: str = ALNUM) -> str:
     return "".join(rng.choice(alphabet) for _ in range(n))
 
 
+# Planted values must look like real personal data: documentation ranges (2001:db8::/32, 555-01xx
+# numbers, RFC 2606 domains such as example.com) are deliberately kept by the pii stage as non-personal,
+# so they would not test it. These domains and numbers are generated and belong to nobody known.
+MAIL_DOMAINS = ("mailhost.net", "inbox-post.eu", "fastmail-box.com", "webpost.de")
+US_AREA_CODES = ("212", "312", "415", "617", "206", "303", "512", "646", "702", "919")
+
+
+def _public_ip(rng: random.Random, version: int) -> str:
+    import ipaddress
+
+    while True:
+        if version == 4:
+            value = ".".join(str(rng.randrange(1, 255)) for _ in range(4))
+        else:
+            value = f"2a0{rng.randrange(10)}:" + ":".join(f"{rng.randrange(65536):x}" for _ in range(7))
+        ip = ipaddress.ip_address(value)
+        if ip.is_global and not ip.is_multicast:  # unicast on the public internet: what a scrubber must catch
+            return value
+
+
 def make_pii(rng: random.Random, kind: str) -> str:
     """One generated value of a PII kind (see PII_KINDS)."""
     first, last = rng.choice(FIRST), rng.choice(LAST)
     if kind == "email":
-        return f"{first.lower()}.{last.lower()}{rng.randrange(100)}@{rng.choice(('example.com', 'mail.example.org'))}"
+        return f"{first.lower()}.{last.lower()}{rng.randrange(100)}@{rng.choice(MAIL_DOMAINS)}"
     if kind == "phone":
         fmt = rng.randrange(5)
+        exchange = f"{rng.randrange(2, 10)}{rng.randrange(10)}{rng.randrange(10)}".replace("555", "556")
         if fmt == 0:
-            return f"+1 {rng.randrange(201, 990)}-555-{_digits(rng, 4)}"
+            return f"+1 {rng.choice(US_AREA_CODES)}-{exchange}-{_digits(rng, 4)}"
         if fmt == 1:
-            return f"({rng.randrange(201, 990)}) 555-{_digits(rng, 4)}"
+            return f"({rng.choice(US_AREA_CODES)}) {exchange}-{_digits(rng, 4)}"
         if fmt == 2:
-            return f"+44 20 7946 {_digits(rng, 4)}"
+            return f"+44 20 7{rng.randrange(100, 946)} {_digits(rng, 4)}"
         if fmt == 3:
             return f"+49 30 {_digits(rng, 8)}"
-        return f"06 {_digits(rng, 2)} {_digits(rng, 2)} {_digits(rng, 2)} {_digits(rng, 2)}"
+        return f"+33 6 {_digits(rng, 2)} {_digits(rng, 2)} {_digits(rng, 2)} {_digits(rng, 2)}"
     if kind == "ipv4":
-        return ".".join(str(rng.randrange(1, 255)) for _ in range(4))
+        return _public_ip(rng, 4)
     if kind == "ipv6":
-        return "2001:db8:" + ":".join(f"{rng.randrange(65536):x}" for _ in range(6))
+        return _public_ip(rng, 6)
     if kind == "credit_card":
         number = luhn_complete(rng.choice(("4", "51", "55")) + _digits(rng, 14 if rng.random() < 0.5 else 13))
         number = number if len(number) == 16 else luhn_complete("4" + _digits(rng, 14))

@@ -41,6 +41,15 @@ def test_plan_run_status_why(toy, capsys, monkeypatch):
     assert '- suffix: "!"' in out and '+ suffix: "?"' in out
 
 
+def test_overrides_may_surround_options(toy, capsys, monkeypatch):
+    monkeypatch.chdir(toy.dir)
+    assert cli(toy, "plan", "stage.side.value=3", "-c", "toy", "stage.upper.suffix=?") == 0
+    out = capsys.readouterr().out
+    assert "never ran" in out
+    with pytest.raises(SystemExit):
+        cli(toy, "plan", "-c", "toy", "--nope")
+
+
 def test_failed_run_exits_nonzero_and_status_shows_failure(toy, capsys, monkeypatch):
     monkeypatch.chdir(toy.dir)
     assert cli(toy, "run", "-c", "toy", "stage.count.fail=true") == 1

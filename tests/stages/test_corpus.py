@@ -141,7 +141,7 @@ def test_pii_is_planted_and_valid(manifest, ingested):
                 elif kind == "iban":
                     assert iban_valid(value)
                 elif kind == "email":
-                    assert re.fullmatch(r"[\w.]+@[\w.]+\.\w+", value)
+                    assert re.fullmatch(r"[\w.]+@[\w.-]+\.\w+", value)
                 elif kind == "api_key":
                     assert value.startswith(("sk-", "AKIA", "ghp_"))
     assert set(found) == set(corpus.PII_KINDS)
