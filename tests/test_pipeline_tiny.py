@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 LLMPIPE = str(Path(sys.executable).parent / "llmpipe")
 # The last stage whose implementation has landed; the run covers it and everything it needs.
-LAST_STAGE = "pii"
+LAST_STAGE = "tokenize"
 
 pytestmark = pytest.mark.integration
 
