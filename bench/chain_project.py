@@ -30,7 +30,9 @@ PROJECT = Project(
 
 YAML = """\
 run: {root: runs, only: [], from: null, force: [], lock_wait_s: 60, keep_going: true}
-tracking: {enabled: true, uri: null, experiment: bench, artifact_location: null, ui_host: 127.0.0.1, ui_port: 5000}
+tracking:
+  {enabled: true, uri: null, experiment: bench, artifact_location: null,
+   ui_host: 127.0.0.1, ui_port: 5000, ui_workers: 1}
 cluster: {executor: local, env: {}}
 stage:
 """ + "".join(f"  {n}: {{value: 1, workers: 2}}\n" for n in NAMES)

@@ -148,7 +148,8 @@ def cmd_ui(args, cfg, project) -> int:
 
     uri = tracking_uri(cfg)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", cfg.tracking.ui_host, "--port", str(cfg.tracking.ui_port)]
+           "--host", cfg.tracking.ui_host, "--port", str(cfg.tracking.ui_port),
+           "--workers", str(cfg.tracking.ui_workers)]
     print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({uri}); Ctrl-C stops it")
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:

@@ -36,6 +36,7 @@ class TrackingConfig:
     artifact_location: str | None = None  # for a new experiment; null: <run.root>/mlartifacts with the embedded store
     ui_host: str = "127.0.0.1"  # `llmpipe ui` binds here
     ui_port: int = 5000  # and on this port
+    ui_workers: int = 2  # server processes of `llmpipe ui` (MLflow's default of 4 is heavy on a laptop)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,9 @@ TOY_BASE_YAML = """\
 defaults:
   - _self_
 run: {root: runs, only: [], from: null, force: [], lock_wait_s: 60, keep_going: true}
-tracking: {enabled: false, uri: null, experiment: toy, artifact_location: null, ui_host: 127.0.0.1, ui_port: 5000}
+tracking:
+  {enabled: false, uri: null, experiment: toy, artifact_location: null,
+   ui_host: 127.0.0.1, ui_port: 5000, ui_workers: 1}
 cluster: {executor: local, env: {}}
 stage:
   source: {text: hello, repeat: 2, workers: 1, fail: false}
