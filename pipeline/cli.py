@@ -151,14 +151,22 @@ def cmd_ui(args, cfg, project) -> int:
            "--host", cfg.tracking.ui_host, "--port", str(cfg.tracking.ui_port),
            "--workers", str(cfg.tracking.ui_workers)]
     print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({uri}); Ctrl-C stops it")
+    import signal
+
     proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum, frame):  # SIGTERM (kill, a scheduler) stops it like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: their own process group
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
         return 0
 
 
