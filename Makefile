@@ -14,7 +14,7 @@ STAMP := $(VENV)/.setup-done
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
 
-.PHONY: help setup corpus pipeline stage plan why status ui test test-unit bench lint lock clean
+.PHONY: help setup corpus pipeline stage plan why status ui test test-unit bench bench-data lint lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -57,8 +57,13 @@ test: setup  ## unit and integration tests (fails when no test is collected)
 test-unit: setup  ## fast unit tests only
 	$(PY) -m pytest -m "not integration" $(ARGS)
 
-bench: setup  ## benchmarks (print figures and ratios against named baselines)
+bench: setup corpus  ## benchmarks (print figures and ratios against named baselines)
 	$(PY) bench/orchestrator.py
+	$(MAKE) bench-data
+
+bench-data: setup corpus  ## data stages vs DataTrove (baselines in their own .venv-bench)
+	bash bench/setup_baselines.sh
+	$(PY) bench/data.py $(BENCH_ARGS)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check pipeline stages tests bench
