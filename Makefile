@@ -14,7 +14,7 @@ STAMP := $(VENV)/.setup-done
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
 
-.PHONY: help setup corpus pipeline stage plan why status ui test test-unit bench bench-data lint lock clean
+.PHONY: help setup corpus pipeline stage plan why status ui serve test test-unit bench bench-data lint lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -47,6 +47,9 @@ why: setup  ## what changed for a stage since its last success: make why STAGE=s
 
 status: setup  ## state of every stage's output
 	$(LLMPIPE) status --config-name $(CONF) $(ARGS)
+
+serve: setup  ## serve CONF's quantized model in the foreground with vLLM (Ctrl-C stops it)
+	$(PY) -m stages.serve --config-name $(CONF) $(ARGS)
 
 ui: setup  ## MLflow UI on 127.0.0.1:5000
 	$(LLMPIPE) ui --config-name $(CONF) $(ARGS)
