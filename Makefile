@@ -14,7 +14,7 @@ STAMP := $(VENV)/.setup-done
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
 
-.PHONY: help setup corpus pipeline stage plan why status ui serve test test-unit bench bench-data lint lock clean
+.PHONY: help setup corpus pipeline stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data lint lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -60,9 +60,17 @@ test: setup  ## unit and integration tests (fails when no test is collected)
 test-unit: setup  ## fast unit tests only
 	$(PY) -m pytest -m "not integration" $(ARGS)
 
+slurm-up:  ## start a one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing)
+	bash tests/slurm/start_cluster.sh
+
+test-slurm: setup  ## the Slurm executor on a one-node cluster it starts here: make test-slurm (root)
+	$(PY) -m pytest tests/slurm $(ARGS)
+
 bench: setup corpus  ## benchmarks (print figures and ratios against named baselines)
 	$(PY) bench/orchestrator.py
 	$(MAKE) bench-data
+	$(PY) bench/train.py
+	$(PY) bench/serve.py
 
 bench-data: setup corpus  ## data stages vs DataTrove (baselines in their own .venv-bench)
 	bash bench/setup_baselines.sh

@@ -1,11 +1,35 @@
-# GPU nodes: CUDA torch, DeepSpeed, bitsandbytes, gptqmodel, vLLM. Same versions as the CPU lock.
+# GPU nodes: CUDA torch, DeepSpeed, bitsandbytes, gptqmodel and vLLM, pinned in requirements/gpu.txt at the
+# CPU lock's versions (tests/docker checks both). For Slurm with pyxis/enroot:
 #   docker build -f docker/gpu.Dockerfile -t llmpipe:gpu .
+#   enroot import -o /shared/images/llmpipe-gpu.sqsh dockerd://llmpipe:gpu
+#   llmpipe run -c llama-7b cluster.slurm.container_image=/shared/images/llmpipe-gpu.sqsh \
+#     cluster.slurm.python=/opt/llmpipe/.venv/bin/python "cluster.slurm.container_mounts=[/shared:/shared]"
+# Multi-node stages start their ranks with srun from inside the job (stages/common/launch.py): with the batch
+# script in a container, that needs the site's Slurm client in the image, so such sites run multi-node
+# training without container_image (the venv on the shared file system) or add their Slurm client here.
 FROM nvidia/cuda:13.0.0-devel-ubuntu24.04
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev \
-    build-essential git make && rm -rf /var/lib/apt/lists/*
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1
+# Ubuntu 24.04 ships Python 3.12; the project is pinned to 3.11 (pyproject's requires-python): deadsnakes.
+# nvcc (this devel image) and ninja build DeepSpeed's and gptqmodel's CUDA extensions on first use.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev build-essential git \
+       make ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/llmpipe
+# The pinned environment first, in its own layer. With dependencies: torch's CUDA libraries are its pins.
+COPY requirements/ requirements/
+RUN python3.11 -m venv .venv \
+    && .venv/bin/python -m pip install pip==26.3 setuptools==78.1.1 wheel==0.48.0 \
+    && .venv/bin/python -m pip install --requirement requirements/gpu.txt
 COPY . .
-RUN python3.11 -m venv .venv && .venv/bin/pip install --upgrade pip==26.3 setuptools==78.1.1 wheel==0.48.0 \
-    && .venv/bin/pip install -r requirements/gpu.txt && .venv/bin/pip install --no-deps -e .
+RUN .venv/bin/python -m pip install --no-deps --no-build-isolation --editable . \
+    && .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else f'no CUDA torch: {torch.__version__}')"
 ENV PATH=/opt/llmpipe/.venv/bin:$PATH
 CMD ["llmpipe", "plan", "--config-name", "llama-7b"]

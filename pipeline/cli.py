@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--wait-tracking", action="store_true", help="return only after MLflow has every event")
     run.add_argument("overrides", nargs="*")
     add("sync", "apply tracking journals that did not reach MLflow yet").add_argument("overrides", nargs="*")
-    add("plan", "show what would run and why, without running").add_argument("overrides", nargs="*")
+    add("plan", "show what would run and why (and, on a cluster, every job script), without running"
+        ).add_argument("overrides", nargs="*")
+    add("cancel", "cancel the cluster jobs of this config's outputs (those of a run whose orchestrator is gone)"
+        ).add_argument("overrides", nargs="*")
     why = add("why", "show what changed since a stage's last successful run")
     why.add_argument("stage")
     why.add_argument("overrides", nargs="*")
@@ -90,12 +93,37 @@ def cmd_plan(args, cfg, project) -> int:
     print(f"{'stage':<10} {'fingerprint':<13} {'action':<9} reason")
     for sp in plan.stages.values():
         print(f"{sp.name:<10} {sp.fingerprint:<13} {sp.action:<9} {sp.reason}")
+    if cfg.cluster.executor != "local":
+        print_job_scripts(cfg, plan)
     return 0
 
 
+def print_job_scripts(cfg, plan) -> None:
+    """Every job script a run would submit, in submission order (job ids are known only once submitted)."""
+    from pipeline.executors import make_executor
+
+    executor = make_executor(cfg.cluster, cfg.root)
+    to_run = plan.to_run()
+    if not to_run:
+        return
+    print(f"\n# {cfg.cluster.executor} jobs to submit; <stage>_<job>_jobid stands for the id a job gets when submitted")
+    for sp in to_run:
+        after = [executor.placeholder(p) for p in plan.dag.parents[sp.name] if plan.stages[p].action == "run"]
+        for spec, script in executor.render(sp.name, sp.fingerprint, sp.stage.shard_phases, after):
+            kind = f"array of {spec.tasks} tasks, map over shards {spec.phase}" if spec.tasks else "commits the output"
+            print(f"\n# ===== {sp.name}: {spec.label} job ({kind}) =====")
+            print(script.rstrip("\n"))
+
+
 def cmd_run(args, cfg, project) -> int:
+    import signal
+
     from pipeline.runner import Runner
 
+    def stop(signum, frame):  # SIGTERM (kill, a scheduler) stops the run like Ctrl-C: its stages and jobs too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     result = Runner(cfg, project).run()
     print(result.summary())
     tracker = result.tracker
@@ -126,12 +154,19 @@ def cmd_status(args, cfg, project) -> int:
 
     plan = make_plan(cfg, project)
     store = plan.store
+    executor = None
+    if cfg.cluster.executor != "local":
+        from pipeline.executors import make_executor
+
+        executor = make_executor(cfg.cluster, cfg.root)
     print(f"status for config '{cfg.name}' (root {cfg.root})")
     for sp in plan.stages.values():
         fp = sp.fingerprint
         if store.is_done(sp.name, fp):
             info = store.info(sp.name, fp) or {}
             state = f"done     {info.get('finished_at_iso', '')} {store.final_dir(sp.name, fp)}"
+        elif executor is not None and (handle := executor.active(sp.name, fp)) is not None:
+            state = f"queued   jobs {' '.join(handle.job_ids)} (attempt {handle.attempt})"
         elif store.is_locked(sp.name, fp):
             state = f"running  {store.partial_dir(sp.name, fp)}"
         elif failure := store.failure(sp.name, fp):
@@ -140,6 +175,28 @@ def cmd_status(args, cfg, project) -> int:
             older = store.successes(sp.name)
             state = "missing" + (f"  (an older output: {older[-1]['fingerprint']})" if older else "")
         print(f"{sp.name:<10} {fp:<13} {state}")
+    return 0
+
+
+def cmd_cancel(args, cfg, project) -> int:
+    """Cancel the jobs recorded for the outputs this config would produce (a run cancels its own on
+    Ctrl-C or SIGTERM; this is for jobs whose orchestrator was killed outright or lost its node)."""
+    from pipeline.executors import make_executor
+    from pipeline.plan import make_plan
+
+    if cfg.cluster.executor == "local":
+        print("cluster.executor=local: no jobs to cancel (a local run stops with its process)")
+        return 0
+    executor = make_executor(cfg.cluster, cfg.root)
+    plan = make_plan(cfg, project)
+    found = 0
+    for sp in plan.stages.values():
+        handle = executor.active(sp.name, sp.fingerprint)
+        if handle is not None:
+            executor.cancel([handle])
+            found += 1
+            print(f"{sp.name:<10} cancelled jobs {' '.join(handle.job_ids)}")
+    print(f"cancelled the jobs of {found} stage(s)" if found else "no queued or running jobs for this config")
     return 0
 
 
@@ -170,4 +227,5 @@ def cmd_ui(args, cfg, project) -> int:
         return 0
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "why": cmd_why, "status": cmd_status, "ui": cmd_ui, "sync": cmd_sync}
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "why": cmd_why, "status": cmd_status, "ui": cmd_ui, "sync": cmd_sync,
+            "cancel": cmd_cancel}

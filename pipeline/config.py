@@ -40,9 +40,80 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class SlurmResources:
+    """One stage's Slurm settings (``cluster.slurm.stages.<stage>``); null or empty: cluster.slurm's."""
+
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    time_min: int | None = None  # wall-clock limit of each job, minutes
+    nodes: int | None = None  # nodes per job; more than 1: the stage starts its ranks with srun (launch.py)
+    gpus_per_node: int | None = None  # sbatch --gpus-per-node; 0: none
+    cpus_per_task: int | None = None  # CPUs for the stage process (one task per node)
+    mem_gb: float | None = None  # memory per node, GB
+    array_tasks: int | None = None  # tasks of each job array of a stage with shard_phases; 1: no array
+    container_image: str | None = None  # pyxis/enroot image for this stage's jobs
+    sbatch: Mapping[str, str | int | bool] = field(default_factory=dict)  # extra sbatch options, over cluster.slurm's
+
+    def __post_init__(self) -> None:
+        for name in ("time_min", "nodes", "cpus_per_task", "array_tasks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node must be 0 or more, got {self.gpus_per_node}")
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ValueError(f"mem_gb must be positive, got {self.mem_gb}")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """How stages become Slurm jobs (cluster.executor=slurm). Never part of a stage's fingerprint."""
+
+    partition: str | None = None  # sbatch --partition; null: the cluster's default partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    time_min: int = 60  # wall-clock limit of each job, minutes
+    nodes: int = 1  # nodes per job
+    gpus_per_node: int = 0  # sbatch --gpus-per-node; 0: none
+    cpus_per_task: int = 1  # CPUs for the stage process (one task per node)
+    mem_gb: float | None = None  # memory per node, GB; null: the partition's default
+    array_tasks: int = 4  # tasks of each job array of a stage with shard_phases; 1: run such stages as one job
+    array_parallelism: int = 64  # at most this many tasks of one array run at once
+    container_image: str | None = None  # pyxis/enroot image (sbatch --container-image); null: no container
+    container_mounts: tuple[str, ...] = ()  # SRC:DST bind mounts into the container (the run root must be one)
+    container_workdir: str | None = None  # working directory inside the container
+    python: str | None = None  # interpreter on the nodes; null: the orchestrator's own (a shared venv)
+    setup: tuple[str, ...] = ()  # shell lines run before the stage in every job (module load ..., source ...)
+    sbatch: Mapping[str, str | int | bool] = field(default_factory=dict)  # extra sbatch options: {constraint: h100}
+    requeue_timeouts: int = 3  # a resumable stage that hits its time limit is requeued (and resumes) this often
+    poll_s: float = 2.0  # seconds between two looks at the queue (one squeue for every job)
+    stages: Mapping[str, SlurmResources] = field(default_factory=dict)  # per-stage overrides, by stage name
+
+    def __post_init__(self) -> None:
+        SlurmResources(time_min=self.time_min, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+                       cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, array_tasks=self.array_tasks)
+        if self.array_parallelism < 1 or self.requeue_timeouts < 0 or self.poll_s <= 0:
+            raise ValueError("array_parallelism must be at least 1, requeue_timeouts 0 or more, poll_s positive")
+
+    def for_stage(self, name: str) -> SlurmResources:
+        """The effective settings of one stage: its overrides over the cluster-wide values."""
+        own = self.stages.get(name, SlurmResources())
+
+        def pick(key: str):
+            value = getattr(own, key)
+            return getattr(self, key) if value is None else value
+
+        keys = ("partition", "account", "qos", "time_min", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb",
+                "array_tasks", "container_image")
+        return SlurmResources(**{k: pick(k) for k in keys}, sbatch={**self.sbatch, **own.sbatch})
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
-    executor: Literal["local"] = "local"  # where stages run
+    executor: Literal["local", "slurm"] = "local"  # where stages run: processes here, or Slurm jobs
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for stage processes
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used with executor=slurm (conf/cluster/slurm.yaml)
 
 
 @dataclass(frozen=True)
@@ -122,6 +193,10 @@ def validate(
         if key not in project.stage_names:
             problems.append(f"stage.{key}: unknown stage" + suggest(key, project.stage_names))
     stages = {s.name: section(f"stage.{s.name}", s.config, stage_data.get(s.name)) for s in project.stages}
+    if sections["cluster"] is not None:
+        for key in sections["cluster"].slurm.stages:
+            if key not in project.stage_names:
+                problems.append(f"cluster.slurm.stages.{key}: unknown stage" + suggest(key, project.stage_names))
 
     if problems:
         raise ConfigError("\n  ".join([f"invalid configuration in {source}:", *problems]))

@@ -49,3 +49,10 @@ class StageFailed(LlmpipeError):
 
 class LockTimeout(LlmpipeError):
     """Another run holds the lock on an output for longer than we are willing to wait."""
+
+
+class SchedulerUnavailable(LlmpipeError):
+    """The batch scheduler did not answer (a timeout, its controller down): try again later.
+
+    Never a verdict on a job: the runner keeps following and asks again at its next poll.
+    """

@@ -32,6 +32,10 @@ class Stage:
     resumable: bool = False  # True: a failed attempt's partial output is handed to the next
     external: Callable[[Any], Any] | None = None  # state of outside sources, folded into the fingerprint
     description: str = ""
+    # How many of the stage's maps over shards (map_shards calls, in order) a cluster may split across
+    # the tasks of a job array, one array per map; 0: the stage always runs as one job. Needs
+    # resumable=True (the tasks share the partial output). See pipeline/sharding.py.
+    shard_phases: int = 0
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -41,6 +45,11 @@ class Stage:
                 raise ValueError(f"stage '{self.name}': input {ref!r} must look like '<stage>.<artifact>'")
         if len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"stage '{self.name}': outputs {self.outputs} repeat a name")
+        if self.shard_phases < 0:
+            raise ValueError(f"stage '{self.name}': shard_phases must be 0 or more, got {self.shard_phases}")
+        if self.shard_phases and not self.resumable:
+            raise ValueError(f"stage '{self.name}': shard_phases={self.shard_phases} needs resumable=True "
+                             "(the array tasks and the final job share one partial output)")
 
     def output_ref(self, artifact: str) -> str:
         return f"{self.name}.{artifact}"

@@ -235,5 +235,6 @@ STAGE = Stage(
     outputs=("documents", "removed"),
     unhashed=frozenset(["workers", "partitions", "keep_work"]),
     resumable=True,
+    shard_phases=2,  # on Slurm: arrays for signatures, then for bucket partitions; union-find in the final job
     description="Exact then MinHash near-duplicate removal.",
 )

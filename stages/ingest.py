@@ -570,6 +570,7 @@ STAGE = Stage(
     outputs=("documents",),
     unhashed=frozenset(["workers"]),
     resumable=True,
+    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
     external=input_state,
     description="Read WARC files, keep HTML responses, extract main text.",
 )

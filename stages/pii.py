@@ -212,5 +212,6 @@ STAGE = Stage(
     outputs=("documents",),
     unhashed=frozenset(["workers"]),
     resumable=True,
+    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
     description="Replace personal data and secrets with typed placeholders.",
 )

@@ -356,6 +356,7 @@ STAGE = Stage(
     outputs=("documents", "dropped"),
     unhashed=frozenset(["workers"]),
     resumable=True,
+    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
     external=external_state,
     description="Heuristic and fastText quality filtering.",
 )

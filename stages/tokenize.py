@@ -599,6 +599,7 @@ STAGE = Stage(
     outputs=("tokenizer", "tokens", "heldout"),
     unhashed=frozenset(["workers", "batch_size"]),
     resumable=True,
+    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
     external=tokenizer_state,
     description="Train or load a tokenizer; pack token shards; hold out a validation split.",
 )

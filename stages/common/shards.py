@@ -4,7 +4,8 @@ A data stage is a function from one input shard to one output shard (plus a Shar
 its counts). ``map_shards`` runs it over every shard in a process pool, with a progress bar,
 and is resumable per shard: each finished shard leaves ``_shards/<name>.json`` next to the
 outputs, so a restarted attempt redoes only the shards that did not finish. The same function
-can later run as one Slurm array task per shard group (``shard_indices``).
+runs as a Slurm job array: each array task takes the shards ``index % tasks == task`` of one map
+and stops there (see ``pipeline.sharding``); the final job then finds every shard done.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class ShardResult:
                                  "docs_dropped": self.docs_in - self.docs_out}
         out.update({f"dropped_{reason}": n for reason, n in sorted(self.drops.items())})
         out.update({k: v for k, v in sorted(self.counts.items())})
-        if seconds > 0:  # shards restored from an earlier attempt took none of these seconds
+        # Shards restored from done markers (an earlier attempt, or the array tasks of a cluster run)
+        # took none of these seconds: with no shard processed here there is no rate to report.
+        if seconds > 0 and (self.timed_docs or self.timed_bytes or not self.docs_in):
             out["docs_per_s"] = self.timed_docs / seconds
             out["bytes_per_s"] = self.timed_bytes / seconds
         return out
@@ -109,12 +112,22 @@ def map_shards(
 
     ``fn`` must be a module-level function (it is pickled to worker processes). It must write
     its outputs atomically (``write_parquet_atomic``): the done marker is written after it returns.
+
+    In an array task whose split map this is, only the task's share of the shards runs and the
+    stage run then ends with ``pipeline.sharding.SliceDone`` (nothing after this map runs there).
     """
     from tqdm import tqdm
+
+    from pipeline import sharding
 
     output_dir = Path(output_dir)
     (output_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
     indices = list(range(len(sources))) if shard_indices is None else list(shard_indices)
+    shard_slice = sharding.claim_map()
+    if shard_slice is not None:
+        indices = [i for i in indices if shard_slice.selects(i)]
+        log.info("%s: array task %d of %d takes %d of %d shards", desc, shard_slice.index, shard_slice.count,
+                 len(indices), len(sources))
     total = ShardResult()
     todo: list[ShardTask] = []
     for i in indices:
@@ -151,6 +164,8 @@ def map_shards(
                         finish(pending.pop(fut), fut.result())
     finally:
         bar.close()
+    if shard_slice is not None:
+        raise sharding.SliceDone(shard_slice, len(indices))
     return total
 
 

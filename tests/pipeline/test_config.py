@@ -63,7 +63,12 @@ def test_base_yaml_lists_every_orchestrator_field():
     assert field_paths(config.RunConfig) <= _yaml_keys(base["run"])
     for group, cls in (("tracking", config.TrackingConfig), ("cluster", config.ClusterConfig)):
         data = OmegaConf.to_container(OmegaConf.load(CONF / group / "local.yaml"), resolve=False)
-        assert {key_of(f) for f in dataclasses.fields(cls)} <= set(data)
+        assert {key_of(f) for f in dataclasses.fields(cls)} - {"slurm"} <= set(data)
+    # The Slurm option lists every Slurm setting, and the per-stage override takes the same names.
+    slurm = OmegaConf.to_container(OmegaConf.load(CONF / "cluster" / "slurm.yaml"), resolve=False)
+    assert {key_of(f) for f in dataclasses.fields(config.ClusterConfig)} <= set(slurm)
+    assert {key_of(f) for f in dataclasses.fields(config.SlurmConfig)} <= set(slurm["slurm"])
+    assert {key_of(f) for f in dataclasses.fields(config.SlurmResources)} <= set(slurm["slurm"])
 
 
 def test_llama_7b_resolves_on_a_cpu_machine():

@@ -34,6 +34,10 @@ CHANGES = [
     ("run.force=[side]", set()),
     ("tracking.experiment=other", set()),
     ("+cluster.env.OMP_NUM_THREADS='1'", set()),
+    # nor where it runs: the same config on Slurm addresses (and reuses) the same outputs
+    ("cluster.executor=slurm", set()),
+    ("+cluster.slurm.nodes=4", set()),
+    ("+cluster.slurm.stages.upper.gpus_per_node=8", set()),
 ]
 
 

@@ -163,3 +163,128 @@ run: {root: runs, only: [], from: null, force: [], lock_wait_s: 60, keep_going: 
 tracking: {enabled: false}
 stage: {lazy: {}, future: {}, after: {}}
 """
+
+
+# ---------------------------------------------------------------- a stage that maps over shards
+#
+#     parts -> shout (two maps over shards, a global step between them) -> tally
+#
+# shout declares shard_phases=2: on Slurm it runs as two job arrays and a final job.
+
+
+@dataclass(frozen=True)
+class PartsConfig:
+    parts: int = 5  # input shards to write
+    words: int = 4  # words per shard (shard i has words + i)
+
+
+def run_parts(cfg: PartsConfig, ctx: StageContext) -> dict[str, float]:
+    out = ctx.output("parts")
+    out.mkdir()
+    for i in range(cfg.parts):
+        (out / f"part-{i}.txt").write_text(" ".join(f"w{i}x{j}" for j in range(cfg.words + i)))
+    return {"parts": cfg.parts}
+
+
+@dataclass(frozen=True)
+class ShoutConfig:
+    suffix: str = "!"  # appended to every shard
+    workers: int = 1  # execution-only
+    prelude_s: float = 0.0  # execution-only: seconds of work before the first map (to test its lock)
+
+
+@dataclass(frozen=True)
+class StampJob:
+    suffix: str
+    total: int  # words over every shard: the global step's result
+
+
+def _who() -> str:
+    """Which process handled a shard, and as which array task (the test reads it)."""
+    from pipeline import sharding
+
+    return json.dumps({"pid": os.getpid(), "slice": os.environ.get(sharding.ENV)})
+
+
+def shout_shard(task):
+    from stages.common.shards import ShardResult
+
+    words = Path(task.source).read_text().split()
+    out = task.output_dir / "up"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{task.name}.txt").write_text(" ".join(w.upper() for w in words))
+    (out / f"{task.name}.who").write_text(_who())
+    return ShardResult(docs_in=len(words), docs_out=len(words))
+
+
+def stamp_shard(task):
+    from stages.common.shards import ShardResult
+
+    text = Path(task.source).read_text()
+    out = task.output_dir / "shouted"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{task.name}.txt").write_text(f"{text}{task.config.suffix} (of {task.config.total})")
+    (task.output_dir / "_who").mkdir(exist_ok=True)
+    (task.output_dir / "_who" / f"{task.name}.json").write_text(_who())
+    return ShardResult(docs_in=1, docs_out=1)
+
+
+def run_shout(cfg: ShoutConfig, ctx: StageContext) -> dict[str, float]:
+    from stages.common.shards import map_shards
+
+    began = time.time()  # the prelude: every array task runs it, one at a time (pipeline/sharding.py)
+    time.sleep(cfg.prelude_s)
+    with open(ctx.output_dir / "prelude.jsonl", "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "began": began, "ended": time.time()}) + "\n")
+    sources = sorted(str(p) for p in ctx.input("parts.parts").glob("*.txt"))
+    work = ctx.output_dir / "_work"
+    first = map_shards(shout_shard, sources, work, cfg, workers=cfg.workers, desc="shout")
+    total = first.docs_in  # the global step between the maps
+    upper = sorted(str(p) for p in (work / "up").glob("*.txt"))
+    second = map_shards(stamp_shard, upper, ctx.output_dir, StampJob(cfg.suffix, total), workers=cfg.workers,
+                        desc="stamp")
+    ctx.log_metric("words", total)
+    return {"words": total, "shards": second.docs_out}
+
+
+@dataclass(frozen=True)
+class TallyConfig:
+    pass
+
+
+def run_tally(cfg: TallyConfig, ctx: StageContext) -> dict[str, float]:
+    texts = [p.read_text() for p in sorted(ctx.input("shout.shouted").glob("*.txt"))]
+    ctx.output("tally").write_text(json.dumps({"shards": len(texts), "chars": sum(map(len, texts))}))
+    return {"shards": len(texts)}
+
+
+SHARDED = Project(
+    name="sharded",
+    stages=(
+        Stage("parts", PartsConfig, run_parts, (), ("parts",)),
+        Stage("shout", ShoutConfig, run_shout, ("parts.parts",), ("shouted",), resumable=True, shard_phases=2,
+              unhashed=frozenset({"workers", "prelude_s"})),
+        Stage("tally", TallyConfig, run_tally, ("shout.shouted",), ("tally",)),
+    ),
+    import_path="tests.pipeline.toy:SHARDED",
+)
+
+SHARDED_YAML = """\
+run: {root: runs, only: [], from: null, force: [], lock_wait_s: 60, keep_going: true}
+tracking: {enabled: false}
+cluster: {executor: local, env: {}}
+stage:
+  parts: {parts: 5, words: 4}
+  shout: {suffix: "!", workers: 1, prelude_s: 0.0}
+  tally: {}
+"""
+
+
+def load_sharded(project_dir: Path, *overrides: str):
+    """The SHARDED project's config from a conf dir written under ``project_dir``."""
+    from pipeline import config
+
+    conf = project_dir / "conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "sharded.yaml").write_text(SHARDED_YAML)
+    return config.load(SHARDED, conf, "sharded", list(overrides), project_dir=project_dir)

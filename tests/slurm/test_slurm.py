@@ -1,0 +1,331 @@
+"""The Slurm executor on a real Slurm: a one-node cluster started on this machine (start_cluster.sh:
+Debian's slurm-wlm + munge), the real CLI with cluster.executor=slurm, and Slurm's own record of
+every job (``sacct --completion`` over its job completion log: this cluster runs no slurmdbd).
+
+Checked: arrays and chained jobs produce exactly the outputs (and fingerprints) of a local run; a
+failure fails its stage with the job's reason, cancels what depended on it, and a re-run resubmits
+only what failed; SIGTERM to the pipeline cancels its jobs; a pipeline killed outright leaves jobs
+that the next run follows (or ``llmpipe cancel`` cancels). The tiny pipeline's data stages
+(ingest -> tokenize) run as job arrays and match a local run byte for byte.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.toy import SHARDED_YAML, TOY_BASE_YAML
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SLURM = ["cluster.executor=slurm", "+cluster.slurm.array_tasks=2", "+cluster.slurm.poll_s=0.5",
+         "+cluster.slurm.time_min=20"]
+CLI = ("import sys; from pathlib import Path; from pipeline.cli import main; "
+       "sys.exit(main(sys.argv[3:], project_path=sys.argv[1], default_config_dir=Path(sys.argv[2])))")
+
+# Real daemons and jobs (~70 s for the toy tests, ~2.5 min for the tiny data stages): `make test` runs them,
+# `make test-unit` does not.
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running one-node Slurm cluster (started here, as CI does), or a skip that says why not."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a Slurm cluster (munged, slurmctld, slurmd) needs root")
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and there is no apt-get to install slurm-wlm and munge")
+    proc = subprocess.run(["bash", str(HERE / "start_cluster.sh")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"start_cluster.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    jobcomp = next(line.split("=", 1)[1].strip() for line in config.splitlines() if line.startswith("JobCompLoc"))
+    return {"jobcomp": Path(jobcomp)}
+
+
+def cli(project: str, project_dir: Path, *args: str, timeout: float = 900, wait: bool = True):
+    cmd = [sys.executable, "-c", CLI, project, str(project_dir / "conf"), *args]
+    env = {**os.environ, "LLMPIPE_LOG_LEVEL": "INFO"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=project_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+    return subprocess.run(cmd, cwd=project_dir, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def project_dir(path: Path, name: str, yaml_text: str) -> Path:
+    (path / "conf").mkdir(parents=True)
+    (path / "conf" / f"{name}.yaml").write_text(yaml_text)
+    return path
+
+
+def ok(proc) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def jobs_of(root: Path, stage: str) -> dict:
+    """The last submission of a stage (its most recent jobs.json: one per fingerprint)."""
+    paths = sorted((root / stage / ".slurm").glob("*/jobs.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(paths[-1].read_text())
+
+
+def completion_records(slurm, ids, tasks_of=()) -> dict[str, str]:
+    """Job id -> state from Slurm's job completion log: ``sacct --completion`` for jobs, the log's own
+    lines for the tasks of arrays (sacct -c shows one line per array). Waits for the records."""
+    want = set(ids)
+    deadline = time.time() + 60
+    while True:
+        out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "JobID,State", "-j", ",".join(sorted(want))],
+                             capture_output=True, text=True, check=True).stdout
+        states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
+        for line in slurm["jobcomp"].read_text().splitlines():
+            kv = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            if kv.get("ArrayJobId") in tasks_of:
+                states[f"{kv['ArrayJobId']}_{kv['ArrayTaskId']}"] = kv["JobState"]
+        if want <= set(states) or time.time() > deadline:
+            return states
+        time.sleep(1)
+
+
+def outputs(root: Path) -> dict[str, dict[str, bytes]]:
+    """Every committed stage folder (by name: stage-fingerprint) -> its artifact files' bytes."""
+    out = {}
+    for info in root.glob("*/*-*/stage_info.json"):
+        folder = info.parent
+        files = {}
+        for artifact in json.loads(info.read_text())["outputs"]:
+            path = folder / artifact
+            for f in sorted([path] if path.is_file() else path.rglob("*")):
+                if f.is_file():
+                    files[str(f.relative_to(folder))] = f.read_bytes()
+        out[folder.name] = files
+    return out
+
+
+def queued(job_ids) -> str:
+    return subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True).stdout.strip()
+
+
+def wait_for(predicate, timeout=180, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_arrays_and_chained_jobs_give_the_local_outputs_and_slurm_records_them(slurm, tmp_path):
+    local = project_dir(tmp_path / "local", "sharded", SHARDED_YAML)
+    ok(cli("tests.pipeline.toy:SHARDED", local, "run", "-c", "sharded"))
+    here = project_dir(tmp_path / "slurm", "sharded", SHARDED_YAML)
+    plan = cli("tests.pipeline.toy:SHARDED", here, "plan", "-c", "sharded", *SLURM).stdout
+    out = ok(cli("tests.pipeline.toy:SHARDED", here, "run", "-c", "sharded", *SLURM, "tracking.enabled=true",
+                 "--wait-tracking"))
+    root = here / "runs"
+
+    # `llmpipe plan` printed the very scripts that were submitted (job ids filled in at submission).
+    ids = {f"{stage}_{j['label']}_jobid": j["id"] for stage in ("parts", "shout", "tally")
+           for j in jobs_of(root, stage)["jobs"]}
+    blocks = plan.split("\n# ===== ")[1:]
+    assert len(blocks) == 5
+    for block in blocks:
+        title, _, script = block.partition("\n")
+        stage, label = title.split(":")[0], title.split()[1]
+        for placeholder, job_id in ids.items():
+            script = script.replace(f":{placeholder}", f":{job_id}")
+        submitted = root / stage / ".slurm" / next((root / stage / ".slurm").iterdir()).name
+        assert (submitted / f"{ids[f'{stage}_{label}_jobid']}_submission.sh").read_text().rstrip() == script.rstrip()
+
+    # The same outputs, at the same addresses, byte for byte.
+    assert outputs(root) == outputs(local / "runs") and len(outputs(root)) == 3
+
+    # shout (two maps over shards) ran as two arrays of 2 tasks, then a job that committed.
+    shout = jobs_of(root, "shout")
+    assert [(j["label"], j["tasks"]) for j in shout["jobs"]] == [("split1", 2), ("split2", 2), ("final", None)]
+    arrays = [j["id"] for j in shout["jobs"][:2]]
+    [folder] = (root / "shout").glob("shout-*")
+    info = json.loads((folder / "stage_info.json").read_text())
+    assert info["executor"]["kind"] == "slurm" and info["executor"]["array_job_ids"] == arrays
+    assert info["executor"]["slurm_job_id"] == shout["jobs"][-1]["id"] and info["metrics"]["words"] == 30
+    who = {json.loads(p.read_text())["slice"] for p in (folder / "_who").glob("*.json")}
+    assert who == {"0/2@2", "1/2@2"}
+    assert "array task 1 of 2 finished its 2 shard(s) of map 1" in (folder / "_logs" / "split1-task1.log").read_text()
+    assert f"committed {folder}" in (folder / "stage.log").read_text()
+    assert "[shout#2.1]" in out and "[tally]" in out
+
+    # Slurm's own records: every job and every array task COMPLETED.
+    ids = [j["id"] for stage in ("parts", "shout", "tally") for j in jobs_of(root, stage)["jobs"]]
+    states = completion_records(slurm, ids + [f"{a}_{i}" for a in arrays for i in (0, 1)], tasks_of=arrays)
+    assert states == {i: "COMPLETED" for i in ids + [f"{a}_{i}" for a in arrays for i in (0, 1)]}
+
+    # MLflow has the job ids of each stage run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llmpipe").experiment_id],
+                              "tags.`llmpipe.stage` = 'shout'")
+    assert [r.data.tags["llmpipe.job_ids"] for r in runs] == [" ".join(j["id"] for j in shout["jobs"])]
+    assert runs[0].data.tags["llmpipe.executor"] == "slurm" and runs[0].data.metrics["words"] == 30
+
+    # A second run submits nothing: every output is cached.
+    again = cli("tests.pipeline.toy:SHARDED", here, "run", "-c", "sharded", *SLURM)
+    assert "submitted" not in ok(again) and jobs_of(root, "shout") == shout
+    assert [line.split()[1] for line in again.stdout.splitlines()[1:]] == ["cached"] * 3
+
+
+def test_a_failed_job_fails_its_stage_cancels_what_needs_it_and_only_that_is_resubmitted(slurm, tmp_path):
+    here = project_dir(tmp_path, "toy", TOY_BASE_YAML)
+    proc = cli("tests.pipeline.toy:PROJECT", here, "run", "-c", "toy", *SLURM, "stage.source.fail=true")
+    assert proc.returncode == 1, proc.stderr[-5000:]
+    summary = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[1:]}
+    assert summary == {"source": "failed", "upper": "blocked", "count": "blocked", "side": "ran", "slow": "blocked"}
+    root = here / "runs"
+    source = jobs_of(root, "source")["jobs"][0]["id"]
+    assert f"RuntimeError: source asked to fail (Slurm job {source} FAILED" in proc.stdout
+
+    status = ok(cli("tests.pipeline.toy:PROJECT", here, "status", "-c", "toy", *SLURM))
+    assert "failed   attempt 1: RuntimeError: source asked to fail" in status
+    [partial] = (root / "source" / ".partial").glob("source-*")
+    log = (partial / "stage.log").read_text()
+    assert "source asked to fail" in log and f"scheduler: RuntimeError: source asked to fail (Slurm job {source}" in log
+
+    waiting = {s: jobs_of(root, s)["jobs"][0]["id"] for s in ("upper", "count", "slow")}
+    states = completion_records(slurm, [source, *waiting.values()])
+    assert states[source] == "FAILED" and {states[i] for i in waiting.values()} == {"CANCELLED"}
+
+    again = cli("tests.pipeline.toy:PROJECT", here, "run", "-c", "toy", *SLURM)
+    ok(again)
+    summary = {line.split()[0]: line.split()[1] for line in again.stdout.splitlines()[1:]}
+    assert summary == {"source": "ran", "upper": "ran", "count": "ran", "side": "cached", "slow": "ran"}
+    [out] = (root / "source").glob("source-*/stage_info.json")
+    assert json.loads(out.read_text())["attempt"] == 2
+
+
+def test_keep_going_false_cancels_every_other_job_after_a_failure(slurm, tmp_path):
+    here = project_dir(tmp_path, "toy", TOY_BASE_YAML)
+    proc = cli("tests.pipeline.toy:PROJECT", here, "run", "-c", "toy", *SLURM, "stage.count.fail=true",
+               "run.keep_going=false", "stage.slow.steps=120", "stage.slow.step_s=0.5")
+    assert proc.returncode == 1, proc.stderr[-5000:]
+    summary = {line.split()[0]: " ".join(line.split()[1:]) for line in proc.stdout.splitlines()[1:]}
+    assert summary["count"].startswith("failed") and summary["side"].startswith("ran")
+    assert summary["slow"].startswith("blocked") and "stopped after a failure (run.keep_going=false)" in summary["slow"]
+    slow = jobs_of(here / "runs", "slow")["jobs"][0]["id"]
+    assert completion_records(slurm, [slow])[slow] == "CANCELLED"
+
+
+def test_sigterm_to_the_pipeline_cancels_its_jobs(slurm, tmp_path):
+    here = project_dir(tmp_path, "toy", TOY_BASE_YAML)
+    args = ("run", "-c", "toy", *SLURM, "run.only=[slow]", "stage.slow.steps=200", "stage.slow.step_s=0.5")
+    proc = cli("tests.pipeline.toy:PROJECT", here, *args, wait=False)
+    root = here / "runs"
+    progress = lambda: next((p for p in root.glob("slow/.partial/slow-*/progress.txt")), None)  # noqa: E731
+    wait_for(lambda: progress() and int(progress().read_text() or 0) >= 2, what="the slow stage's job to run")
+    job = jobs_of(root, "slow")["jobs"][0]["id"]
+    stage_pid = int((progress().parent / "pid").read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "cancelling the jobs of slow" in out
+    wait_for(lambda: not queued([job]), timeout=120, what=f"job {job} to leave the queue")
+    assert completion_records(slurm, [job])[job] == "CANCELLED"
+    wait_for(lambda: not Path(f"/proc/{stage_pid}").exists(), timeout=60, what="the stage process to end")
+    assert not list(root.glob("slow/slow-*"))
+    status = ok(cli("tests.pipeline.toy:PROJECT", here, "status", *args[1:]))
+    assert "failed   attempt 1: interrupted: KeyboardInterrupt; jobs cancelled" in status
+
+
+def test_jobs_outlive_a_killed_pipeline_and_are_followed_or_cancelled_later(slurm, tmp_path):
+    here = project_dir(tmp_path, "toy", TOY_BASE_YAML)
+    root = here / "runs"
+    progress = lambda: next((p for p in root.glob("slow/.partial/slow-*/progress.txt")), None)  # noqa: E731
+
+    def start_and_kill(*extra):
+        proc = cli("tests.pipeline.toy:PROJECT", here, "run", "-c", "toy", *SLURM, "run.only=[slow]", *extra,
+                   wait=False)
+        wait_for(lambda: progress() and int(progress().read_text() or 0) >= 1, what="the slow stage's job to run")
+        proc.kill()  # SIGKILL: no chance to cancel anything
+        proc.communicate()
+        return jobs_of(root, "slow")["jobs"][0]["id"]
+
+    # The next run follows the job still running instead of submitting another.
+    job = start_and_kill("stage.slow.steps=16", "stage.slow.step_s=0.5")
+    assert queued([job])
+    out = ok(cli("tests.pipeline.toy:PROJECT", here, "run", "-c", "toy", *SLURM, "run.only=[slow]",
+                 "stage.slow.steps=16", "stage.slow.step_s=0.5"))
+    assert f"slow: following jobs {job}, still queued from an earlier run" in out
+    assert jobs_of(root, "slow")["jobs"][0]["id"] == job and list(root.glob("slow/slow-*/_SUCCESS"))
+
+    # `llmpipe cancel` cancels the jobs of a run whose orchestrator is gone.
+    job = start_and_kill("stage.slow.steps=400", "stage.slow.step_s=0.5")
+    out = ok(cli("tests.pipeline.toy:PROJECT", here, "cancel", "-c", "toy", *SLURM, "stage.slow.steps=400"))
+    assert f"slow       cancelled jobs {job}" in out
+    wait_for(lambda: not queued([job]), timeout=120, what=f"job {job} to leave the queue")
+    assert completion_records(slurm, [job])[job] == "CANCELLED"
+
+
+# ---------------------------------------------------------------- the real data stages
+
+
+def tiny(*args, project, root, corpus):
+    return cli(project, REPO, *args, "-c", "tiny", f"run.root={root}", f"data.warc=[{corpus}/*.warc.gz]",
+               f"stage.quality.classifier.positive={corpus}/quality/positive.txt",
+               f"stage.quality.classifier.negative={corpus}/quality/negative.txt", "tracking.enabled=false",
+               timeout=1800)
+
+
+# A short pretraining run (the tiny model, 4 steps): the DeepSpeed launcher with its 2 CPU ranks inside a job.
+PRETRAIN_SHORT = ("stage.pretrain.max_steps=4", "stage.pretrain.eval_every=2", "stage.pretrain.checkpoint_every=2",
+                  "stage.pretrain.warmup_steps=1")
+
+
+def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, tmp_path):
+    corpus = tmp_path / "corpus"
+    subprocess.run([sys.executable, "-m", "stages.corpus", str(corpus)], cwd=REPO, check=True, timeout=600)
+    project = "stages.registry:PROJECT"  # the real stages, as `llmpipe` runs them
+    local = ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_SHORT, project=project, root=tmp_path / "local",
+                    corpus=corpus))
+    plan = ok(tiny("plan", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
+                   project=project, root=tmp_path / "slurm", corpus=corpus))
+    assert plan.count("#SBATCH --array=0-1%2") == 6  # dedup splits two maps, the four others one
+    out = ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
+                  "cluster.slurm.poll_s=0.5", project=project, root=tmp_path / "slurm", corpus=corpus))
+    assert "excluded" in local and "[tokenize#1.1]" in out
+
+    slurm_out, local_out = outputs(tmp_path / "slurm"), outputs(tmp_path / "local")
+    assert sorted(slurm_out) == sorted(local_out) and len(local_out) == 6  # same stages, same fingerprints
+    # Training on 2 gloo ranks is not bit-reproducible across runs: pretrain is compared by its files and
+    # its training record, the data stages byte for byte.
+    [pretrain] = [name for name in local_out if name.startswith("pretrain-")]
+    assert slurm_out.pop(pretrain).keys() == local_out.pop(pretrain).keys()
+    [info] = (tmp_path / "slurm" / "pretrain").glob("pretrain-*/stage_info.json")
+    trained = json.loads(info.read_text())
+    assert trained["metrics"]["steps"] == 4 and trained["metrics"]["world_size"] == 2
+    assert trained["executor"]["kind"] == "slurm"
+    for name, files in local_out.items():
+        assert slurm_out[name].keys() == files.keys(), name
+        for rel, data in files.items():
+            assert slurm_out[name][rel] == data, f"{name}/{rel} differs from the local run's"
+
+    ids, arrays = [], []
+    for stage in ("ingest", "dedup", "quality", "pii", "tokenize"):
+        jobs = jobs_of(tmp_path / "slurm", stage)["jobs"]
+        labels = ["split1", "split2", "final"] if stage == "dedup" else ["split1", "final"]
+        assert [j["label"] for j in jobs] == labels
+        ids += [j["id"] for j in jobs]
+        arrays += [j["id"] for j in jobs if j["tasks"]]
+        [info] = (tmp_path / "slurm" / stage).glob(f"{stage}-*/stage_info.json")
+        [ref] = (tmp_path / "local" / stage).glob(f"{stage}-*/stage_info.json")
+        counts = lambda m: {k: v for k, v in m.items() if not k.endswith(("_s", "per_s")) and "seconds" not in k}  # noqa: E731
+        assert counts(json.loads(info.read_text())["metrics"]) == counts(json.loads(ref.read_text())["metrics"])
+    [pretrain_job] = jobs_of(tmp_path / "slurm", "pretrain")["jobs"]
+    ids.append(pretrain_job["id"])
+    tasks = [f"{a}_{i}" for a in arrays for i in (0, 1)]
+    states = completion_records(slurm, ids + tasks, tasks_of=arrays)
+    assert states == {i: "COMPLETED" for i in ids + tasks}
