@@ -29,3 +29,18 @@ def toy(tmp_path):
     load.dir = tmp_path
     load.conf_dir = conf_dir
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A fresh embedded corpus and the tiny pipeline's data stages (ingest -> tokenize) run on it
+    locally through the real CLI, once per session: the end-to-end test continues from this root,
+    and the Slurm test compares its job arrays' outputs with these."""
+    from tests.tiny_run import build_corpus, llmpipe
+
+    base = tmp_path_factory.mktemp("tiny")
+    corpus, root = base / "corpus", base / "runs"
+    build_corpus(corpus)
+    proc = llmpipe("run", "--wait-tracking", "run.only=[tokenize]", root=root, corpus=corpus)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return {"corpus": corpus, "root": root, "stdout": proc.stdout}

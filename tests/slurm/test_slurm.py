@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline.toy import SHARDED_YAML, TOY_BASE_YAML
+from tests.tiny_run import corpus_overrides, plan_rows
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -273,58 +274,55 @@ def test_jobs_outlive_a_killed_pipeline_and_are_followed_or_cancelled_later(slur
 # ---------------------------------------------------------------- the real data stages
 
 
-def tiny(*args, project, root, corpus):
-    return cli(project, REPO, *args, "-c", "tiny", f"run.root={root}", f"data.warc=[{corpus}/*.warc.gz]",
-               f"stage.quality.classifier.positive={corpus}/quality/positive.txt",
-               f"stage.quality.classifier.negative={corpus}/quality/negative.txt", "tracking.enabled=false",
-               timeout=1800)
+def tiny(*args, root, corpus):
+    """The real CLI on the real stages (stages.registry), tiny config, this corpus."""
+    return cli("stages.registry:PROJECT", REPO, *args, "-c", "tiny", f"run.root={root}", *corpus_overrides(corpus),
+               "tracking.enabled=false", timeout=1800)
 
 
 # A short pretraining run (the tiny model, 4 steps): the DeepSpeed launcher with its 2 CPU ranks inside a job.
 PRETRAIN_SHORT = ("stage.pretrain.max_steps=4", "stage.pretrain.eval_every=2", "stage.pretrain.checkpoint_every=2",
                   "stage.pretrain.warmup_steps=1")
+DATA_STAGES = ("ingest", "dedup", "quality", "pii", "tokenize")
 
 
-def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, tmp_path):
-    corpus = tmp_path / "corpus"
-    subprocess.run([sys.executable, "-m", "stages.corpus", str(corpus)], cwd=REPO, check=True, timeout=600)
-    project = "stages.registry:PROJECT"  # the real stages, as `llmpipe` runs them
-    local = ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_SHORT, project=project, root=tmp_path / "local",
-                    corpus=corpus))
+def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, tiny_data, tmp_path):
+    # The local reference: the session's local run of the data stages on the same corpus (tests/conftest.py).
+    corpus, local_root, slurm_root = tiny_data["corpus"], tiny_data["root"], tmp_path / "slurm"
+    local_plan = plan_rows(ok(tiny("plan", "run.only=[pretrain]", *PRETRAIN_SHORT, root=local_root, corpus=corpus)))
     plan = ok(tiny("plan", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
-                   project=project, root=tmp_path / "slurm", corpus=corpus))
+                   root=slurm_root, corpus=corpus))
     assert plan.count("#SBATCH --array=0-1%2") == 6  # dedup splits two maps, the four others one
     out = ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
-                  "cluster.slurm.poll_s=0.5", project=project, root=tmp_path / "slurm", corpus=corpus))
-    assert "excluded" in local and "[tokenize#1.1]" in out
+                  "cluster.slurm.poll_s=0.5", root=slurm_root, corpus=corpus))
+    assert "[tokenize#1.1]" in out
 
-    slurm_out, local_out = outputs(tmp_path / "slurm"), outputs(tmp_path / "local")
-    assert sorted(slurm_out) == sorted(local_out) and len(local_out) == 6  # same stages, same fingerprints
-    # Training on 2 gloo ranks is not bit-reproducible across runs: pretrain is compared by its files and
-    # its training record, the data stages byte for byte.
-    [pretrain] = [name for name in local_out if name.startswith("pretrain-")]
-    assert slurm_out.pop(pretrain).keys() == local_out.pop(pretrain).keys()
-    [info] = (tmp_path / "slurm" / "pretrain").glob("pretrain-*/stage_info.json")
+    # Same fingerprints as the local run (cluster settings are not part of them), same bytes for the data.
+    slurm_out, local_out = outputs(slurm_root), outputs(local_root)
+    assert sorted(slurm_out) == sorted(f"{s}-{local_plan[s][0]}" for s in (*DATA_STAGES, "pretrain"))
+    for name, files in slurm_out.items():
+        if name.startswith("pretrain-"):
+            continue
+        assert files.keys() == local_out[name].keys(), name
+        for rel, data in files.items():
+            assert local_out[name][rel] == data, f"{name}/{rel} differs from the local run's"
+    [info] = (slurm_root / "pretrain").glob("pretrain-*/stage_info.json")
     trained = json.loads(info.read_text())
     assert trained["metrics"]["steps"] == 4 and trained["metrics"]["world_size"] == 2
-    assert trained["executor"]["kind"] == "slurm"
-    for name, files in local_out.items():
-        assert slurm_out[name].keys() == files.keys(), name
-        for rel, data in files.items():
-            assert slurm_out[name][rel] == data, f"{name}/{rel} differs from the local run's"
+    assert trained["executor"]["kind"] == "slurm" and (info.parent / "model" / "config.json").is_file()
 
     ids, arrays = [], []
     for stage in ("ingest", "dedup", "quality", "pii", "tokenize"):
-        jobs = jobs_of(tmp_path / "slurm", stage)["jobs"]
+        jobs = jobs_of(slurm_root, stage)["jobs"]
         labels = ["split1", "split2", "final"] if stage == "dedup" else ["split1", "final"]
         assert [j["label"] for j in jobs] == labels
         ids += [j["id"] for j in jobs]
         arrays += [j["id"] for j in jobs if j["tasks"]]
-        [info] = (tmp_path / "slurm" / stage).glob(f"{stage}-*/stage_info.json")
-        [ref] = (tmp_path / "local" / stage).glob(f"{stage}-*/stage_info.json")
+        [info] = (slurm_root / stage).glob(f"{stage}-*/stage_info.json")
+        [ref] = (local_root / stage).glob(f"{stage}-{local_plan[stage][0]}/stage_info.json")
         counts = lambda m: {k: v for k, v in m.items() if not k.endswith(("_s", "per_s")) and "seconds" not in k}  # noqa: E731
         assert counts(json.loads(info.read_text())["metrics"]) == counts(json.loads(ref.read_text())["metrics"])
-    [pretrain_job] = jobs_of(tmp_path / "slurm", "pretrain")["jobs"]
+    [pretrain_job] = jobs_of(slurm_root, "pretrain")["jobs"]
     ids.append(pretrain_job["id"])
     tasks = [f"{a}_{i}" for a in arrays for i in (0, 1)]
     states = completion_records(slurm, ids + tasks, tasks_of=arrays)
