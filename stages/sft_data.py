@@ -1,0 +1,440 @@
+"""Instruction data for the sft stage: conversations in, a train/validation split out.
+
+Three sources (``stage.sft.data.source``), all ending as lists of chat conversations
+(``[{"role", "content"}, ...]``, see stages/common/chat.py):
+
+``derive_from_corpus`` (the tiny default: no download)
+    Instruction pairs made from the cleaned corpus (``pii.documents``). Each document's text is cut
+    into sentences (a sentence ends at ``.``, ``!`` or ``?`` followed by whitespace, or at a line
+    break); the templates that the document is long enough for are eligible, and a generator seeded
+    with ``(data.seed, document id)`` picks ``examples_per_doc`` of them:
+
+    - ``continue``: "Continue this text:" + the first sentences -> the sentences that follow.
+    - ``continue_dialog``: the same, then a second user turn "Go on." -> the next sentences
+      (two assistant turns, so the multi-turn assistant mask is exercised).
+    - ``first_sentence``: "Quote the first sentence of this text:" + the opening passage -> its first
+      sentence (when it plainly is one: capitalised, ending in . ! or ?).
+    - ``title``: "Give a title for this text:" + the body -> the document's first line, when that
+      line looks like a heading (short, no closing punctuation) and a body follows.
+
+    Prompts and replies are cut at sentence ends to stay within ``max_prompt_chars`` /
+    ``max_reply_chars`` (so they fit the model's context). Every answer is text of the document
+    itself: nothing is invented. The result depends only on the documents, the config and the
+    seed, not on shard layout or reading order.
+
+``files``
+    Local JSONL or Parquet files (globs allowed) with a ``messages`` column
+    (``data.messages_column``).
+
+``dataset``
+    A ``datasets`` name loaded with ``load_dataset(name, split=...)`` (for clusters with a hub or a
+    local mirror; never used by the tiny config or the tests).
+
+Bad records are counted per reason (``dropped_<reason>``: see ``chat.message_problem``, plus
+``invalid_json`` and ``missing_messages`` for files) and skipped.
+With ``max_examples`` a seeded, order-independent subset is kept (the examples with the smallest
+seeded hashes). The validation split holds the ``validation_fraction`` of examples with the
+smallest seeded hash of their *split key*: the document id for derived data (all examples of a
+document fall on the same side), the conversation itself for loaded data (duplicates too).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import heapq
+import json
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import LlmpipeError
+from stages.common.chat import message_problem, normalize_messages
+
+TEMPLATES = ("continue", "continue_dialog", "first_sentence", "title")
+Source = Literal["derive_from_corpus", "files", "dataset"]
+
+# A sentence ends at . ! or ? followed by whitespace, or at a line break (headings, list items).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+MIN_SENTENCE_CHARS = 3  # shorter fragments ("1.", "a)") are merged into the next sentence
+TITLE_MAX_CHARS, TITLE_MAX_WORDS = 80, 12
+
+
+class SftDataError(LlmpipeError):
+    """Instruction data cannot be read (missing file, column, unreadable format) or is empty."""
+
+
+@dataclass(frozen=True)
+class SftDataConfig:
+    source: Source = "derive_from_corpus"  # derive_from_corpus | files | dataset
+    files: tuple[str, ...] = ()  # source=files: JSONL/Parquet paths or globs with a messages column
+    dataset: str | None = None  # source=dataset: a `datasets` name for load_dataset (clusters only)
+    dataset_split: str = "train"  # source=dataset: the split to load
+    messages_column: str = "messages"  # column holding the conversation (list of {role, content})
+    templates: tuple[str, ...] = TEMPLATES  # derive_from_corpus: instruction templates to use
+    examples_per_doc: int = 1  # derive_from_corpus: templates drawn per document (at most)
+    max_prompt_chars: int = 400  # derive_from_corpus: cap on the passage quoted in a prompt (~110 tokens of prose)
+    max_reply_chars: int = 200  # derive_from_corpus: cap on a reply
+    system_prompt: str | None = None  # prepended as a system message to every conversation lacking one
+    max_examples: int | None = None  # keep a seeded subset of at most this many conversations; null: all
+    validation_fraction: float = 0.1  # share of conversations held out for eval loss (by split-key hash)
+    seed: int = 0  # seeds template choice, subsetting and the split
+
+    def __post_init__(self) -> None:
+        key = "stage.sft.data"
+        if self.source == "files" and not self.files:
+            raise ValueError(f"{key}.source is 'files' but {key}.files is empty: list JSONL/Parquet paths or globs")
+        if self.source == "dataset" and not self.dataset:
+            raise ValueError(f"{key}.source is 'dataset' but {key}.dataset is null: name a `datasets` dataset")
+        if self.source != "files" and self.files:
+            raise ValueError(f"{key}.files is set but {key}.source is {self.source!r}: set source: files, or "
+                             f"clear files")
+        if self.source != "dataset" and self.dataset:
+            raise ValueError(f"{key}.dataset is set but {key}.source is {self.source!r}: set source: dataset, or "
+                             f"set dataset: null")
+        unknown = [t for t in self.templates if t not in TEMPLATES]
+        if unknown:
+            raise ValueError(f"{key}.templates: unknown {unknown}; choose from {list(TEMPLATES)}")
+        if self.source == "derive_from_corpus" and not self.templates:
+            raise ValueError(f"{key}.templates is empty: derive_from_corpus needs at least one template")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"{key}.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        for name in ("examples_per_doc", "max_prompt_chars", "max_reply_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"{key}.max_examples must be positive or null, got {self.max_examples}")
+
+
+@dataclass
+class Example:
+    """One conversation and the key that decides its split (document id, or the conversation's digest)."""
+
+    messages: list[dict[str, str]]
+    split_key: str
+    template: str = ""  # which derivation template made it ("" for loaded data)
+
+
+@dataclass
+class InstructionData:
+    """The two splits and what happened on the way."""
+
+    train: list[Example]
+    validation: list[Example]
+    docs_in: int = 0  # documents read (derive_from_corpus) or records read (files, dataset)
+    dropped: Counter = field(default_factory=Counter)  # reason -> records skipped
+    templates: Counter = field(default_factory=Counter)  # template -> examples derived
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"records_in": self.docs_in, "train_examples": len(self.train),
+                                 "validation_examples": len(self.validation)}
+        out.update({f"dropped_{reason}": n for reason, n in sorted(self.dropped.items())})
+        out.update({f"template_{name}": n for name, n in sorted(self.templates.items())})
+        return out
+
+
+def seeded_score(seed: int, purpose: str, key: str) -> float:
+    """A uniform number in [0, 1) from a seed, a purpose and a key (stable across runs and machines)."""
+    digest = hashlib.blake2b(f"{seed}\0{purpose}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+# ---------------------------------------------------------------- deriving from the corpus
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of ``text``, whitespace between them excluded."""
+    spans, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.start()
+        if end - start >= MIN_SENTENCE_CHARS:
+            spans.append((start, end))
+            start = match.end()
+    rest = text[start:].rstrip()
+    if len(rest) >= MIN_SENTENCE_CHARS:
+        spans.append((start, start + len(rest)))
+    elif spans and rest:  # a short trailing fragment stays with the last sentence
+        spans[-1] = (spans[-1][0], start + len(rest))
+    return spans
+
+
+def _cut(chunk: str, limit: int, keep_end: bool = False) -> str:
+    """``chunk`` within ``limit`` chars, cut at a word boundary (its end kept with ``keep_end``)."""
+    if len(chunk) <= limit:
+        return chunk
+    if keep_end:
+        tail = chunk[-limit:]
+        return tail.split(None, 1)[-1] if " " in tail else tail
+    head = chunk[:limit]
+    return head.rsplit(None, 1)[0] if " " in head else head
+
+
+def _forward(text: str, spans: Sequence[tuple[int, int]], first: int, limit: int,
+             stop: int | None = None) -> tuple[str, int]:
+    """The sentences from ``first`` (before ``stop``) that fit ``limit`` chars (one at least, cut if
+    too long); returns the text and the index of the first sentence not taken."""
+    stop = len(spans) if stop is None else stop
+    last = first + 1
+    while last < stop and spans[last][1] - spans[first][0] <= limit:
+        last += 1
+    return _cut(text[spans[first][0]:spans[last - 1][1]], limit), last
+
+
+def _backward(text: str, spans: Sequence[tuple[int, int]], end: int, limit: int) -> str:
+    """The sentences just before sentence ``end`` that fit ``limit`` chars (one at least, its end kept)."""
+    first = end - 1
+    while first > 0 and spans[end - 1][1] - spans[first - 1][0] <= limit:
+        first -= 1
+    return _cut(text[spans[first][0]:spans[end - 1][1]], limit, keep_end=True)
+
+
+def _continue(text: str, spans: Sequence[tuple[int, int]], cfg: SftDataConfig, turns: int,
+              rng: random.Random) -> list[dict] | None:
+    """The sentences before a seeded cut point as the prompt, what follows as ``turns`` replies."""
+    if len(spans) < 1 + turns:
+        return None
+    cut = rng.randint(1, len(spans) - turns)
+    prompt = _backward(text, spans, cut, cfg.max_prompt_chars)
+    messages = [{"role": "user", "content": f"Continue this text:\n\n{prompt}"}]
+    nxt = cut
+    for turn in range(turns):
+        if nxt >= len(spans):
+            return None
+        # Leave at least one sentence for each later turn.
+        reply, nxt = _forward(text, spans, nxt, cfg.max_reply_chars, stop=len(spans) - (turns - 1 - turn))
+        if turn:
+            messages.append({"role": "user", "content": "Go on."})
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def _first_sentence(text: str, spans: Sequence[tuple[int, int]], cfg: SftDataConfig) -> list[dict] | None:
+    """The opening passage (after a heading line, if any) as the prompt, its first sentence as the
+    reply. Only when that sentence is plainly one: it starts with a capital or digit and ends with
+    . ! or ? (a hard-wrapped line is not a sentence); needs two sentences within ``max_prompt_chars``."""
+    start = 1 if spans and _is_heading(text[spans[0][0]:spans[0][1]]) else 0
+    if start + 1 >= len(spans) or spans[start + 1][1] - spans[start][0] > cfg.max_prompt_chars:
+        return None
+    candidate = text[spans[start][0]:spans[start][1]]
+    if not (candidate[0].isupper() or candidate[0].isdigit()) or candidate[-1] not in ".!?":
+        return None
+    if len(candidate) > cfg.max_reply_chars:
+        return None
+    passage, _ = _forward(text, spans, start, cfg.max_prompt_chars)
+    return [{"role": "user", "content": f"Quote the first sentence of this text:\n\n{passage}"},
+            {"role": "assistant", "content": candidate}]
+
+
+def _is_heading(line: str) -> bool:
+    """A short line with letters and no closing punctuation: a title, not a sentence."""
+    line = line.strip()
+    return (2 <= len(line) <= TITLE_MAX_CHARS and len(line.split()) <= TITLE_MAX_WORDS
+            and line[-1] not in ".,;:!?" and any(c.isalpha() for c in line))
+
+
+def _title(text: str, cfg: SftDataConfig) -> list[dict] | None:
+    """The first line as the reply when it looks like a heading; the body after it as the prompt."""
+    line, _, body = text.strip().partition("\n")
+    line, body = line.strip(), body.strip()
+    body_spans = sentence_spans(body)
+    if not _is_heading(line) or not body_spans or body_spans[0][1] - body_spans[0][0] < 20:
+        return None
+    passage, _ = _forward(body, body_spans, 0, cfg.max_prompt_chars)
+    return [{"role": "user", "content": f"Give a title for this text:\n\n{passage}"},
+            {"role": "assistant", "content": line}]
+
+
+def derive_conversations(text: str, doc_id: str, cfg: SftDataConfig) -> list[tuple[str, list[dict[str, str]]]]:
+    """The (template, conversation) pairs derived from one document (see the module doc)."""
+    spans = sentence_spans(text)
+    # One generator per document, seeded by its id: the result does not depend on reading order.
+    rng = random.Random(f"{cfg.seed}:{doc_id}")
+    builders = {
+        "continue": lambda: _continue(text, spans, cfg, 1, rng),
+        "continue_dialog": lambda: _continue(text, spans, cfg, 2, rng),
+        "first_sentence": lambda: _first_sentence(text, spans, cfg),
+        "title": lambda: _title(text, cfg),
+    }
+    eligible = []
+    for name in cfg.templates:
+        conversation = builders[name]()
+        if conversation is not None and message_problem(conversation) is None:
+            eligible.append((name, conversation))
+    rng.shuffle(eligible)
+    return eligible[:cfg.examples_per_doc]
+
+
+def read_documents(shards: Sequence[Path]) -> Iterator[tuple[str | None, str | None]]:
+    """(id, text) of every document of a documents artifact, shard by shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in shards:
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise SftDataError(f"{path}: cannot read as Parquet: {exc}") from exc
+        missing = [c for c in ("id", "text") if c not in pf.schema_arrow.names]
+        if missing:
+            raise SftDataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=["id", "text"], batch_size=1000):
+            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+
+
+def examples_from_corpus(shards: Sequence[Path], cfg: SftDataConfig, data: InstructionData) -> Iterator[Example]:
+    for doc_id, text in read_documents(shards):
+        data.docs_in += 1
+        if doc_id is None or not text:
+            data.dropped["missing_id" if doc_id is None else "empty_text"] += 1
+            continue
+        derived = derive_conversations(text, doc_id, cfg)
+        if not derived:
+            data.dropped["too_short"] += 1
+        for template, messages in derived:
+            yield Example(messages, split_key=doc_id, template=template)
+
+
+# ---------------------------------------------------------------- loading conversations
+
+
+def expand_files(patterns: Sequence[str]) -> list[Path]:
+    """The files named by paths/globs, in a stable order; a pattern that matches nothing is an error."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] if Path(pattern).exists() else []
+        if not matched:
+            raise SftDataError(f"stage.sft.data.files: {pattern!r} matches no file")
+        files.extend(Path(p) for p in matched)
+    return files
+
+
+def read_records(path: Path, column: str) -> Iterator[Any]:
+    """The ``column`` value of every record of a JSONL or Parquet file (markers for broken JSON lines
+    and records without the column, which the caller counts)."""
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".jsonl", ".jsonl.gz"):
+        import gzip
+
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    yield _INVALID_JSON
+                    continue
+                yield record.get(column, _MISSING_COLUMN) if isinstance(record, dict) else _MISSING_COLUMN
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise SftDataError(f"{path}: cannot read as Parquet: {exc}") from exc
+        if column not in pf.schema_arrow.names:
+            raise SftDataError(f"{path}: no column {column!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                               f"set stage.sft.data.messages_column")
+        for batch in pf.iter_batches(columns=[column], batch_size=1000):
+            yield from batch.column(0).to_pylist()
+    else:
+        raise SftDataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .jsonl.gz or .parquet)")
+
+
+_MISSING_COLUMN = object()  # a record without the messages column
+_INVALID_JSON = object()  # a JSONL line that does not parse
+
+
+def examples_from_records(records: Iterable[Any], data: InstructionData) -> Iterator[Example]:
+    """Valid conversations of ``records`` (values of the messages column); the rest counted and skipped."""
+    for value in records:
+        data.docs_in += 1
+        if value is _MISSING_COLUMN or value is _INVALID_JSON:
+            data.dropped["missing_messages" if value is _MISSING_COLUMN else "invalid_json"] += 1
+            continue
+        problem = message_problem(value)
+        if problem:
+            data.dropped[problem] += 1
+            continue
+        messages = normalize_messages(value)
+        key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+        yield Example(messages, split_key=key)
+
+
+def dataset_records(cfg: SftDataConfig) -> Iterator[Any]:
+    """The messages column of a `datasets` dataset (cluster use; may download into the HF cache)."""
+    from datasets import load_dataset
+
+    ds = load_dataset(cfg.dataset, split=cfg.dataset_split)
+    if cfg.messages_column not in ds.column_names:
+        raise SftDataError(f"stage.sft.data.dataset {cfg.dataset!r} has no column {cfg.messages_column!r} "
+                           f"(columns: {ds.column_names}); set stage.sft.data.messages_column")
+    for row in ds.select_columns([cfg.messages_column]):
+        yield row[cfg.messages_column]
+
+
+# ---------------------------------------------------------------- split
+
+
+def with_system_prompt(example: Example, prompt: str | None) -> Example:
+    if prompt is None or example.messages[0]["role"] == "system":
+        return example
+    return Example([{"role": "system", "content": prompt}, *example.messages], example.split_key, example.template)
+
+
+def split_examples(examples: Iterable[Example], cfg: SftDataConfig, data: InstructionData) -> None:
+    """Subset (``max_examples``) and split into ``data.train`` / ``data.validation`` (see the module doc)."""
+    pool: Iterable[Example] = examples
+    if cfg.max_examples is not None:
+        # nsmallest keeps only max_examples items in memory, whatever the corpus size.
+        pool = heapq.nsmallest(cfg.max_examples, examples, key=lambda e: _subset_key(cfg.seed, e))
+    pool = [with_system_prompt(e, cfg.system_prompt) for e in pool]
+    for e in pool:
+        data.templates[e.template or "loaded"] += 1
+    keys = sorted({e.split_key for e in pool}, key=lambda k: (seeded_score(cfg.seed, "validation", k), k))
+    n_val = 0
+    if cfg.validation_fraction > 0 and len(keys) >= 2:
+        n_val = min(len(keys) - 1, max(1, math.floor(cfg.validation_fraction * len(keys) + 0.5)))
+    held_out = set(keys[:n_val])
+    data.train = [e for e in pool if e.split_key not in held_out]
+    data.validation = [e for e in pool if e.split_key in held_out]
+
+
+def _subset_key(seed: int, example: Example) -> tuple[float, str, str]:
+    return seeded_score(seed, "subset", f"{example.split_key}\0{example.template}"), example.split_key, example.template
+
+
+def load_instruction_data(cfg: SftDataConfig, corpus_shards: Sequence[Path]) -> InstructionData:
+    """Read or derive the conversations and split them (the one entry point of this module)."""
+    data = InstructionData(train=[], validation=[])
+    if cfg.source == "derive_from_corpus":
+        examples = examples_from_corpus(corpus_shards, cfg, data)
+    elif cfg.source == "files":
+        files = expand_files(cfg.files)
+        examples = examples_from_records((v for f in files for v in read_records(f, cfg.messages_column)), data)
+    else:
+        examples = examples_from_records(dataset_records(cfg), data)
+    split_examples(examples, cfg, data)
+    if not data.train:
+        raise SftDataError(f"no usable training conversation from data.source={cfg.source!r} "
+                           f"({data.docs_in} records read; dropped: {dict(data.dropped) or 'none'})")
+    return data
+
+
+def write_jsonl(examples: Sequence[Example], path: Path) -> None:
+    """The conversations as JSONL (``{"messages": [...]}`` per line), written atomically."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"messages": e.messages, "template": e.template}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
