@@ -56,7 +56,7 @@ def stage_run(out: Path, inputs: tuple[Path, Path], steps: int, log_every: int) 
     from stages.shared import ModelConfig
 
     # conf/model/tiny.yaml's shape; the vocabulary is the fixture tokenizer's.
-    model = ModelConfig(name="tiny-llama", hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
+    model = ModelConfig(name="tiny-llama", hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                         num_kv_heads=8, vocab_size=8192, max_seq_len=256)
     cfg = PretrainConfig(model=model, global_batch_size=16, micro_batch_size=8, max_steps=steps, lr=2e-3,
                          warmup_steps=2, eval_every=10_000, eval_sequences=16, checkpoint_every=10_000,

@@ -49,7 +49,7 @@ class LshPlan:
     """What the worker processes need: the resolved LSH parameters and where the work files go."""
 
     work: Path  # the stage's scratch dir (signatures, spill, edges, resolution)
-    threshold: float  # estimated Jaccard needed to link two documents
+    threshold: float  # estimated Jaccard at which a verified candidate is linked (the config's minus its margin)
     ngram: int  # words per shingle
     num_perm: int  # MinHash permutations
     seed: int  # MinHash permutation seed

@@ -11,7 +11,7 @@ class ModelConfig:
     name: str  # a label for runs and output metadata
     architecture: str = "llama"  # transformers model family
     hidden_size: int = 256  # width of the residual stream
-    intermediate_size: int = 704  # MLP width
+    intermediate_size: int = 768  # MLP width
     num_layers: int = 4  # transformer blocks
     num_heads: int = 8  # attention heads; head_dim = hidden_size / num_heads
     num_kv_heads: int = 8  # key/value heads (grouped-query attention when fewer than num_heads)

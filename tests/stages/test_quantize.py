@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -273,29 +272,3 @@ def test_stage_declares_heldout_input_and_is_resumable():
     assert STAGE.inputs == ("align.model", "pii.documents", "tokenize.heldout")
     assert STAGE.outputs == ("model",) and STAGE.resumable
     assert {"cpu_workers", "keep_checkpoint", "perplexity.batch_size"} <= STAGE.unhashed
-
-
-@pytest.mark.integration
-def test_vllm_serves_the_quantized_model(quantized, tmp_path):
-    """vLLM loads the output dir as is (GPTQ detected from its config), completes text and renders
-    chats with the chat template that travelled with the model (the prompt token count matches)."""
-    import httpx
-    from transformers import AutoTokenizer
-
-    from stages.common.vllm_server import VllmServer
-
-    _, ctx = quantized
-    model_dir = ctx.output("model")
-    log_file = tmp_path / "vllm.log"
-    messages = [{"role": "user", "content": "The pipeline"}]
-    with VllmServer(model_dir, dtype="bfloat16", max_model_len=256, served_model_name="q",
-                    env={"VLLM_CPU_KVCACHE_SPACE": "1"}, log_file=log_file) as server:
-        body = {"model": "q", "prompt": "Training notes 3\nThe pipeline", "max_tokens": 8, "temperature": 0,
-                "ignore_eos": True}
-        text = httpx.post(f"{server.base_url}/completions", json=body, timeout=300).json()
-        chat = httpx.post(f"{server.base_url}/chat/completions", timeout=300,
-                          json={"model": "q", "messages": messages, "max_tokens": 4, "temperature": 0}).json()
-    assert text["usage"]["completion_tokens"] == 8 and text["choices"][0]["text"]
-    prompt = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(messages, add_generation_prompt=True)
-    assert chat["usage"]["prompt_tokens"] == len(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    assert re.search(r"quantization=\w*gptq", log_file.read_text()), "vLLM did not load the GPTQ weights"
