@@ -45,7 +45,7 @@ class LocalExecutor:
                     time.sleep(0.2)
                     on_tick()
             except BaseException:
-                _terminate(proc)
+                terminate_group(proc)
                 raise
             finally:
                 pump.join(timeout=5)
@@ -74,15 +74,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop the stage and everything it started (its process group)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def terminate_group(proc: subprocess.Popen, grace_s: float = 10.0, kill_wait_s: float = 10.0) -> None:
+    """Stop a stage process and everything it started (its process group): SIGTERM, then SIGKILL
+    after ``grace_s``. Used by every executor that runs the worker as a child process."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, kill_wait_s)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=grace_s)
+            proc.wait(timeout=wait_s)
             return
         except subprocess.TimeoutExpired:
             continue

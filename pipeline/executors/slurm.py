@@ -139,16 +139,9 @@ class StageJob(Checkpointable):
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        from pipeline.executors.local import terminate_group
+
+        terminate_group(proc, grace_s)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
         """Called by submitit on the time-limit (or preemption) signal, before it requeues the job."""
