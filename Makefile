@@ -30,7 +30,7 @@ $(STAMP): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
 	@touch $@
 
 corpus: setup  ## build the embedded WARC corpus (no download) into data/embedded; a no-op when built
-	@$(PY) -m stages.corpus data/embedded
+	@$(PY) -m llmpipe.corpus data/embedded
 
 pipeline: setup corpus  ## run the whole pipeline (CONF=tiny by default; ARGS= Hydra overrides)
 	$(LLMPIPE) run --config-name $(CONF) $(ARGS)
@@ -49,7 +49,7 @@ status: setup  ## state of every stage's output
 	$(LLMPIPE) status --config-name $(CONF) $(ARGS)
 
 serve: setup  ## serve CONF's quantized model in the foreground with vLLM (Ctrl-C stops it)
-	$(PY) -m stages.serve --config-name $(CONF) $(ARGS)
+	$(LLMPIPE) serve --config-name $(CONF) $(ARGS)
 
 ui: setup  ## MLflow UI on 127.0.0.1:5000
 	$(LLMPIPE) ui --config-name $(CONF) $(ARGS)

@@ -6,7 +6,7 @@ with the same fast tokenizer. One run each, same machine, same input, same worke
 
 The data, generated deterministically in a temporary folder (nothing downloaded):
 
-- ingest: the embedded corpus (``data/embedded``, built by ``python -m stages.corpus``) copied
+- ingest: the embedded corpus (``data/embedded``, built by ``python -m llmpipe.corpus``) copied
   ``copies`` times into ``4 x workers`` WARC.gz files with warcio. Every record is kept (warcinfo,
   requests, HTML pages, non-HTML responses, 404s, redirects); copy k > 0 gets its own URLs and
   record IDs, and in its HTML pages about half of the words of six letters or more are swapped for
@@ -184,7 +184,7 @@ def _read_units(src_dir: Path) -> list[list[tuple[Any, bytes, bytes]]]:
     files = sorted(src_dir.glob("*.warc.gz"))
     if not files:
         raise BenchError(f"no *.warc.gz in {src_dir}: build the embedded corpus first "
-                         f"(.venv/bin/python -m stages.corpus {src_dir})")
+                         f"(.venv/bin/python -m llmpipe.corpus {src_dir})")
     for path in files:
         with open(path, "rb") as fh:
             for record in ArchiveIterator(fh):
@@ -762,7 +762,7 @@ def bench_tokenize(b: Bench, docs_dir: Path) -> None:
     source = (REPO / "stages" / "tokenize.py").read_text()
     if "StageNotImplemented" in source:
         b.rows.append(Row("tokenize", "tokens/s", None, None, TARGETS["tokenize"],
-                          ["skipped: stages/tokenize.py still raises StageNotImplemented"]))
+                          ["skipped: stages/tokenize/stage.py still raises StageNotImplemented"]))
         return
     from stages.common.shards import list_parquet
 
@@ -819,7 +819,7 @@ def train_tokenizer_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the bench tokenizer with the tokenize stage's own trainer (the shipped config, tokenizer null)."""
     import pyarrow.parquet as pq
 
-    from stages import tokenize
+    from stages.tokenize import stage as tokenize
 
     cfg = stage_config(tokenize.STAGE, workers=spec["workers"], tokenizer=None)
     texts = (t for p in spec["docs"] for t in pq.read_table(p, columns=["text"]).column(0).to_pylist())

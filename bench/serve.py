@@ -5,7 +5,7 @@ generate exactly ``--max-tokens`` tokens per prompt greedily (vLLM: EOS ignored;
 ``min_new_tokens = max_new_tokens``), in the same dtype, on the same device:
 
 - vLLM: the OpenAI-compatible server (stages/common/vllm_server.py) load-tested by vLLM's own
-  serving benchmark as the serve stage does it (stages/serve.py::run_benchmark): ``--requests``
+  serving benchmark as the serve stage does it (stages/serve/stage.py::run_benchmark): ``--requests``
   streaming requests, ``--concurrency`` in flight. Throughput = output tokens / benchmark wall time.
   Server start-up is not counted.
 - HF: ``model.generate`` on batches of ``--concurrency`` prompts (left padding), after one untimed
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stages.common.vllm_server import VllmServer, has_full_vllm  # noqa: E402
-from stages.serve import BenchConfig, ServeConfig, draw_prompts, run_benchmark  # noqa: E402
+from stages.serve.stage import BenchConfig, ServeConfig, draw_prompts, run_benchmark  # noqa: E402
 
 PROMPTS = (
     "The history of the city", "Explain what a tokenizer does.", "Write a short note about cleaning web text.",

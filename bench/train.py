@@ -4,7 +4,7 @@ Target (issue 4): the stage trains at >= 0.95x the tokens/s of a bare ``deepspee
 the same model, data and ZeRO config. Both run under the same DeepSpeed launcher with the same ranks
 (2 CPU ranks with one thread each here; every GPU on a GPU machine):
 
-- stage:    ``stages.pretrain.run`` on a generated corpus (the tests' fixture: a grammar-generated
+- stage:    ``stages.pretrain.stage.run`` on a generated corpus (the tests' fixture: a grammar-generated
             text, a BPE tokenizer, packed token shards); its tokens/s is the summary's figure, i.e. the
             training steps only (start-up, evaluation, checkpoints and export excluded).
 - baseline: this file as the rank script (``--baseline JOB``): the model built with
@@ -44,7 +44,7 @@ TARGET = 0.95
 
 def make_inputs(root: Path) -> tuple[Path, Path]:
     """The tests' corpus fixture at the tiny model's sequence length."""
-    from tests.stages.test_pretrain import make_corpus
+    from tests.stages.pretrain.test_pretrain import make_corpus
 
     return make_corpus(root / "corpus", seq_len=256, train_docs=3000, val_docs=200, vocab_size=400)
 
@@ -52,8 +52,8 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
 def stage_run(out: Path, inputs: tuple[Path, Path], steps: int, log_every: int) -> dict:
     """Train with the pretrain stage on the tiny model's shape; return its summary and per-step tokens/s."""
     from pipeline.stage import StageContext
-    from stages.pretrain import PretrainConfig, run
-    from stages.shared import ModelConfig
+    from stages.common.config import ModelConfig
+    from stages.pretrain.stage import PretrainConfig, run
 
     # conf/model/tiny.yaml's shape; the vocabulary is the fixture tokenizer's.
     model = ModelConfig(name="tiny-llama", hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
@@ -75,7 +75,7 @@ def baseline_run(stage_out: Path) -> dict:
     """Launch this file as the rank script of a plain DeepSpeed run on the stage's job and config."""
     from pipeline.schema import build
     from stages.common.launch import free_port, plan_launch, run_launch
-    from stages.pretrain import JOB_FILE, PretrainConfig
+    from stages.pretrain.stage import JOB_FILE, PretrainConfig
 
     job = json.loads((stage_out / JOB_FILE).read_text())
     cfg = build(PretrainConfig, job["config"])
@@ -196,5 +196,5 @@ def main() -> int:
 if __name__ == "__main__":
     status = main()
     sys.stdout.flush()
-    # As in stages/pretrain_loop.py: a rank skips the slow interpreter teardown of torch and DeepSpeed.
+    # As in stages/pretrain/loop.py: a rank skips the slow interpreter teardown of torch and DeepSpeed.
     os._exit(status)

@@ -1,6 +1,8 @@
-"""``llmpipe run|plan|why|status|ui``: the command line over the orchestrator.
+"""``llmpipe run|plan|why|status|ui|sync|cancel``: the command line over the orchestrator.
 
-Hydra overrides follow the command: ``llmpipe run --config-name llama-7b stage.sft.lr=1e-4``.
+Hydra overrides follow the command: ``llmpipe run --config-name llama-7b stage.sft.train.lr=1e-4``.
+A project adds its own subcommands (:class:`Command`, e.g. ``llmpipe serve``); they get the same
+config loading and error handling as the built-in ones.
 """
 
 from __future__ import annotations
@@ -10,15 +12,27 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import LlmpipeError
 
 log = logging.getLogger("llmpipe")
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Command:
+    """A project's own subcommand: ``run(args, cfg, project)`` returns the exit code; ``arguments``
+    adds its options to its parser (the config options and trailing overrides are added for it)."""
+
+    help: str
+    run: Callable[[argparse.Namespace, Any, Any], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _parser(extra: Mapping[str, Command] = {}) -> argparse.ArgumentParser:  # noqa: B006 - read only
     p = argparse.ArgumentParser(prog="llmpipe", description="Run the LLM lifecycle pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -43,14 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     add("status", "show the state of every stage's output").add_argument("overrides", nargs="*")
     ui = add("ui", "start the MLflow UI on the tracking store")
     ui.add_argument("overrides", nargs="*")
+    for name, command in extra.items():
+        sp = add(name, command.help)
+        if command.arguments:
+            command.arguments(sp)
+        sp.add_argument("overrides", nargs="*")
     return p
 
 
-def main(argv: Sequence[str] | None = None, *, project_path: str, default_config_dir: Path) -> int:
+def main(argv: Sequence[str] | None = None, *, project_path: str, default_config_dir: Path,
+         commands: Mapping[str, Command] = {}) -> int:  # noqa: B006 - read only
     from pipeline.logs import setup_logging
     from pipeline.worker import load_project
 
-    parser = _parser()
+    clash = set(commands) & set(COMMANDS)
+    if clash:
+        raise ValueError(f"project commands {sorted(clash)} would hide llmpipe's own")
+    parser = _parser(commands)
     # Overrides may stand before or after options (`run a=1 -c tiny b=2`): argparse hands back the
     # later ones as unknown arguments; anything else unknown is an error.
     args, extra = parser.parse_known_args(argv)
@@ -68,7 +91,8 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
         # Relative paths in configs (inputs, sample files) mean "relative to the project folder", for the
         # orchestrator (plan-time source state) exactly as for the stage processes it starts there.
         os.chdir(cfg.project_dir)
-        return COMMANDS[args.command](args, cfg, project)
+        handler = commands[args.command].run if args.command in commands else COMMANDS[args.command]
+        return handler(args, cfg, project)
     except LlmpipeError as exc:
         print(f"llmpipe: error: {exc}", file=sys.stderr)
         return 2

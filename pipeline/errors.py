@@ -36,6 +36,10 @@ class StageNotImplemented(LlmpipeError):
         self.stage = stage
 
 
+class OutputNotBuilt(LlmpipeError):
+    """A stage output that a command needs has not been committed for the current config yet."""
+
+
 class StageFailed(LlmpipeError):
     """A stage ran and failed; its partial output is kept for the next attempt."""
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import Dag, build_dag
+from pipeline.errors import OutputNotBuilt
 from pipeline.fingerprint import fingerprint, fingerprint_payload, without
 from pipeline.schema import to_plain
 from pipeline.stage import Project, Stage
@@ -43,6 +44,17 @@ class Plan:
 
     def to_run(self) -> list[StagePlan]:
         return [p for p in self.stages.values() if p.action == RUN]
+
+    def committed(self, ref: str) -> Path:
+        """The committed path of ``"<stage>.<artifact>"`` for the current config, or OutputNotBuilt."""
+        stage, _, artifact = ref.partition(".")
+        self.dag.check_names([stage], ref)
+        sp = self.stages[stage]
+        if not self.store.is_done(stage, sp.fingerprint):
+            raise OutputNotBuilt(f"{ref} of config '{self.config.name}' ({stage}-{sp.fingerprint} under "
+                                 f"{self.store.root}) is not built yet: run `make pipeline` or "
+                                 f"`make stage STAGE={stage}` first")
+        return self.store.artifact(stage, sp.fingerprint, artifact)
 
 
 def hashed_config(stage: Stage, config: Any) -> dict[str, Any]:

@@ -38,6 +38,26 @@ def suggest(key: str, candidates: typing.Iterable[str]) -> str:
     return ""
 
 
+class Invalid(ValueError):
+    """Raised by a config dataclass's ``__post_init__`` for bad values of its own fields.
+
+    Each problem is ``(key, message)`` with ``key`` relative to the dataclass (a field's config
+    key, a dotted path into a nested block, or "" for the block as a whole); the schema walker
+    prefixes the block's own key path, so a message never spells its location by hand:
+    ``raise Invalid("r", "must be at least 1, got 0")`` reads ``stage.sft.lora.r: must be at least
+    1, got 0``. ``Invalid.check(problems)`` raises one error for a list of them, if any.
+    """
+
+    def __init__(self, key: str = "", message: str = "", *, problems: typing.Sequence[tuple[str, str]] = ()):
+        self.problems = [*problems, *([(key, message)] if message else [])]
+        super().__init__("; ".join(f"{k}: {m}" if k else m for k, m in self.problems))
+
+    @classmethod
+    def check(cls, problems: typing.Sequence[tuple[str, str]]) -> None:
+        if problems:
+            raise cls(problems=problems)
+
+
 class _Collector:
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -158,6 +178,7 @@ def _convert_dataclass(cls: type, value: Any, path: str, errors: _Collector) -> 
     if not isinstance(value, Mapping):
         errors.add(path, f"expected a mapping for {cls.__name__}, got {value!r}")
         return None
+    before = len(errors.problems)
     hints = typing.get_type_hints(cls)
     fields = {key_of(f): f for f in dataclasses.fields(cls) if f.init}
     for key in value:
@@ -169,12 +190,16 @@ def _convert_dataclass(cls: type, value: Any, path: str, errors: _Collector) -> 
             kwargs[f.name] = _convert(hints[f.name], value[key], _join(path, key), errors)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             errors.add(_join(path, key), f"missing required key ({_type_name(hints[f.name])})")
+    if len(errors.problems) > before:  # its own checks would only repeat these, or trip on a None
+        return None
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # __post_init__ checks of the dataclass itself
-        if not errors.problems:
-            errors.add(path, str(exc))
-        return None
+    except Invalid as exc:  # __post_init__ checks of the dataclass itself, by field
+        for key, message in exc.problems:
+            errors.add(_join(path, key) if key else path, message)
+    except (TypeError, ValueError) as exc:
+        errors.add(path, str(exc))
+    return None
 
 
 def key_of(f: dataclasses.Field) -> str:

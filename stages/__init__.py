@@ -1,1 +1,2 @@
-"""The eleven lifecycle stages. Each module defines one Stage; stages/registry.py lists them."""
+"""The eleven lifecycle stages, one package each (``stages/<name>/``, whose ``__init__`` exports ``STAGE``),
+and ``stages/common/`` for what several of them share. ``llmpipe/project.py`` lists them."""

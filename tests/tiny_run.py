@@ -16,13 +16,13 @@ LLMPIPE = str(Path(sys.executable).parent / "llmpipe")
 
 
 def corpus_overrides(corpus: Path) -> list[str]:
-    """Point the tiny config at a corpus built by ``python -m stages.corpus``."""
+    """Point the tiny config at a corpus built by ``python -m llmpipe.corpus``."""
     return [f"data.warc=[{corpus}/*.warc.gz]", f"stage.quality.classifier.positive={corpus}/quality/positive.txt",
             f"stage.quality.classifier.negative={corpus}/quality/negative.txt"]
 
 
 def build_corpus(corpus: Path) -> None:
-    subprocess.run([sys.executable, "-m", "stages.corpus", str(corpus)], cwd=REPO, check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "llmpipe.corpus", str(corpus)], cwd=REPO, check=True, timeout=600)
 
 
 def llmpipe(*args: str, root: Path, corpus: Path, timeout: float = 3600) -> subprocess.CompletedProcess:

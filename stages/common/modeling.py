@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import LlmpipeError
-from stages.shared import ModelConfig
+from stages.common.config import ModelConfig
 
 # Dense BF16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets, matched as
 # substrings of torch.cuda.get_device_name(); first match wins, so specific names come first.

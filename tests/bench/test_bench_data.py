@@ -66,7 +66,7 @@ def _write_source_warc(path):
 def test_build_bench_warcs_copies_and_varies_every_record(tmp_path):
     from warcio.archiveiterator import ArchiveIterator
 
-    from stages.ingest import Skip, read_page
+    from stages.ingest.stage import Skip, read_page
 
     src = tmp_path / "src"
     src.mkdir()

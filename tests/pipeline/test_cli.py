@@ -66,7 +66,7 @@ def test_config_errors_exit_2_with_the_key(toy, capsys, monkeypatch):
 
 
 def _run_llmpipe(*args, cwd=REPO):
-    code = ("import sys; from stages.main import main; sys.argv = ['llmpipe', *sys.argv[1:]]; rc = main(); "
+    code = ("import sys; from llmpipe.cli import main; sys.argv = ['llmpipe', *sys.argv[1:]]; rc = main(); "
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)")
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from llmpipe.project import PROJECT
 from pipeline import config
 from pipeline.errors import ConfigError
 from pipeline.schema import field_paths, key_of
-from stages.registry import PROJECT
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TOP_LEVEL = sorted(p.stem for p in CONF.glob("*.yaml"))

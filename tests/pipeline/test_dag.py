@@ -48,7 +48,7 @@ def test_malformed_declarations_fail_at_definition():
 
 
 def test_real_registry_forms_a_dag_with_eleven_stages():
-    from stages.registry import PROJECT
+    from llmpipe.project import PROJECT
 
     dag = build_dag(PROJECT.stages)
     assert dag.order == ["ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align",

@@ -28,7 +28,7 @@ def fps(cfg, project):
 
 
 def test_cluster_settings_never_change_a_fingerprint(tmp_path):
-    from stages.registry import PROJECT
+    from llmpipe.project import PROJECT
 
     local = config.load(PROJECT, CONF, "tiny", [f"run.root={tmp_path}"])
     slurm = config.load(PROJECT, CONF, "tiny", [f"run.root={tmp_path}", "cluster=slurm", "cluster.slurm.nodes=2",
@@ -41,7 +41,7 @@ def test_cluster_settings_never_change_a_fingerprint(tmp_path):
 
 
 def test_bad_slurm_settings_are_named_errors():
-    from stages.registry import PROJECT
+    from llmpipe.project import PROJECT
 
     with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.pretrian: unknown stage \(did you mean 'pretrain'"):
         config.load(PROJECT, CONF, "tiny", ["cluster=slurm", "+cluster.slurm.stages.pretrian.nodes=2"])
@@ -194,9 +194,9 @@ def test_llama_7b_pretrain_sbatch_script_and_launch_on_4_nodes_of_8_gpus_zero3(t
     import shlex
     import sys
 
+    from llmpipe.project import PROJECT
     from stages.common.launch import plan_launch
-    from stages.pretrain import LOOP_MODULE, deepspeed_config, make_schedule
-    from stages.registry import PROJECT
+    from stages.pretrain.stage import LOOP_MODULE, deepspeed_config, make_schedule
 
     cfg = config.load(PROJECT, CONF, "llama-7b", [f"run.root={tmp_path}"])
     assert cfg.cluster.executor == "slurm"
@@ -245,7 +245,7 @@ exec {shlex.quote(sys.executable)} -u -m submitit.core._submit {folder}
     assert launch.argv[7] == (
         'exec /venv/bin/python -u -m deepspeed.launcher.runner --hostfile /out/hostfile --no_ssh --node_rank '
         '"$SLURM_NODEID" --num_nodes 4 --num_gpus 8 --master_addr gpu01 --master_port 29500 --module '
-        '--no_local_rank stages.pretrain_loop --job /out/pretrain_job.json')
+        '--no_local_rank stages.pretrain.loop --job /out/pretrain_job.json')
     schedule = make_schedule(pretrain, launch.world_size, 4096)
     assert (schedule.grad_accum, schedule.tokens_per_step) == (4, 512 * 4096)  # 512 = 4 micro x 32 ranks x 4
     zero = deepspeed_config(pretrain, schedule, bf16=True, accelerator=launch.accelerator)["zero_optimization"]

@@ -275,8 +275,8 @@ def test_jobs_outlive_a_killed_pipeline_and_are_followed_or_cancelled_later(slur
 
 
 def tiny(*args, root, corpus):
-    """The real CLI on the real stages (stages.registry), tiny config, this corpus."""
-    return cli("stages.registry:PROJECT", REPO, *args, "-c", "tiny", f"run.root={root}", *corpus_overrides(corpus),
+    """The real CLI on the real stages (llmpipe.project), tiny config, this corpus."""
+    return cli("llmpipe.project:PROJECT", REPO, *args, "-c", "tiny", f"run.root={root}", *corpus_overrides(corpus),
                "tracking.enabled=false", timeout=1800)
 
 

@@ -1,0 +1,45 @@
+"""The `llmpipe` console script: the orchestrator's CLI over this project's stages, plus ``llmpipe serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from llmpipe.project import CONFIG_DIR
+from pipeline.cli import Command
+from pipeline.cli import main as cli_main
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve this Hugging Face model dir instead of the config's quantize output")
+    parser.add_argument("--bench", action="store_true", help="also run the load benchmark before serving")
+
+
+def _serve(args: argparse.Namespace, cfg, project) -> int:
+    """Serve the quantized model of this config (or --model-dir) with vLLM in the foreground until Ctrl-C."""
+    from pipeline.plan import make_plan
+    from stages.serve.stage import SERVER_LOG, serve_foreground
+
+    if args.model_dir is not None:
+        model_dir = args.model_dir.resolve()
+    else:
+        model_dir = make_plan(cfg, project).committed("quantize.model")  # OutputNotBuilt names the stage
+    log_file = cfg.root / "serve" / "foreground" / SERVER_LOG
+    serve_foreground(cfg.stages["serve"], model_dir, log_file, args.bench, logging.getLogger("llmpipe.serve"))
+    return 0
+
+
+COMMANDS = {"serve": Command("serve the quantized model (or --model-dir) with vLLM in the foreground until Ctrl-C",
+                             _serve, _serve_arguments)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(sys.argv[1:] if argv is None else argv, project_path="llmpipe.project:PROJECT",
+                    default_config_dir=CONFIG_DIR, commands=COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The align stage: see stage.py."""
+
+from stages.align.stage import STAGE
+
+__all__ = ["STAGE"]

@@ -1,0 +1,482 @@
+"""evaluate: lm-evaluation-harness on every model the run produced, and one table comparing them.
+
+Models (``models``, default all five), each evaluated on the same ``tasks``:
+
+``untrained``  the pretrain model's architecture with random weights (``from_config``, seeded): the
+               floor the trained models must beat; built in memory and handed to lm-eval's ``hf``
+               model as an instance, with the pretrain model's tokenizer
+``pretrain``, ``sft``, ``align``  the exported HF model dirs, through lm-eval's ``hf`` model
+               (float32 on CPU, bfloat16 on GPU unless ``dtype`` says otherwise)
+``quantize``   the GPTQ model, served by vLLM's OpenAI-compatible server
+               (stages/common/vllm_server.py, bf16: the 4-bit CPU kernels reject float32) and
+               evaluated through lm-eval's ``local-completions`` model on ``<server>/v1/completions``
+               with the model dir's tokenizer (token-id requests, echo + logprobs)
+
+Tasks: lm-eval task names. ``heldout_ppl`` (perplexity of held-out documents) and ``heldout_mc``
+(pick the true continuation of a held-out passage) are built from ``tokenize.heldout`` into
+``results/tasks/`` (stages/evaluate/tasks.py documents the format) and loaded with
+``TaskManager(include_path=...)``; any other name is a standard lm-eval task (mmlu, hellaswag,
+arc_easy, gsm8k...) whose dataset comes from the HF hub or its cache. With ``offline: true`` (the
+tiny default) the stage sets HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 so nothing is downloaded.
+
+Output ``results``::
+
+    tasks/                  the local tasks (YAML + JSONL), an lm-eval include_path
+    models/<model>.json     lm-eval's results for one model (no per-sample logs), plus an
+                            "llmpipe" block: backend, source dir, seconds
+    comparison.csv / .md    one row per model, one column per <task>.<metric>
+    comparison.png          the same as bar charts (perplexities on a log scale)
+    vllm_server.log         the quantized model's server log
+
+Metrics: ``<model>.<task>.<metric>`` for every metric of every configured task (a group such as
+mmlu reports its aggregate; its members' figures stay in the JSON); a metric computed after a
+filter other than "none" is named ``<metric>_<filter>``;
+``<model>.eval_s`` the seconds one model took; ``heldout.*`` the local tasks' document counts.
+
+Inputs: the four model dirs and ``tokenize.heldout``. The serve stage's ``endpoint`` is not one: it
+records a server that stopped when serve finished, so this stage starts its own on ``quantize.model``
+(and does not wait for serve's load test).
+
+Resumable: each model's JSON is written atomically when that model is done, so a restarted
+attempt evaluates only the models not yet in ``models/`` and rebuilds the table from all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline import Stage, StageContext
+from pipeline.errors import LlmpipeError
+from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks
+
+UNTRAINED = "untrained"
+QUANTIZED = "quantize"
+MODEL_INPUTS = {"pretrain": "pretrain.model", "sft": "sft.model", "align": "align.model",
+                QUANTIZED: "quantize.model"}
+ALL_MODELS = (UNTRAINED, "pretrain", "sft", "align", QUANTIZED)
+HELDOUT_INPUT = "tokenize.heldout"
+MODELS_DIR, TASKS_DIR = "models", "tasks"
+TABLE_CSV, TABLE_MD, CHART = "comparison.csv", "comparison.md", "comparison.png"
+SERVER_LOG = "vllm_server.log"
+DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class EvalInputError(LlmpipeError):
+    """An upstream model dir cannot be evaluated (missing, or not a Hugging Face model dir)."""
+
+
+class UnknownTaskError(LlmpipeError):
+    """A configured task name is neither a local task nor a task lm-eval knows."""
+
+
+@dataclass(frozen=True)
+class EvalServerConfig:
+    dtype: DTYPE = "bfloat16"  # vLLM dtype for the quantized model (4-bit CPU kernels need bfloat16/float16)
+    startup_timeout_s: int = 900  # give up when the server is not healthy after this long (execution-only)
+    num_concurrent: int = 1  # parallel HTTP requests lm-eval sends (execution-only)
+    cpu_kvcache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU machines (execution-only)
+    extra_args: tuple[str, ...] = ()  # more vLLM server flags, e.g. ["--gpu-memory-utilization", "0.85"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    models: tuple[str, ...] = ALL_MODELS  # which models to evaluate, in this order (subset of ALL_MODELS)
+    tasks: tuple[str, ...] = LOCAL_TASKS  # lm-eval task names; heldout_ppl / heldout_mc are built from tokenize.heldout
+    heldout: HeldoutTasksConfig = field(default_factory=HeldoutTasksConfig)  # size and shape of the local tasks
+    num_fewshot: int | None = None  # few-shot examples per prompt (null: each task's own default)
+    limit: int | None = None  # evaluate at most this many examples per task (null: all)
+    batch_size: int = 8  # requests per forward pass (hf) or per HTTP request (local-completions) (execution-only)
+    device: str = "auto"  # hf models: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1"...
+    dtype: DTYPE = "auto"  # hf models: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    max_length: int | None = None  # context window in tokens (null: the model's max_position_embeddings)
+    untrained_seed: int = 0  # seed of the untrained baseline's random weights
+    seed: int = 1234  # lm-eval's python / numpy / torch / few-shot seeds
+    bootstrap_iters: int = 1000  # resamples for the stderr of bootstrapped metrics (0: no stderr)
+    offline: bool = True  # set HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1: local tasks and cached datasets only
+    server: EvalServerConfig = field(default_factory=EvalServerConfig)  # the vLLM server for the quantized model
+
+    def __post_init__(self) -> None:
+        key = "stage.evaluate"
+        unknown = [m for m in self.models if m not in ALL_MODELS]
+        if unknown:
+            raise ValueError(f"{key}.models: unknown model(s) {unknown}; choose from {list(ALL_MODELS)}")
+        if len(set(self.models)) != len(self.models) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"{key}.models / {key}.tasks repeat a name: {list(self.models)} / {list(self.tasks)}")
+        if not self.models or not self.tasks:
+            raise ValueError(f"{key}.models and {key}.tasks must not be empty")
+        if self.batch_size < 1:
+            raise ValueError(f"{key}.batch_size must be at least 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"{key}.max_length must be at least 8 tokens or null, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate: its label, where it lives, and how lm-eval reaches it."""
+
+    name: str
+    path: Path  # the model dir (for the untrained baseline: the dir whose config and tokenizer it copies)
+    backend: str  # "hf" or "local-completions"
+
+
+# ---------------------------------------------------------------- environment and inputs
+
+
+def go_offline() -> None:
+    """No hub access: set the variables and, for modules already imported, their read-once constants."""
+    import sys
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    # datasets and huggingface_hub read these at import time; a process that imported them before the
+    # stage started (a test session, a notebook) would otherwise still try the network.
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+
+
+def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
+    """The configured models with their dirs, checked to be loadable HF model dirs."""
+    specs = []
+    for name in cfg.models:
+        path = Path(ctx.input(MODEL_INPUTS["pretrain" if name == UNTRAINED else name]))
+        if not (path / "config.json").is_file():
+            raise EvalInputError(f"model '{name}': {path} is not a Hugging Face model dir (no config.json)")
+        specs.append(ModelSpec(name, path, "local-completions" if name == QUANTIZED else "hf"))
+    return specs
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """The hf backend's device and dtype: auto picks cuda (bfloat16) when present, else cpu (float32)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def context_length(cfg: EvaluateConfig, model_dir: Path) -> int:
+    """The context window lm-eval and the server use: configured, else the model's own."""
+    if cfg.max_length is not None:
+        return cfg.max_length
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def task_manager(cfg: EvaluateConfig, include_path: Path | None) -> Any:
+    """An lm-eval TaskManager that knows the local tasks and, only when needed, lm-eval's own.
+
+    Indexing lm-eval's thousands of task YAMLs takes seconds, so it is skipped when every task is local.
+    Unknown names fail here, before any model is loaded.
+    """
+    from lm_eval.tasks import TaskManager
+
+    standard = [t for t in cfg.tasks if t not in LOCAL_TASKS]
+    manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=bool(standard))
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        hints = {t: close for t in unknown if (close := difflib.get_close_matches(t, manager.all_tasks, n=3))}
+        raise UnknownTaskError(f"stage.evaluate.tasks: lm-eval does not know {unknown}"
+                               f"{f' (did you mean: {hints})' if hints else ''}; local tasks are {list(LOCAL_TASKS)}")
+    return manager
+
+
+# ---------------------------------------------------------------- one model
+
+
+@contextmanager
+def lm_for(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, log: Any) -> Iterator[tuple[Any, dict]]:
+    """``(model, model_args)`` for lm_eval.simple_evaluate: a registry name + args, or an LM instance.
+
+    For the quantized model this starts a vLLM server for the duration of the block.
+    """
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    length = context_length(cfg, spec.path)
+    if spec.name == UNTRAINED:
+        yield untrained_lm(spec.path, cfg, device, dtype, length), {}
+    elif spec.backend == "hf":
+        yield "hf", {"pretrained": str(spec.path), "dtype": dtype, "device": device, "max_length": length}
+    else:
+        with quantized_server(spec, cfg, results_dir, length, log) as server:
+            yield "local-completions", {
+                "model": server.served_model_name,
+                "base_url": f"{server.base_url}/completions",
+                "tokenizer": str(spec.path),  # lm-eval counts context tokens with the model's own tokenizer
+                "tokenizer_backend": "huggingface",
+                "tokenized_requests": True,  # send token ids: the server scores exactly the tokens lm-eval counted
+                "max_length": length,
+                "num_concurrent": cfg.server.num_concurrent,
+                "seed": cfg.seed,
+            }
+
+
+def untrained_lm(pretrain_dir: Path, cfg: EvaluateConfig, device: str, dtype: str, length: int) -> Any:
+    """lm-eval's HFLM around the pretrain architecture with seeded random weights (never written to disk:
+    on a cluster that would be a 7B checkpoint of noise)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stages.common.modeling import build_model
+
+    config = AutoConfig.from_pretrained(pretrain_dir)
+    with torch.device(device):  # initialise on the GPU directly: a 7B random init on the host takes minutes
+        model = build_model(config, seed=cfg.untrained_seed, dtype=getattr(torch, dtype)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pretrain_dir)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=length)
+
+
+@contextmanager
+def quantized_server(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, length: int, log: Any) -> Iterator[Any]:
+    """The quantized model behind vLLM's OpenAI-compatible server; stopped (whole process group) on exit."""
+    import torch
+
+    from stages.common.vllm_server import VllmServer
+
+    env = {} if torch.cuda.is_available() else {"VLLM_CPU_KVCACHE_SPACE": str(cfg.server.cpu_kvcache_gib)}
+    log.info("starting vLLM for %s (dtype %s, max_model_len %d)", spec.path, cfg.server.dtype, length)
+    started = time.perf_counter()
+    with VllmServer(spec.path, dtype=cfg.server.dtype, max_model_len=length, served_model_name=spec.name,
+                    extra_args=tuple(cfg.server.extra_args), log_file=results_dir / SERVER_LOG,
+                    startup_timeout_s=cfg.server.startup_timeout_s, env=env) as server:
+        log.info("vLLM ready at %s after %.0f s", server.base_url, time.perf_counter() - started)
+        yield server
+
+
+def evaluate_model(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_dir: Path, log: Any) -> dict:
+    """lm-eval's results for one model (JSON-safe, without per-sample logs) plus an "llmpipe" block."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    started = time.perf_counter()
+    with lm_for(spec, cfg, results_dir, log) as (model, model_args):
+        results = lm_eval.simple_evaluate(
+            model=model, model_args=model_args or None, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+            batch_size=cfg.batch_size, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters, log_samples=False,
+            task_manager=manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
+    del model  # the untrained baseline's weights: drop them before the next model loads
+    release_gpu_memory()
+    results = json.loads(json.dumps(results, default=handle_non_serializable))
+    results["llmpipe"] = {"model": spec.name, "backend": spec.backend, "source": str(spec.path),
+                          "seconds": time.perf_counter() - started}
+    return results
+
+
+def release_gpu_memory() -> None:
+    """Hand the finished model's cached GPU memory back: the vLLM server (another process) that may
+    start next sizes its KV cache from the memory free on the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def model_metrics(name: str, results: dict, order: tuple[str, ...] = ()) -> dict[str, float]:
+    """``<model>.<task>.<metric>`` for the top-level tasks and groups lm-eval reported (no stderr; the
+    members of a group, e.g. mmlu's 57 subjects, stay in the JSON only), tasks in ``order`` first."""
+    members = {m for group in results.get("group_subtasks", {}).values() for m in group}
+    roots = [t for t in results["results"] if t not in members]
+    rank = {t: i for i, t in enumerate(order)}
+    out = {}
+    for task in sorted(roots, key=lambda t: (rank.get(t, len(rank)), t)):
+        row = results["results"][task]
+        for key, value in row.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            out[f"{name}.{task}.{metric if filt == 'none' else f'{metric}_{filt}'}"] = float(value)
+    out[f"{name}.eval_s"] = float(results["llmpipe"]["seconds"])
+    return out
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_done(path: Path) -> dict | None:
+    """A model's results from a previous attempt, or None when absent or unreadable (then redo it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "results" in data and "llmpipe" in data else None
+
+
+# ---------------------------------------------------------------- comparison table and chart
+
+
+def directions(results: dict) -> dict[str, bool]:
+    """``<task>.<metric>`` -> whether higher is better, as lm-eval's task configs declare it."""
+    out = {}
+    for task, metrics in results.get("higher_is_better", {}).items():
+        for metric, higher in (metrics or {}).items():
+            if isinstance(higher, bool):
+                out[f"{task}.{metric}"] = higher
+    return out
+
+
+def comparison(per_model: dict[str, dict[str, float]]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """(models, columns "<task>.<metric>", values) from ``model_metrics`` outputs; missing cells are absent."""
+    models = list(per_model)
+    columns: list[str] = []
+    values = {}
+    for model, metrics in per_model.items():
+        for key, value in metrics.items():
+            column = key[len(model) + 1:]
+            if column == "eval_s":
+                continue
+            if column not in columns:
+                columns.append(column)
+            values[(model, column)] = value
+    return models, columns, values
+
+
+def _arrow(column: str, higher: dict[str, bool]) -> str:
+    """" ↑" / " ↓" when higher / lower is better; a "<metric>_<filter>" column takes its metric's direction."""
+    key = column
+    while key not in higher and "_" in key.rpartition(".")[2]:
+        key = key.rsplit("_", 1)[0]
+    return "" if key not in higher else (" ↑" if higher[key] else " ↓")
+
+
+def write_table(per_model: dict[str, dict[str, float]], results_dir: Path,
+                higher: dict[str, bool] | None = None) -> tuple[Path, Path]:
+    """comparison.csv (full precision) and comparison.md (4 significant digits, ↑/↓ = higher/lower is
+    better): one row per model, one column per ``<task>.<metric>``."""
+    import csv
+
+    higher = higher or {}
+    models, columns, values = comparison(per_model)
+    csv_path, md_path = results_dir / TABLE_CSV, results_dir / TABLE_MD
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", *columns])
+        for model in models:
+            writer.writerow([model, *(repr(values[(model, c)]) if (model, c) in values else "" for c in columns)])
+    cell = lambda v: "" if v is None else f"{v:.4g}"
+    lines = ["| model | " + " | ".join(c + _arrow(c, higher) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join([model, *(cell(values.get((model, c))) for c in columns)]) + " |" for model in models]
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return csv_path, md_path
+
+
+def write_chart(per_model: dict[str, dict[str, float]], results_dir: Path,
+                higher: dict[str, bool] | None = None) -> Path:
+    """comparison.png: one bar chart per metric, one labelled bar per model; perplexities on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines and cluster nodes
+    import matplotlib.pyplot as plt
+
+    higher = higher or {}
+    models, columns, values = comparison(per_model)
+    ncols = min(3, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, column in zip(axes.flat, columns, strict=False):
+        heights = [values.get((m, column), float("nan")) for m in models]
+        bars = ax.bar(range(len(models)), heights, color=[colors[i % len(colors)] for i in range(len(models))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        task, _, metric = column.partition(".")
+        ax.set_title(f"{task}\n{metric}{_arrow(column, higher)}", fontsize=9)
+        if "perplexity" in metric and all(h > 0 for h in heights if h == h):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = results_dir / CHART
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def result_path(results_dir: Path, model: str) -> Path:
+    return results_dir / MODELS_DIR / f"{model}.json"
+
+
+def evaluate_or_resume(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_dir: Path,
+                       ctx: StageContext) -> dict:
+    """The model's results: read back if a previous attempt finished it, else evaluated now, written
+    atomically to ``models/<model>.json`` and streamed to tracking."""
+    path = result_path(results_dir, spec.name)
+    results = load_done(path)
+    if results is not None:
+        ctx.log.info("model '%s': evaluated by a previous attempt (%s)", spec.name, path)
+        return results
+    ctx.log.info("model '%s': evaluating %s with lm-eval '%s' on %s", spec.name, spec.path, spec.backend,
+                 list(cfg.tasks))
+    results = evaluate_model(spec, cfg, manager, results_dir, ctx.log)
+    _write_json_atomic(path, results)
+    ctx.log_metrics(model_metrics(spec.name, results, cfg.tasks))
+    ctx.log.info("model '%s' done in %.1f s", spec.name, results["llmpipe"]["seconds"])
+    return results
+
+
+def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
+    if cfg.offline:
+        go_offline()
+    results_dir = ctx.output("results")
+    (results_dir / MODELS_DIR).mkdir(parents=True, exist_ok=True)
+    specs = model_specs(cfg, ctx)
+    metrics: dict[str, float] = {}
+    local = tuple(t for t in cfg.tasks if t in LOCAL_TASKS)
+    include = None
+    if local:
+        built = build_local_tasks(ctx.input(HELDOUT_INPUT), results_dir / TASKS_DIR, cfg.heldout, local)
+        include = built.include_path
+        metrics.update(built.metrics())
+        ctx.log.info("local tasks %s: %d of %d held-out documents (not eligible: %s)", list(built.tasks),
+                     built.docs_used, built.docs_in, built.dropped or "none")
+    manager = task_manager(cfg, include)
+
+    per_model: dict[str, dict[str, float]] = {}
+    higher: dict[str, bool] = {}
+    for spec in specs:
+        results = evaluate_or_resume(spec, cfg, manager, results_dir, ctx)
+        per_model[spec.name] = model_metrics(spec.name, results, cfg.tasks)
+        higher.update(directions(results))
+        metrics.update(per_model[spec.name])
+        ctx.log_artifact(result_path(results_dir, spec.name))
+
+    csv_path, md_path = write_table(per_model, results_dir, higher)
+    chart = write_chart(per_model, results_dir, higher)
+    for artifact in (csv_path, md_path, chart):
+        ctx.log_artifact(artifact)
+    ctx.log.info("comparison:\n%s", md_path.read_text())
+    return metrics
+
+
+STAGE = Stage(
+    name="evaluate",
+    config=EvaluateConfig,
+    run=run,
+    inputs=("pretrain.model", "sft.model", "align.model", "quantize.model", HELDOUT_INPUT),
+    outputs=("results",),
+    unhashed=frozenset(["batch_size", "server.startup_timeout_s", "server.num_concurrent", "server.cpu_kvcache_gib"]),
+    resumable=True,
+    description="lm-evaluation-harness on every model the run produced.",
+)

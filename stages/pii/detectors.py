@@ -1,0 +1,692 @@
+"""Detectors of the pii stage: each finds the spans of one kind of personal data or secret.
+
+A detector is built from its typed config and yields ``(start, end, replace)`` spans of a text:
+``replace`` is False for a match it recognises but deliberately keeps (a private IP, an
+example.com address, a version number), so that no later detector takes it for something else.
+The ``Scrubber`` first marks spans that are never personal data (ISBNs, UUIDs), then runs the
+enabled detectors in a fixed priority order (secrets, emails, IBANs, card numbers, IP addresses,
+phone numbers: the more specific pattern first), each on the text with the spans taken so far
+blanked out, accepts a span only when it does not overlap one accepted before, and replaces the
+accepted ``replace`` spans with their type's placeholder.
+What each detector deliberately leaves alone is listed in the module docstring of ``stages.pii.stage``.
+
+Speed and safety: every pattern is linear in the length of the text (bounded or possessive
+repetitions, candidates start at a token boundary), and most start with a literal ('@', ':',
+'-') or a character class, which Python's ``re`` scans for quickly; a lookbehind placed first
+would make it try a full match at every position. Secret patterns only run when their literal
+prefix occurs in the text. Costly checks (Luhn, mod 97, ``ipaddress``, libphonenumber's parser)
+run on candidates only; libphonenumber only sees windows around runs of enough digits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import ipaddress
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+Span = tuple[int, int, bool]  # start, end, replace (False: recognised and kept)
+Finder = Callable[[str], Iterator[Span]]
+
+
+# --- configs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    enabled: bool = True  # replace email addresses
+    placeholder: str = "<EMAIL>"  # replacement text
+    keep_reserved_domains: bool = True  # keep addresses at RFC 2606 domains (example.com, *.test, *.invalid...)
+
+
+@dataclass(frozen=True)
+class PhoneConfig:
+    enabled: bool = True  # replace phone numbers (found by libphonenumber's PhoneNumberMatcher)
+    placeholder: str = "<PHONE>"  # replacement text
+    regions: tuple[str, ...] = ("US", "GB")  # regions whose national formats are read; +CC numbers match anyway
+    leniency: Literal["possible", "valid", "strict_grouping", "exact_grouping"] = "strict_grouping"  # Leniency
+    min_digits: int = 7  # runs of fewer digits are not looked at (speed; shorter valid numbers are rare)
+    bare_digits_need_context: bool = True  # ungrouped digits (4155550132) count only after "phone", "tel", "call"...
+
+    def __post_init__(self) -> None:
+        import phonenumbers
+
+        if not self.regions:
+            raise ValueError("regions is empty: name at least one region (e.g. [US]) or set enabled: false")
+        for region in self.regions:
+            if region not in phonenumbers.SUPPORTED_REGIONS:
+                close = difflib.get_close_matches(region.upper(), phonenumbers.SUPPORTED_REGIONS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"regions: {region!r} is not a region libphonenumber knows{hint}; "
+                                 f"use ISO 3166 alpha-2 codes such as 'US', 'GB', 'DE'")
+        if self.min_digits < 1:
+            raise ValueError(f"min_digits must be >= 1, got {self.min_digits}")
+
+
+@dataclass(frozen=True)
+class IpConfig:
+    enabled: bool = True  # replace IPv4 (and IPv6) addresses, validated by Python's ipaddress
+    placeholder: str = "<IP_ADDRESS>"  # replacement text
+    ipv6: bool = True  # also look for IPv6 addresses
+    keep_non_public: bool = True  # keep addresses that are not globally routable (private, loopback, docs...)
+    version_context: bool = True  # keep dotted quads after version/section words ("version 1.2.3.4")
+
+
+@dataclass(frozen=True)
+class CreditCardConfig:
+    enabled: bool = True  # replace payment card numbers (known issuer prefix and length, Luhn checked)
+    placeholder: str = "<CREDIT_CARD>"  # replacement text
+
+
+@dataclass(frozen=True)
+class IbanConfig:
+    enabled: bool = True  # replace IBANs (country length and ISO 13616 mod-97 checked)
+    placeholder: str = "<IBAN>"  # replacement text
+
+
+@dataclass(frozen=True)
+class SecretConfig:
+    enabled: bool = True  # replace API keys, tokens and private keys with a known shape
+    placeholder: str = "<SECRET>"  # replacement text
+    assignments: bool = True  # also values of password=/api_key=/token: ..., bearer tokens and URL passwords
+    min_length: int = 8  # such assigned values shorter than this are kept
+    min_entropy: float = 2.5  # ... and those with less Shannon entropy (bits per character)
+
+    def __post_init__(self) -> None:
+        if self.min_length < 1:
+            raise ValueError(f"min_length must be >= 1, got {self.min_length}")
+        if self.min_entropy < 0:
+            raise ValueError(f"min_entropy must be >= 0, got {self.min_entropy}")
+
+
+def _word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+# --- emails -----------------------------------------------------------------------------------------
+
+# Found from the '@': the host part is matched forwards, the local part walked backwards.
+_EMAIL_DOMAIN = re.compile(
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})"  # host labels, alphabetic TLD
+    r"(?![\w-]|\.[A-Za-z0-9])"  # the domain ends here (a sentence's full stop may follow)
+)
+_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+_LOCAL_MAX = 64  # RFC 5321
+# RFC 2606 / RFC 6761: names reserved for documentation and testing; nobody can own them.
+_RESERVED_DOMAINS = ("example.com", "example.net", "example.org")
+_RESERVED_TLDS = ("example", "test", "invalid", "localhost")
+# File names with an "@" (icon@2x.png, badge-@org.svg) end in an extension that is no TLD.
+_FILE_EXTENSIONS = frozenset(
+    "png jpg jpeg gif svg webp ico bmp tif tiff css js mjs ts json html htm txt yaml yml toml xml pdf csv tsv "
+    "tar gz tgz bz2 xz exe dll whl ipynb log".split()
+)
+# user@host inside a URL (scheme://user@host, scheme://user:pass@host) or an scp-style remote
+# (git@github.com:org/repo.git) names an account on a host, not a mailbox.
+_URL_USERINFO_BEFORE = re.compile(r"://(?:[^\s/@:]{0,128}:)?$")
+_SCP_PATH_AFTER = re.compile(r":[\w~./-]")
+
+
+def email_finder(cfg: EmailConfig) -> Finder:
+    def find(text: str) -> Iterator[Span]:
+        if "@" not in text:
+            return
+        for m in _EMAIL_DOMAIN.finditer(text):
+            start = local_part_start(text, m.start())
+            if start is None:
+                continue
+            domain = m.group(1).lower()
+            if domain.rsplit(".", 1)[-1] in _FILE_EXTENSIONS:
+                continue
+            account = (_URL_USERINFO_BEFORE.search(text, max(0, start - 140), start)
+                       or _SCP_PATH_AFTER.match(text, m.end()))
+            reserved = cfg.keep_reserved_domains and is_reserved_domain(domain)
+            yield start, m.end(), not (account or reserved)
+
+    return find
+
+
+def local_part_start(text: str, at: int) -> int | None:
+    """Start of the local part that ends at ``at`` (the '@'), or None if there is no valid one."""
+    start = at
+    while start > 0 and at - start <= _LOCAL_MAX and text[start - 1] in _LOCAL_CHARS:
+        start -= 1
+    if at - start > _LOCAL_MAX or (start > 0 and _word_char(text[start - 1])):
+        return None  # too long, or glued to a non-ASCII letter
+    while start < at and text[start] == ".":
+        start += 1  # a local part does not start with a dot ("see.user@x" is rare; ".user" never)
+    return start if start < at else None
+
+
+def is_reserved_domain(domain: str) -> bool:
+    domain = domain.lower()
+    if domain.rsplit(".", 1)[-1] in _RESERVED_TLDS:
+        return True
+    return any(domain == d or domain.endswith("." + d) for d in _RESERVED_DOMAINS)
+
+
+# --- phone numbers ----------------------------------------------------------------------------------
+
+# Digits joined by phone punctuation: a superset of what libphonenumber's matcher joins into one
+# candidate (its _VALID_PUNCTUATION, at most four in a row), so a window around every run with
+# enough digits holds every number the matcher could find in the whole text.
+_PHONE_PUNCT = ("\\-x\u2010-\u2015\u2212\u30fc\uff0d-\uff0f \u00a0\u00ad\u200b\u2060\u3000"
+                "()\uff08\uff09\uff3b\uff3d.\\[\\]/~\u2053\u223c\uff5e")
+_DIGIT_CLUSTER = re.compile(rf"\d(?:[{_PHONE_PUNCT}]{{0,4}}+\d)*+")
+_DIGIT = re.compile(r"\d")
+_WINDOW_BEFORE = 8  # room for "+", "(", "tel:" and the character the matcher checks before a number
+_WINDOW_AFTER = 24  # room for an extension: "ext. 12345", "extension 1234#"
+_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?")  # no grouping, no "+": an ID, a count, a timestamp... or a phone
+_PHONE_WORD_BEFORE = re.compile(
+    r"\b(?:phone|telephone|tel|telefon|t[ée]l[ée]phone|tel[ée]fono|mobile|mob|cell|cellphone|fax|call|dial|"
+    r"whatsapp|sms|contact|hotline|ph)\b[^\n\d]{0,16}$|[\u260e\u260f\U0001f4de\U0001f4f1]\s*$",
+    re.I,
+)
+
+
+def phone_finder(cfg: PhoneConfig) -> Finder:
+    """libphonenumber's matcher, once per region; a number in international format matches in any.
+
+    The matcher itself skips dates, timestamps, publication pages ("211-227 (2003)") and digits
+    glued to letters; leniency "strict_grouping" also requires a valid number whose digit groups
+    are grouped as the region writes them (so "32768-65535" or "0.34.0 - 0.36.0" are not numbers).
+    """
+    import phonenumbers
+
+    leniency = getattr(phonenumbers.Leniency, cfg.leniency.upper())
+
+    def find(text: str) -> Iterator[Span]:
+        for start, end in phone_matches(text, cfg.regions, leniency, cfg.min_digits):
+            if _glued(text, start, end):
+                continue
+            if (cfg.bare_digits_need_context and _BARE_NUMBER.fullmatch(text, start, end)
+                    and not _PHONE_WORD_BEFORE.search(text, max(0, start - 40), start)):
+                continue
+            yield start, end, True
+
+    return find
+
+
+def phone_matches(text: str, regions: tuple[str, ...], leniency: object, min_digits: int) -> Iterator[tuple[int, int]]:
+    """What PhoneNumberMatcher finds in ``text`` for each region, run on windows around digit runs only."""
+    import phonenumbers
+
+    for lo, hi in phone_windows(text, min_digits):
+        window = text[lo:hi]
+        for region in regions:
+            for m in phonenumbers.PhoneNumberMatcher(window, region, leniency, min_candidate_length=min_digits):
+                yield lo + m.start, lo + m.end
+
+
+def phone_windows(text: str, min_digits: int) -> list[tuple[int, int]]:
+    """Merged windows around every run of at least ``min_digits`` digits joined by phone punctuation."""
+    windows: list[tuple[int, int]] = []
+    for m in _DIGIT_CLUSTER.finditer(text):
+        if m.end() - m.start() < min_digits or len(_DIGIT.findall(m.group())) < min_digits:
+            continue
+        lo, hi = max(0, m.start() - _WINDOW_BEFORE), min(len(text), m.end() + _WINDOW_AFTER)
+        if windows and lo <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], hi)
+        else:
+            windows.append((lo, hi))
+    return windows
+
+
+def _glued(text: str, start: int, end: int) -> bool:
+    """Part of something longer: INV-2024-000317, ID_4155550132, a time "2017-12-23 45:01", 4155550132.5."""
+    before, after = text[max(0, start - 2):start], text[end:end + 2]
+    return ((len(before) == 2 and before[1] in "-_" and before[0].isalnum())
+            or (len(after) == 2 and after[0] in "-_" and after[1].isalnum())
+            or (len(after) == 2 and after[0] in ":." and after[1].isdigit()))
+
+
+# --- IP addresses -----------------------------------------------------------------------------------
+
+# A dotted quad not inside a longer dotted or alphanumeric token; the lookbehind sits after the
+# first digit so that the pattern starts with a character class.
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\w)")
+# Any IPv6 address has its first two colons within its first ten characters ("1:2:", "::",
+# "abcd:ef01:"); found from there, the token of hex digits, colons and dots around it is checked
+# by ipaddress.
+_IPV6_CORE = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+# What may precede a dotted quad that is a version or an outline number, not an address:
+# "version 1.2.3.4", "versions after 1.2.3.4", "section 1.2.3.4", "Chrome/120.0.0.0", "pkg==1.2.3.4".
+_VERSION_BEFORE = re.compile(
+    r"(?:\b(?:v|ver|vers|versions?|releases?|rel|builds?|rev|revision|firmware|fw|patch|kb)\.?"
+    r"(?:[ \t]+(?:after|before|from|to|since|until|is|was|of|and|or)){0,2}"
+    r"|\b(?:sections?|sec|chapters?|ch|clauses?|articles?|art|figures?|fig|tables?|tab|items?|steps?|paragraphs?"
+    r"|para|appendix)\.?"
+    r")[ \t]{0,3}[:#=]?[ \t]{0,3}[\"'(\[]?$|§\s{0,3}$|[A-Za-z][\w.+-]{0,30}/$|(?:[=<>~!]=|\^|~)\s{0,3}$",
+    re.I,
+)
+
+
+def ip_finder(cfg: IpConfig) -> Finder:
+    def find(text: str) -> Iterator[Span]:
+        if "." in text:
+            yield from _ipv4(text, cfg)
+        if cfg.ipv6 and ":" in text:
+            yield from _ipv6(text, cfg)
+
+    return find
+
+
+def _ipv4(text: str, cfg: IpConfig) -> Iterator[Span]:
+    for m in _IPV4.finditer(text):
+        if cfg.version_context and _VERSION_BEFORE.search(text, max(0, m.start() - 48), m.start()):
+            yield m.start(), m.end(), False
+            continue
+        verdict = _verdict(m.group(), cfg)
+        if verdict is not None:
+            yield m.start(), m.end(), verdict
+
+
+def _ipv6(text: str, cfg: IpConfig) -> Iterator[Span]:
+    done = 0
+    for m in _IPV6_CORE.finditer(text):
+        if m.start() < done:
+            continue  # inside a token already looked at
+        start, end = m.start(), m.end()
+        while start > 0 and m.start() - start < 10 and text[start - 1] in _IPV6_CHARS:
+            start -= 1
+        while end < len(text) and text[end] in _IPV6_CHARS:
+            end += 1
+        done = end
+        if (start > 0 and (text[start - 1] in _IPV6_CHARS or _word_char(text[start - 1]))) or \
+                (end < len(text) and _word_char(text[end])):
+            continue  # part of a longer token: "std::", "dead:beef:cafe:1g", a too long run
+        candidate = text[start:end].rstrip(".")  # a full stop ending the sentence
+        if candidate.endswith(":") and not candidate.endswith("::"):
+            candidate = candidate[:-1]  # "at 2001:db8::1: ..." -- a colon after the address
+        verdict = _verdict(candidate, cfg)
+        if verdict is not None:
+            yield start, start + len(candidate), verdict
+
+
+def _verdict(candidate: str, cfg: IpConfig) -> bool | None:
+    """None: not an address; True: replace it; False: an address that is kept."""
+    try:
+        addr = ipaddress.ip_address(candidate)
+    except ValueError:
+        return None
+    if addr.is_unspecified:  # 0.0.0.0 and :: name no host at all
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address) and candidate.endswith(".0"):
+        return False  # a network address (93.184.216.0/24) names no host; "3.1.0.0", "120.0.0.0" are versions
+    return not cfg.keep_non_public or is_public(addr)
+
+
+def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable unicast: what can point at one host (or person) on the Internet."""
+    site_local = isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local  # fec0::/10, deprecated
+    return addr.is_global and not (addr.is_multicast or addr.is_reserved or site_local)
+
+
+# --- payment cards ----------------------------------------------------------------------------------
+
+# A run of digit groups joined by single spaces or dashes, not after a letter, "+" (a phone
+# number) or "-"; card numbers are looked for inside it, group-aligned, so that
+# "4111 1111 1111 1111 12/27" (expiry month glued on) still matches while a window inside one
+# long group of digits never does.
+_DIGIT_RUN = re.compile(r"\d(?<![\w+-]\d)\d*+(?:[ -]\d++)*+")
+_GROUP = re.compile(r"\d+")
+_MAESTRO_LENGTHS = range(12, 20)
+# (lowest prefix, highest prefix, allowed lengths) of the issuer ranges (ISO/IEC 7812 IINs)
+# that publish their numbering; a Luhn-valid number outside them is more likely an ID.
+_CARD_RANGES: tuple[tuple[str, str, frozenset[int]], ...] = (
+    ("4", "4", frozenset({13, 16, 19})),  # Visa
+    ("51", "55", frozenset({16})),  # Mastercard
+    ("2221", "2720", frozenset({16})),  # Mastercard 2-series
+    ("34", "34", frozenset({15})),  # American Express
+    ("37", "37", frozenset({15})),  # American Express
+    ("6011", "6011", frozenset(range(16, 20))),  # Discover
+    ("644", "649", frozenset(range(16, 20))),  # Discover
+    ("65", "65", frozenset(range(16, 20))),  # Discover
+    ("300", "305", frozenset(range(14, 20))),  # Diners Club
+    ("36", "36", frozenset(range(14, 20))),  # Diners Club
+    ("38", "39", frozenset(range(14, 20))),  # Diners Club
+    ("3528", "3589", frozenset(range(16, 20))),  # JCB
+    ("62", "62", frozenset(range(16, 20))),  # UnionPay
+    ("2200", "2204", frozenset(range(16, 20))),  # Mir
+    ("50", "50", frozenset(_MAESTRO_LENGTHS)),  # Maestro
+    ("56", "58", frozenset(_MAESTRO_LENGTHS)),  # Maestro
+    ("63", "63", frozenset(_MAESTRO_LENGTHS)),  # Maestro
+    ("67", "67", frozenset(_MAESTRO_LENGTHS)),  # Maestro
+)
+
+
+def card_finder(cfg: CreditCardConfig) -> Finder:
+    def find(text: str) -> Iterator[Span]:
+        for m in _DIGIT_RUN.finditer(text):
+            if m.end() - m.start() >= 13:
+                for start, end in card_windows(m.group()):
+                    yield m.start() + start, m.start() + end, True
+
+    return find
+
+
+def card_windows(run: str) -> Iterator[tuple[int, int]]:
+    """Spans of card numbers in a run of digit groups: whole groups, 13-19 digits, longest first."""
+    groups = [g.span() for g in _GROUP.finditer(run)]
+    i = 0
+    while i < len(groups):
+        found, digits = None, 0
+        for j in range(i, len(groups)):
+            size = groups[j][1] - groups[j][0]
+            digits += size
+            if digits > 19 or (j > i and not 3 <= size <= 6):
+                break
+            if digits >= 13 and is_card_number(run[groups[i][0]:groups[j][1]]):
+                found = j
+        if found is None:
+            i += 1
+        else:
+            yield groups[i][0], groups[found][1]
+            i = found + 1
+
+
+def is_card_number(candidate: str) -> bool:
+    """Grouping consistent (one separator, groups of 3-6 digits), a known issuer range, Luhn valid."""
+    separators = set(re.sub(r"\d", "", candidate))
+    if len(separators) > 1:
+        return False
+    if separators and not all(3 <= len(g) <= 6 for g in candidate.split(separators.pop())):
+        return False
+    digits = re.sub(r"\D", "", candidate)
+    in_range = any(lo <= digits[: len(lo)] <= hi and len(digits) in lengths for lo, hi, lengths in _CARD_RANGES)
+    return in_range and luhn_valid(digits)
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn (mod 10) check of ISO/IEC 7812-1."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+# --- IBANs ------------------------------------------------------------------------------------------
+
+# Country code, two check digits, then up to 30 letters/digits, in groups of four or not at all.
+_IBAN = re.compile(r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+# IBAN lengths per country, from the SWIFT IBAN registry (ISO 13616).
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21,
+    "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28,
+    "NL": 18, "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22,
+    "RU": 33, "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25,
+    "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}
+
+
+def iban_finder(cfg: IbanConfig) -> Finder:
+    def find(text: str) -> Iterator[Span]:
+        for m in _IBAN.finditer(text):
+            span = iban_span(m.group())
+            if span is not None:
+                yield m.start(), m.start() + span, True
+
+    return find
+
+
+def iban_span(candidate: str) -> int | None:
+    """Length of the valid IBAN at the start of ``candidate``, or None.
+
+    The pattern may run on into a following word in capitals ("... 0130 00 BANK"); the country's
+    IBAN length says where the IBAN ends, and it must end at a space or at the end.
+    """
+    length = IBAN_LENGTHS.get(candidate[:2])
+    if length is None:
+        return None
+    end = seen = 0  # walk to the country's length in letters and digits, spaces not counted
+    while end < len(candidate) and seen < length:
+        seen += candidate[end] != " "
+        end += 1
+    if seen < length or (end < len(candidate) and candidate[end] != " "):
+        return None
+    return end if iban_checksum_valid(candidate[:end].replace(" ", "")) else None
+
+
+def iban_checksum_valid(iban: str) -> bool:
+    """ISO 13616 / ISO 7064 mod 97-10: move the first four characters to the end, letters to 10..35."""
+    rearranged = iban[4:] + iban[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
+# --- secrets ----------------------------------------------------------------------------------------
+
+# Credentials with a documented shape: (literals one of which must occur, pattern, extra check).
+_TOKEN_PATTERNS: tuple[tuple[tuple[str, ...], re.Pattern[str], Callable[[str], bool] | None], ...] = (
+    # Each pattern starts with its literal prefix (fast to scan for); the lookbehind after it checks
+    # that the prefix starts a token.
+    (("AKIA", "ASIA", "ABIA", "ACCA"),  # AWS access key id
+     re.compile(r"A(?:KIA|SIA|BIA|CCA)(?<![A-Za-z0-9]A...)[A-Z0-9]{16}(?![A-Za-z0-9])"), None),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),  # GitHub tokens
+     re.compile(r"gh[pousr]_(?<![A-Za-z0-9_]....)[A-Za-z0-9]{36,251}(?![A-Za-z0-9_])"), None),
+    (("github_pat_",),  # GitHub fine-grained personal access token
+     re.compile(r"github_pat_(?<![A-Za-z0-9_]github_pat_)[A-Za-z0-9_]{22,244}(?![A-Za-z0-9_])"), None),
+    (("xox",),  # Slack tokens
+     re.compile(r"xox[abposr]-(?<![A-Za-z0-9_-].....)[A-Za-z0-9-]{10,250}(?![A-Za-z0-9_-])"), None),
+    (("hooks.slack.com",),  # Slack incoming webhook
+     re.compile(r"https://hooks\.slack\.com/services/[A-Za-z0-9]{8,16}/[A-Za-z0-9]{8,16}/[A-Za-z0-9]{16,48}"), None),
+    (("sk-",),  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-)
+     re.compile(r"sk-(?<![A-Za-z0-9_-]...)[A-Za-z0-9_-]{20,250}(?![A-Za-z0-9_-])"),
+     lambda s: _mixed_case_and_digit(s[3:])),
+    (("k_live_", "k_test_"),  # Stripe secret and restricted keys
+     re.compile(r"[rs]k_(?:live|test)_(?<![A-Za-z0-9_]........)[A-Za-z0-9]{16,247}(?![A-Za-z0-9_])"), None),
+    (("AIza",),  # Google API key
+     re.compile(r"AIza(?<![A-Za-z0-9_-]AIza)[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])"), None),
+    (("hf_",),  # Hugging Face token
+     re.compile(r"hf_(?<![A-Za-z0-9_]hf_)[A-Za-z0-9]{30,60}(?![A-Za-z0-9_])"),
+     lambda s: any(c.isupper() for c in s) and any(c.islower() for c in s[3:])),
+    (("eyJ",),  # JSON Web Token: base64url of '{"' three times over
+     re.compile(r"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}+"), None),
+)
+_PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]{1,16} ){0,4}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_END = re.compile(r"-----END (?:[A-Z0-9]{1,16} ){0,4}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_MAX = 65536  # an END further away than this belongs to another block
+# The body of a block with no END line: header lines ("Proc-Type: 4,ENCRYPTED") and base64 lines.
+_PEM_BODY = re.compile(r"(?:[ \t]*+\r?\n(?:[A-Za-z-]++:[^\n]*+|[A-Za-z0-9+/=]{4,}+))*+")
+# key = value, key: value, "key": "value", KEY=value where the key names a credential; only the value
+# is replaced. Tried only where a stem occurs (found with str.find on the lowered text, much faster
+# than a case-insensitive scan with the regex).
+_ASSIGN_STEMS = ("pass", "pwd", "secret", "token", "credential", "key")
+_STEM = re.compile("|".join(_ASSIGN_STEMS), re.I)  # the same, when lowering changes the text's length
+_ASSIGNED = re.compile(
+    r"(?i:password|passwd|passphrase|pwd|secret|token|credentials?|key)"
+    r"[\"']?[ \t]{0,3}(?:=>|:=|=|:)[ \t]{0,3}[\"']?([^\s\"'`,;]{1,256})"
+)
+# "key" alone is too common: it must end a credential's name (api_key, apiKey, SECRET_KEY...).
+_KEY_NAME_BEFORE = re.compile(r"(?:api|access|secret|private|signing|encryption|master|client)[_-]?$", re.I)
+_BEARER = re.compile(r"[Bb](?i:(?<=b)earer)[ \t]+([A-Za-z0-9._~+/-]{8,1024}=*)")
+_URL_PASSWORD = re.compile(r"://[^\s:/@]{1,128}:([^\s:/@]{1,256})@")
+# Values that are code or templates, not literals: env lookups, calls, ${VAR}, %(name)s, <placeholder>.
+_NOT_LITERAL = re.compile(r"[(){}\[\]<>$%\\]|^(?:/|~/|\.\.?/)")  # ... or a path: PWD=/home/user
+_IDENTIFIER_CHAIN = re.compile(r"[A-Za-z_]+(?:[.:][A-Za-z_]+)*")  # request.form, YOUR_API_KEY, None
+
+
+def secret_finder(cfg: SecretConfig) -> Finder:
+    def find(text: str) -> Iterator[Span]:
+        if "PRIVATE KEY" in text:
+            yield from private_key_blocks(text)
+        for literals, pattern, check in _TOKEN_PATTERNS:
+            if any(lit in text for lit in literals):
+                for m in pattern.finditer(text):
+                    if check is None or check(m.group()):
+                        yield m.start(), m.end(), True
+        if cfg.assignments:
+            yield from assigned_secrets(text, cfg)
+
+    return find
+
+
+def private_key_blocks(text: str) -> Iterator[Span]:
+    """PEM/OpenSSH/PGP private key blocks, BEGIN to END; a block cut short ends with its base64 body."""
+    pos, end_match = 0, None
+    while begin := _PEM_BEGIN.search(text, pos):
+        if end_match is None or (end_match and end_match.start() < begin.end()):
+            end_match = _PEM_END.search(text, begin.end()) or False  # False: no END anywhere after
+        if end_match and end_match.start() - begin.end() <= _PEM_MAX:
+            end = end_match.end()
+        else:
+            end = _PEM_BODY.match(text, begin.end()).end()
+        yield begin.start(), end, True
+        pos = end
+
+
+def assigned_secrets(text: str, cfg: SecretConfig) -> Iterator[Span]:
+    """Literal values assigned to credential names, sent as Bearer tokens, or as passwords in URLs."""
+    matches = [m for pos in _stem_positions(text) if (m := _ASSIGNED.match(text, pos))]
+    matches = [m for m in matches if not m.group().lower().startswith("key")
+               or _KEY_NAME_BEFORE.search(text, max(0, m.start() - 12), m.start())]
+    if "earer" in text or "EARER" in text:
+        matches += _BEARER.finditer(text)
+    if "://" in text:
+        matches += _URL_PASSWORD.finditer(text)
+    for m in matches:
+        value = m.group(1).rstrip(".")  # a full stop ending the sentence
+        if looks_like_secret(value, cfg):
+            yield m.start(1), m.start(1) + len(value), True
+
+
+def _stem_positions(text: str) -> list[int]:
+    lower = text.lower()
+    if len(lower) != len(text):  # a few characters lower to two ("İ"): offsets would not match
+        return [m.start() for m in _STEM.finditer(text)]
+    positions = []
+    for stem in _ASSIGN_STEMS:
+        i = lower.find(stem)
+        while i >= 0:
+            positions.append(i)
+            i = lower.find(stem, i + 1)
+    return sorted(positions)
+
+
+def looks_like_secret(value: str, cfg: SecretConfig) -> bool:
+    """A literal value that is long and random enough to be a real credential.
+
+    Letters and digits together, or three character classes; not code, a template, a path or an
+    identifier; at least ``min_entropy`` bits per character (``********`` and ``xxxxxxxx`` have 0).
+    """
+    if len(value) < cfg.min_length or _NOT_LITERAL.search(value) or _IDENTIFIER_CHAIN.fullmatch(value):
+        return False
+    lower, upper = any(c.islower() for c in value), any(c.isupper() for c in value)
+    digit, other = any(c.isdigit() for c in value), any(not c.isalnum() for c in value)
+    if not (((lower or upper) and digit) or lower + upper + digit + other >= 3):
+        return False
+    return shannon_entropy(value) >= cfg.min_entropy
+
+
+def shannon_entropy(value: str) -> float:
+    """Bits per character of the value's own character distribution."""
+    n = len(value)
+    return -sum(k / n * math.log2(k / n) for k in Counter(value).values()) if n else 0.0
+
+
+def _mixed_case_and_digit(body: str) -> bool:
+    return any(c.isupper() for c in body) and any(c.islower() for c in body) and any(c.isdigit() for c in body)
+
+
+# --- the scrubber -----------------------------------------------------------------------------------
+
+# Spans that are never personal data, marked before any detector runs so that none misreads them
+# (an ISBN-10 such as 0-306-40615-2 is a valid phone number in several regions).
+_ISBN = re.compile(r"(?:ISBN|isbn)(?:-1[03])?:?[ \t]{0,3}(?:97[89][- ]?)?\d{1,5}[- ]?\d{1,7}[- ]?\d{1,7}[- ]?[\dX]\b")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+_UUID_CORE = re.compile(r"-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-")  # starts with a literal: fast to rule out
+
+
+def never_pii(text: str) -> Iterator[Span]:
+    if "ISBN" in text or "isbn" in text:
+        for m in _ISBN.finditer(text):
+            yield m.start(), m.end(), False
+    if _UUID_CORE.search(text):
+        for m in _UUID.finditer(text):
+            yield m.start(), m.end(), False
+
+
+PiiType = Literal["secret", "email", "iban", "credit_card", "ip_address", "phone"]
+# The priority order: a span found by an earlier detector wins over an overlapping later one.
+PII_TYPES: tuple[PiiType, ...] = ("secret", "email", "iban", "credit_card", "ip_address", "phone")
+
+
+class Scrubber:
+    """Finds and replaces every enabled type; ``detectors`` is [(type, placeholder, finder)] in priority order."""
+
+    def __init__(self, detectors: list[tuple[str, str, Finder]]):
+        self.detectors = detectors
+        self.types = tuple(t for t, _, _ in detectors)
+        self.placeholders = {kind: placeholder for kind, placeholder, _ in detectors}
+
+    def find(self, text: str) -> list[tuple[int, int, str]]:
+        """The non-overlapping spans to replace, sorted by start, each with its type."""
+        if not self.detectors:
+            return []
+        starts: list[int] = []
+        taken: list[tuple[int, int, str | None]] = []  # type None: recognised and kept
+        for kind, _, finder in [("never_pii", "", never_pii), *self.detectors]:
+            # Each detector sees the text with what earlier ones took blanked out: it cannot misread
+            # a kept IP as a phone number, and libphonenumber spends no time parsing it.
+            for start, end, replace in finder(_blank(text, taken) if taken else text):
+                i = bisect.bisect_right(starts, start)
+                if i > 0 and taken[i - 1][1] > start:  # overlaps the span before
+                    continue
+                if i < len(taken) and taken[i][0] < end:  # overlaps the span after
+                    continue
+                starts.insert(i, start)
+                taken.insert(i, (start, end, kind if replace else None))
+        return [(start, end, kind) for start, end, kind in taken if kind is not None]
+
+    def scrub(self, text: str) -> tuple[str, Counter]:
+        """The text with every found span replaced by its placeholder, and the count per type."""
+        spans = self.find(text)
+        if not spans:
+            return text, Counter()
+        parts, pos = [], 0
+        for start, end, kind in spans:
+            parts += [text[pos:start], self.placeholders[kind]]
+            pos = end
+        parts.append(text[pos:])
+        return "".join(parts), Counter(kind for _, _, kind in spans)
+
+
+def _blank(text: str, spans: list[tuple[int, int, str | None]]) -> str:
+    """``text`` with each span replaced by as many NULs: offsets stay, nothing can match across it."""
+    parts, pos = [], 0
+    for start, end, _ in spans:
+        parts += [text[pos:start], "\0" * (end - start)]
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+_FINDERS: dict[str, Callable[..., Finder]] = {
+    "secret": secret_finder, "email": email_finder, "iban": iban_finder, "credit_card": card_finder,
+    "ip_address": ip_finder, "phone": phone_finder,
+}
+
+
+def build_scrubber(configs: dict[str, object]) -> Scrubber:
+    """A Scrubber from {type: its config}; disabled types are left out."""
+    detectors = []
+    for kind in PII_TYPES:
+        cfg = configs[kind]
+        if cfg.enabled:  # type: ignore[attr-defined]
+            detectors.append((kind, cfg.placeholder, _FINDERS[kind](cfg)))  # type: ignore[attr-defined]
+    return Scrubber(detectors)

@@ -1,0 +1,217 @@
+"""pii: replace personal data and secrets with typed placeholders.
+
+Shard in, shard out over ``quality.documents``. Every document's ``text`` is scanned by the
+enabled detectors of ``stages.pii.detectors`` and each match is replaced by its type's
+placeholder (``<EMAIL>``, ``<PHONE>``, ``<IP_ADDRESS>``, ``<CREDIT_CARD>``, ``<IBAN>``,
+``<SECRET>``; each configurable, each type can be turned off). Output ``documents``: every
+input column, ``text`` scrubbed, plus one int32 column ``pii_<type>`` per enabled type with the
+number of replacements in that document. Metrics: ``pii_<type>`` totals, ``docs_with_pii``, and
+the usual docs/bytes counts and throughput. Documents whose ``text`` is null are dropped
+(``dropped_no_text``), and so is a document a detector fails on (``dropped_scrub_error``,
+logged with its row): the stage fails closed rather than pass a text on unscrubbed. Nothing
+else is dropped. Matched values are never logged.
+
+What is found:
+
+- emails: ASCII local part (at most 64 characters) @ host names with an alphabetic TLD.
+- phones: libphonenumber's ``PhoneNumberMatcher`` (Google's matcher, the ``phonenumbers``
+  port), run once per region in ``phone.regions``: numbers in international format (+44 20...)
+  are found whatever the list; national formats ("(415) 555-0132", "030 901820") only for the
+  listed regions. The default is US and GB, the two national formats most common in English web
+  text; each extra region adds its national numbers and its false positives, and costs one more
+  pass. The default leniency "strict_grouping" wants a valid number of the region, grouped the
+  way the region groups it: "415-555-0132" yes, "32768-65535" (a range) or "0.34.0 - 0.36.0"
+  (versions) no, which "valid" would accept. Digits joined to a word by "-" or "_"
+  (INV-2024-000317) or followed by ":"/"." and a digit (a time, a decimal) are not numbers.
+- IP addresses: dotted quads and IPv6 tokens that Python's ``ipaddress`` accepts.
+- payment cards: 13-19 digits, ungrouped or grouped by one kind of separator, inside a
+  published issuer range (Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay, Mir,
+  Maestro) with that issuer's length, and passing the Luhn check.
+- IBANs: a known country code, that country's length (SWIFT registry) and the mod-97 check.
+- secrets: PEM private key blocks; AWS access key ids (AKIA/ASIA...), GitHub (ghp_, gho_, ghu_,
+  ghs_, ghr_, github_pat_), Slack (xox?- tokens, webhook URLs), OpenAI/Anthropic-style sk-,
+  Stripe sk_/rk_live/test, Google AIza, Hugging Face hf_ tokens and JWTs; and, unless
+  ``secret.assignments`` is false, the value of ``password=``, ``api_key:``, ``"token": "..."``
+  assignments, of ``Bearer`` headers and of passwords in URLs (``scheme://user:pass@``) when it
+  is a literal, mixes letters and digits (or three character classes) and has at least
+  ``secret.min_entropy`` bits per character. Only the value is replaced: ``password=<SECRET>``.
+
+What is deliberately left alone, and why:
+
+- Reserved example addresses (``example.com/.net/.org``, ``*.example``, ``*.test``,
+  ``*.invalid``, ``*.localhost``; ``email.keep_reserved_domains``): RFC 2606 reserves them for
+  documentation, so they name nobody, and they are common in technical text worth keeping.
+  File names such as ``icon@2x.png`` (a "TLD" that is a file extension) and ``package@1.2.3``
+  specifiers are not addresses, nor
+  are accounts in URLs (``ssh://git@host/``, ``scheme://user:pass@host``) and scp-style remotes
+  (``git@github.com:org/repo.git``).
+- Non-public IPs (``ip_address.keep_non_public``): private (RFC 1918), loopback, link-local,
+  CGNAT, documentation (192.0.2.0/24, 2001:db8::/32...), multicast and reserved ranges, and
+  the unspecified 0.0.0.0 / :: always. They are not routable on the Internet, so they do not
+  point at a person or a host, and configs, tutorials and logs are full of 192.168.1.1 and
+  127.0.0.1. Only globally routable unicast addresses are personal data under that reading.
+- Version and outline numbers that look like IPv4 (``ip_address.version_context``): a dotted
+  quad right after version/release/build/section/figure... words ("versions after 1.2.3.4"
+  too), ``Chrome/120.0.0.0``-style
+  product tokens, or ``==``/``>=``/``~=``/``^`` is kept; ``v1.2.3.4`` never matches (glued to a
+  letter). A bare ``1.2.3.4`` in prose is replaced: without context it is an address.
+- Dates, times, prices, ISBNs, ordinal and short numbers: libphonenumber rejects dates,
+  timestamps and publication pages itself; ISBNs (after "ISBN") and UUIDs are marked as never
+  PII before any detector runs; the rest is not a valid phone number, fails the card
+  ranges/Luhn, or has fewer than ``phone.min_digits`` digits.
+- Ungrouped digit strings (``4155550132``, ``used=8186245120``) unless a phone word (phone, tel,
+  call, mobile, fax, contact...) comes just before (``phone.bare_digits_need_context``): in
+  technical text such strings are far more often IDs, byte counts and timestamps than phones.
+- IPv4 addresses ending in .0: a network address (93.184.216.0/24) names no host, and
+  "3.1.0.0", "120.0.0.0" are usually versions.
+- Hashes, UUIDs and other hex: no detector matches hex strings, however random; a secret is
+  recognised by its documented prefix or by the key it is assigned to, never by entropy alone
+  (too many false positives on commit SHAs and checksums).
+- Numbers that fail the Luhn check, IBANs that fail mod-97 or their country's length.
+- Assigned values that are code or templates (``os.environ["KEY"]``, ``${DB_PASSWORD}``,
+  ``<password>``, ``request.form.password``, ``YOUR_API_KEY``), placeholders such as ``********``,
+  plain words and all-digit values: passwords in prose ("my password is hunter2") are missed.
+- Names, postal addresses and national ID numbers: they need NER and per-country rules, not
+  patterns; out of scope here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import Stage, StageContext
+from pipeline.errors import LlmpipeError
+from stages.common.documents import read_documents as read_shard
+from stages.common.documents import text_bytes, with_column
+from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
+from stages.pii.detectors import (
+    PII_TYPES,
+    CreditCardConfig,
+    EmailConfig,
+    IbanConfig,
+    IpConfig,
+    PhoneConfig,
+    Scrubber,
+    SecretConfig,
+    build_scrubber,
+)
+
+INPUT = "quality.documents"
+log = logging.getLogger("llmpipe.pii")
+
+
+class PiiError(LlmpipeError):
+    """Base of the pii stage's errors."""
+
+
+class ShardSchemaError(PiiError):
+    """An input shard cannot be read or lacks the string column ``text``."""
+
+
+@dataclass(frozen=True)
+class PiiConfig:
+    secret: SecretConfig = field(default_factory=SecretConfig)  # API keys, tokens, private keys, passwords
+    email: EmailConfig = field(default_factory=EmailConfig)  # email addresses
+    iban: IbanConfig = field(default_factory=IbanConfig)  # bank account numbers (IBAN)
+    credit_card: CreditCardConfig = field(default_factory=CreditCardConfig)  # payment card numbers
+    ip_address: IpConfig = field(default_factory=IpConfig)  # IPv4 and IPv6 addresses
+    phone: PhoneConfig = field(default_factory=PhoneConfig)  # phone numbers
+    workers: int = 2  # processes (execution-only)
+
+    @property
+    def enabled_types(self) -> tuple[str, ...]:
+        return tuple(t for t in PII_TYPES if getattr(self, t).enabled)
+
+
+def run(cfg: PiiConfig, ctx: StageContext) -> dict[str, float]:
+    """Scrub every shard of quality.documents; return replacements per type and throughput."""
+    timer = Throughput()
+    sources = list_parquet(ctx.input(INPUT))
+    if not sources:
+        ctx.log.warning("%s at %s holds no Parquet shard", INPUT, ctx.input(INPUT))
+    if not cfg.enabled_types:
+        ctx.log.warning("pii: every detector is disabled; documents are copied unchanged")
+    ctx.output("documents").mkdir(parents=True, exist_ok=True)
+
+    def progress(done: int, total: ShardResult) -> None:
+        ctx.log_metrics({"docs_in": total.docs_in, "docs_with_pii": total.counts["docs_with_pii"]}, step=done)
+
+    total = map_shards(scrub_shard, sources, ctx.output_dir, cfg, workers=cfg.workers, desc="pii",
+                       on_progress=progress)
+    metrics = total.metrics(timer.seconds)
+    for key in ("docs_with_pii", *(f"pii_{t}" for t in cfg.enabled_types)):
+        metrics.setdefault(key, 0)  # a zero is a result too
+    ctx.log.info("pii: %d of %d documents had PII; replacements: %s", metrics["docs_with_pii"], total.docs_in,
+                 {t: metrics[f"pii_{t}"] for t in cfg.enabled_types})
+    return metrics
+
+
+# --- one shard (runs in a worker process) ---------------------------------------------------------
+
+def scrub_shard(task: ShardTask) -> ShardResult:
+    """Scrub the texts of one shard; write every document with text, plus its pii_<type> counts."""
+    import pyarrow as pa
+
+    cfg: PiiConfig = task.config
+    table = read_documents(Path(task.source))
+    scrubber = scrubber_for(cfg)
+    result = ShardResult(docs_in=table.num_rows, bytes_in=text_bytes(table))
+    texts: list[str] = []
+    counts: dict[str, list[int]] = {t: [] for t in scrubber.types}
+    keep: list[bool] = []
+    for i, text in enumerate(table.column("text").to_pylist()):
+        if text is None:
+            keep.append(False)
+            result.drops["no_text"] += 1
+            continue
+        try:
+            scrubbed, found = scrubber.scrub(text)
+        except Exception as exc:  # fail closed: never pass a text on unscrubbed
+            log.warning("%s row %d: dropped, scrubbing failed: %s: %s", task.source, i, type(exc).__name__, exc)
+            keep.append(False)
+            result.drops["scrub_error"] += 1
+            continue
+        keep.append(True)
+        texts.append(scrubbed)
+        for t in scrubber.types:
+            counts[t].append(found[t])
+        result.counts.update({f"pii_{t}": n for t, n in found.items()})
+        result.counts["docs_with_pii"] += bool(found)
+
+    if not all(keep):
+        table = table.filter(pa.array(keep, pa.bool_()))
+    table = with_column(table, "text", pa.array(texts, table.schema.field("text").type))
+    for t in scrubber.types:
+        table = with_column(table, f"pii_{t}", pa.array(counts[t], pa.int32()))
+    result.docs_out = table.num_rows
+    result.bytes_out = text_bytes(table)
+    write_parquet_atomic(table, task.output_dir / "documents" / f"{task.name}.parquet")
+    return result
+
+
+@functools.lru_cache(maxsize=4)
+def scrubber_for(cfg: PiiConfig) -> Scrubber:
+    """The detectors of a config, compiled once per process."""
+    return build_scrubber({t: getattr(cfg, t) for t in PII_TYPES})
+
+
+def read_documents(path: Path) -> Any:
+    """A documents shard as a pyarrow Table; it must have a string column ``text``."""
+    return read_shard(path, ShardSchemaError)
+
+
+STAGE = Stage(
+    name="pii",
+    config=PiiConfig,
+    run=run,
+    inputs=(INPUT,),
+    outputs=("documents",),
+    unhashed=frozenset(["workers"]),
+    resumable=True,
+    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
+    description="Replace personal data and secrets with typed placeholders.",
+)

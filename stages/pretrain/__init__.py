@@ -1,0 +1,5 @@
+"""The pretrain stage: see stage.py."""
+
+from stages.pretrain.stage import STAGE
+
+__all__ = ["STAGE"]

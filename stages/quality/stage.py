@@ -1,0 +1,362 @@
+"""quality: drop low-quality documents with Gopher/C4 heuristics, then a fastText classifier.
+
+Shard in, shard out over ``dedup.documents``. Every document first goes through the heuristics of
+``stages.quality.rules`` (the first rule it fails names its drop reason); the survivors are then
+scored by a fastText classifier, and a score below ``classifier.threshold`` drops them with the
+reason ``classifier``. Outputs:
+
+- ``documents``: the kept documents, every input column plus ``quality_score`` (P(positive label),
+  null when the classifier is off) and ``word_count`` (words as the heuristics count them).
+- ``dropped``: the dropped documents with the same columns plus ``drop_reason``; one (possibly
+  empty) shard per input shard when ``write_dropped`` is true, an empty folder otherwise.
+
+The classifier is either given (``classifier.model_path``, e.g. a DCLM-style fastText model) or
+trained once, in the parent process, from ``classifier.positive``/``negative`` sample files (one
+sample per line) into ``<output_dir>/classifier/model.bin``; a resumed attempt reuses that file.
+The contents of the sample files, the model and the bad-words list are folded into the stage's
+fingerprint (``Stage.external``), so editing them re-runs the stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import Stage, StageContext
+from pipeline.errors import LlmpipeError
+from stages.common.documents import read_documents as read_shard
+from stages.common.documents import text_bytes, with_column
+from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
+from stages.quality.rules import C4Config, GopherQualityConfig, GopherRepetitionConfig, Rules, read_word_list
+
+CONFIG_KEY = "stage.quality"
+CLASSIFIER_DIR = "classifier"  # under the stage's output dir: the trained model and its report
+MODEL_FILE = "model.bin"
+TRAIN_REPORT = "train.json"
+# Files up to this size are fingerprinted by content, bigger ones (a multi-GB model) by size and mtime.
+_HASH_LIMIT = 64 << 20
+
+
+class QualityError(LlmpipeError):
+    """Base of the quality stage's errors."""
+
+
+class MissingPathError(QualityError):
+    """A configured file does not exist."""
+
+
+class ClassifierError(QualityError):
+    """The classifier cannot be trained or used: empty samples, unreadable model, unknown label."""
+
+
+class ShardSchemaError(QualityError):
+    """An input shard lacks the string column ``text``."""
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    enabled: bool = True  # false: no classifier, quality_score is null
+    model_path: str | None = None  # a trained fastText model (.bin); null: train one from positive/negative
+    positive: str | None = "data/embedded/quality/positive.txt"  # high-quality training samples, one per line
+    negative: str | None = "data/embedded/quality/negative.txt"  # low-quality training samples, one per line
+    positive_label: str = "__label__hq"  # label whose probability is quality_score (DCLM's model uses hq)
+    negative_label: str = "__label__cc"  # label given to the negative samples when training
+    threshold: float = 0.5  # documents with P(positive) below this are dropped (reason: classifier)
+    validation_fraction: float = 0.1  # share of each sample file held out to measure accuracy
+    epoch: int = 10  # fastText epoch
+    lr: float = 0.5  # fastText lr
+    word_ngrams: int = 2  # fastText wordNgrams
+    dim: int = 64  # fastText dim
+    min_count: int = 1  # fastText minCount
+    bucket: int = 100_000  # fastText bucket: hashed word n-gram rows; the model holds (words + bucket) x dim floats
+    seed: int = 0  # fastText seed and the seed of the train/validation split
+    threads: int = 1  # fastText thread; more is faster but makes training not repeatable
+
+    def __post_init__(self) -> None:
+        for key in ("positive_label", "negative_label"):
+            label = getattr(self, key)
+            if not label.startswith("__label__") or len(label.split()) != 1 or label == "__label__":
+                raise ValueError(f"{key} {label!r} must look like '__label__<name>' (fastText's label prefix)")
+        if self.positive_label == self.negative_label:
+            raise ValueError(f"positive_label and negative_label are both {self.positive_label!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        for key in ("epoch", "word_ngrams", "dim", "bucket", "threads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    gopher: GopherQualityConfig = field(default_factory=GopherQualityConfig)  # Gopher quality filter
+    repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)  # Gopher repetition removal
+    c4: C4Config = field(default_factory=C4Config)  # C4 page rules
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # fastText quality classifier
+    write_dropped: bool = True  # write the dropped documents, with drop_reason, to the dropped artifact
+    workers: int = 2  # processes (execution-only)
+
+
+def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
+    """Filter every shard of dedup.documents; return counts per drop reason and throughput."""
+    timer = Throughput()
+    sources = list_parquet(ctx.input("dedup.documents"))
+    if not sources:
+        ctx.log.warning("dedup.documents at %s holds no Parquet shard", ctx.input("dedup.documents"))
+    if cfg.c4.bad_words_file:
+        existing_file(cfg.c4.bad_words_file, f"{CONFIG_KEY}.c4.bad_words_file")
+    metrics: dict[str, float] = {}
+    if cfg.classifier.enabled:
+        metrics.update(prepare_classifier(cfg.classifier, ctx.output_dir, ctx.log))
+    for artifact in ("documents", "dropped"):
+        ctx.output(artifact).mkdir(parents=True, exist_ok=True)
+
+    def progress(done: int, total: ShardResult) -> None:
+        ctx.log_metrics({"docs_in": total.docs_in, "docs_out": total.docs_out}, step=done)
+
+    total = map_shards(filter_shard, sources, ctx.output_dir, cfg, workers=cfg.workers, desc="quality",
+                       on_progress=progress)
+    metrics = {**total.metrics(timer.seconds), **metrics}
+    ctx.log.info("quality: kept %d of %d documents; drops: %s", total.docs_out, total.docs_in,
+                 dict(total.drops.most_common()))
+    return metrics
+
+
+# --- one shard (runs in a worker process) ---------------------------------------------------------
+
+def filter_shard(task: ShardTask) -> ShardResult:
+    """Check every document of one shard; write its kept and (optionally) dropped documents."""
+    import pyarrow as pa
+
+    cfg: QualityConfig = task.config
+    table = read_documents(Path(task.source))
+    texts = table.column("text").to_pylist()
+    rules = build_rules(cfg.gopher, cfg.repetition, cfg.c4)
+    checked = [rules.check(t) for t in texts]
+    reasons = [reason for reason, _ in checked]
+    scores: list[float | None] = [None] * len(texts)
+    if cfg.classifier.enabled:
+        c = cfg.classifier
+        model = load_classifier(model_file(c, task.output_dir), c.positive_label)
+        survivors = [i for i, r in enumerate(reasons) if r is None]
+        probs = positive_probabilities(model, [texts[i] for i in survivors], c.positive_label)
+        for i, p in zip(survivors, probs, strict=True):
+            scores[i] = p
+            if p < c.threshold:
+                reasons[i] = "classifier"
+
+    table = with_column(table, "quality_score", pa.array(scores, pa.float32()))
+    table = with_column(table, "word_count", pa.array([n for _, n in checked], pa.int32()))
+    keep = pa.array([r is None for r in reasons], pa.bool_())
+    kept = table.filter(keep)
+    result = ShardResult(docs_in=table.num_rows, docs_out=kept.num_rows,
+                         bytes_in=text_bytes(table), bytes_out=text_bytes(kept))
+    result.drops.update(r for r in reasons if r is not None)
+    write_parquet_atomic(kept, task.output_dir / "documents" / f"{task.name}.parquet")
+    if cfg.write_dropped:
+        dropped = table.filter(pa.array([r is not None for r in reasons], pa.bool_()))
+        dropped = with_column(dropped, "drop_reason", pa.array([r for r in reasons if r is not None], pa.string()))
+        write_parquet_atomic(dropped, task.output_dir / "dropped" / f"{task.name}.parquet")
+    return result
+
+
+def read_documents(path: Path) -> Any:
+    """A documents shard as a pyarrow Table; it must have a string column ``text``."""
+    return read_shard(path, ShardSchemaError)
+
+
+@functools.lru_cache(maxsize=4)
+def build_rules(gopher: GopherQualityConfig, repetition: GopherRepetitionConfig, c4: C4Config) -> Rules:
+    """The heuristics, built once per process (the bad-words list is read here)."""
+    bad_words = read_word_list(Path(c4.bad_words_file)) if c4.bad_words_file else ()
+    return Rules(gopher, repetition, c4, bad_words)
+
+
+# --- the classifier -------------------------------------------------------------------------------
+
+_MODELS: dict[str, Any] = {}  # per process: a model is loaded once, not once per shard
+
+
+def model_file(c: ClassifierConfig, output_dir: Path) -> Path:
+    """The model the shards are scored with: the given one, or the one trained into the output dir."""
+    return Path(c.model_path) if c.model_path else Path(output_dir) / CLASSIFIER_DIR / MODEL_FILE
+
+
+def load_classifier(path: Path, positive_label: str) -> Any:
+    """Load a fastText model once per process and check that it knows ``positive_label``."""
+    key = str(path)
+    if key not in _MODELS:
+        import fasttext
+
+        try:
+            model = fasttext.load_model(key)
+        except ValueError as exc:
+            raise ClassifierError(f"cannot load fastText model {path}: {exc}") from exc
+        if positive_label not in model.labels:
+            raise ClassifierError(f"fastText model {path} has no label {positive_label!r} "
+                                  f"(it has {list(model.labels)}); set {CONFIG_KEY}.classifier.positive_label")
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def one_line(text: str) -> str:
+    """fastText predicts on one line: newlines (and runs of any whitespace) become one space."""
+    return " ".join(text.split())
+
+
+def positive_probabilities(model: Any, texts: list[str], positive_label: str) -> list[float]:
+    """P(positive_label) for each text, in one batched call."""
+    if not texts:
+        return []
+    labels, probs = model.predict([one_line(t) for t in texts], k=-1)
+    out = []
+    for names, values in zip(labels, probs, strict=True):
+        p = next((float(v) for name, v in zip(names, values, strict=True) if name == positive_label), 0.0)
+        out.append(min(max(p, 0.0), 1.0))  # fastText's softmax adds a small epsilon
+    return out
+
+
+def prepare_classifier(c: ClassifierConfig, output_dir: Path, log: logging.Logger) -> dict[str, float]:
+    """Make sure the model to score with exists and is usable; return its training metrics, if any.
+
+    A given ``model_path`` is loaded here too, so a bad file or label fails before any shard runs.
+    A trained model is reused when a previous attempt left it (with its report) in the output dir.
+    """
+    key = f"{CONFIG_KEY}.classifier"
+    if c.model_path:
+        path = existing_file(c.model_path, f"{key}.model_path")
+        if c.positive or c.negative:
+            log.info("classifier: using %s; %s.positive/negative are ignored", path, key)
+        load_classifier(path, c.positive_label)
+        return {}
+    if not (c.positive and c.negative):
+        raise MissingPathError(f"{key}: set model_path, or both positive and negative sample files "
+                               f"(got positive={c.positive!r}, negative={c.negative!r}); "
+                               f"or turn it off with {key}.enabled=false")
+    model_dir = Path(output_dir) / CLASSIFIER_DIR
+    model, report = model_dir / MODEL_FILE, model_dir / TRAIN_REPORT
+    if model.is_file() and report.is_file():
+        log.info("classifier: reusing %s from the previous attempt", model)
+        return json.loads(report.read_text())["metrics"]
+    positive = read_samples(existing_file(c.positive, f"{key}.positive"), f"{key}.positive")
+    negative = read_samples(existing_file(c.negative, f"{key}.negative"), f"{key}.negative")
+    return train_classifier(c, positive, negative, model_dir, log)
+
+
+def read_samples(path: Path, key: str) -> list[str]:
+    """Non-blank lines of a sample file, whitespace normalised."""
+    samples = [s for s in (one_line(line) for line in path.read_text(encoding="utf-8").splitlines()) if s]
+    if not samples:
+        raise ClassifierError(f"{key}: {path} holds no sample (expected one text per line)")
+    return samples
+
+
+def train_classifier(c: ClassifierConfig, positive: list[str], negative: list[str], model_dir: Path,
+                     log: logging.Logger) -> dict[str, float]:
+    """Train a fastText model on the samples, minus a held-out share of each class used to measure accuracy.
+
+    Writes ``model.bin`` last (atomically), after ``train.json``: a model file means a finished training.
+    """
+    import fasttext
+
+    rng = random.Random(c.seed)
+    pos_train, pos_val = split_holdout(positive, c.validation_fraction, rng)
+    neg_train, neg_val = split_holdout(negative, c.validation_fraction, rng)
+    rows = [f"{c.positive_label} {s}" for s in pos_train] + [f"{c.negative_label} {s}" for s in neg_train]
+    rng.shuffle(rows)  # fastText reads the file in order; mixed classes train better
+    model_dir.mkdir(parents=True, exist_ok=True)
+    train_file = model_dir / "train.txt"
+    train_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    log.info("classifier: training fastText on %d positive and %d negative samples", len(pos_train), len(neg_train))
+    try:
+        model = fasttext.train_supervised(input=str(train_file), epoch=c.epoch, lr=c.lr, wordNgrams=c.word_ngrams,
+                                          dim=c.dim, minCount=c.min_count, bucket=c.bucket, seed=c.seed,
+                                          thread=c.threads, verbose=0)
+    finally:
+        train_file.unlink(missing_ok=True)
+    metrics: dict[str, float] = {"classifier_train_samples": len(rows),
+                                 "classifier_val_samples": len(pos_val) + len(neg_val)}
+    if pos_val or neg_val:
+        p_pos = positive_probabilities(model, pos_val, c.positive_label)
+        p_neg = positive_probabilities(model, neg_val, c.positive_label)
+        correct = sum(p >= c.threshold for p in p_pos) + sum(p < c.threshold for p in p_neg)
+        metrics["classifier_val_accuracy"] = correct / (len(p_pos) + len(p_neg))
+        log.info("classifier: held-out accuracy %.3f on %d samples", metrics["classifier_val_accuracy"],
+                 metrics["classifier_val_samples"])
+    report = {"labels": [c.positive_label, c.negative_label], "metrics": metrics}
+    _atomic_write(model_dir / TRAIN_REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    _atomic_write(model_dir / MODEL_FILE, lambda tmp: model.save_model(str(tmp)))
+    return metrics
+
+
+def split_holdout(samples: list[str], fraction: float, rng: random.Random) -> tuple[list[str], list[str]]:
+    """(train, held out): a seeded shuffle, then the first ``fraction`` held out (at least one when > 0)."""
+    shuffled = samples[:]
+    rng.shuffle(shuffled)
+    n_val = max(1, round(fraction * len(shuffled))) if fraction > 0 and len(shuffled) > 1 else 0
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+# --- paths and fingerprints -----------------------------------------------------------------------
+
+def existing_file(path: str, key: str) -> Path:
+    """``path`` (relative to the working directory, the project folder) if it is a file, else a named error."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingPathError(f"{key}: file not found: {path} (resolved to {p.resolve()})")
+    return p
+
+
+def file_state(path: str) -> str:
+    """A short, deterministic description of a file's content for the fingerprint."""
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    st = p.stat()
+    if st.st_size > _HASH_LIMIT:
+        return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
+    return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def external_state(cfg: QualityConfig) -> dict[str, str] | None:
+    """The state of the files the config points to: their edits must re-run the stage."""
+    files: dict[str, str] = {}
+    if cfg.c4.bad_words_file:
+        files["c4.bad_words_file"] = file_state(cfg.c4.bad_words_file)
+    c = cfg.classifier
+    if c.enabled:
+        keys = ("model_path",) if c.model_path else ("positive", "negative")
+        for key in keys:
+            if getattr(c, key):
+                files[f"classifier.{key}"] = file_state(getattr(c, key))
+    return files or None
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+STAGE = Stage(
+    name="quality",
+    config=QualityConfig,
+    run=run,
+    inputs=("dedup.documents",),
+    outputs=("documents", "dropped"),
+    unhashed=frozenset(["workers"]),
+    resumable=True,
+    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
+    external=external_state,
+    description="Heuristic and fastText quality filtering.",
+)

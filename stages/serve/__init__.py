@@ -1,0 +1,5 @@
+"""The serve stage: see stage.py."""
+
+from stages.serve.stage import STAGE
+
+__all__ = ["STAGE"]

@@ -1,0 +1,5 @@
+"""The tokenize stage: see stage.py."""
+
+from stages.tokenize.stage import STAGE
+
+__all__ = ["STAGE"]

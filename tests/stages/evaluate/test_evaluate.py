@@ -1,0 +1,346 @@
+"""The evaluate stage: local lm-eval tasks from held-out documents (format, determinism, the true continuation
+among the choices), the metric naming, the comparison table and chart, lm-eval's hf backend on a tiny model,
+the stage end to end on fixture models (a briefly trained model beats its untrained twin; a restart resumes),
+and, as integration tests, the local-completions path through a real vLLM server and the GPU path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.stage import StageContext
+from stages.evaluate.stage import (
+    STAGE,
+    EvalInputError,
+    EvaluateConfig,
+    ModelSpec,
+    evaluate_model,
+    model_metrics,
+    run,
+    task_manager,
+    write_chart,
+    write_table,
+)
+from stages.evaluate.tasks import (
+    MC_TASK,
+    PPL_TASK,
+    HeldoutDataError,
+    HeldoutTasksConfig,
+    build_local_tasks,
+    cut_at_word,
+)
+from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
+
+SMALL = HeldoutTasksConfig(docs=8, max_chars=400, context_words=12, continuation_words=4, choices=4, seed=0)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def varied_texts(n: int, seed: int = 0, words: tuple[int, int] = (20, 80)) -> list[str]:
+    """Documents of random words, so every continuation differs from every other."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(300)]
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(*words))) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- local tasks
+
+
+def test_local_tasks_format_and_true_continuation(tmp_path):
+    texts = varied_texts(30)
+    docs = write_documents(tmp_path / "heldout", texts, shards=3)
+    built = build_local_tasks(docs, tmp_path / "tasks", SMALL)
+    assert built.tasks == (PPL_TASK, MC_TASK) and built.docs_in == 30 and built.docs_used == SMALL.docs
+
+    by_id = {f"doc-{i:05d}": t for i, t in enumerate(texts)}
+    ppl = read_jsonl(tmp_path / "tasks" / f"{PPL_TASK}.jsonl")
+    assert len(ppl) == SMALL.docs and len({r["id"] for r in ppl}) == SMALL.docs
+    for record in ppl:
+        source = by_id[record["id"]]
+        assert set(record) == {"id", "url", "text"} and len(record["text"]) <= SMALL.max_chars
+        assert source.startswith(record["text"])  # a prefix of the document...
+        assert len(record["text"]) == len(source) or source[len(record["text"])] == " "  # ...cut at a word end
+
+    mc = read_jsonl(tmp_path / "tasks" / f"{MC_TASK}.jsonl")
+    assert [r["id"] for r in mc] == [r["id"] for r in ppl]  # the same documents, in the same order
+    c, n = SMALL.context_words, SMALL.continuation_words
+    labels = set()
+    for record in mc:
+        words = by_id[record["id"]].split()
+        assert record["context"] == " ".join(words[:c])
+        assert len(record["choices"]) == SMALL.choices == len(set(record["choices"]))
+        assert record["choices"][record["label"]] == " ".join(words[c:c + n])  # the true continuation is the label
+        others = {" ".join(by_id[r["id"]].split()[c:c + n]) for r in mc if r["id"] != record["id"]}
+        distractors = [ch for i, ch in enumerate(record["choices"]) if i != record["label"]]
+        assert set(distractors) <= others  # distractors are other documents' continuations
+        labels.add(record["label"])
+    assert len(labels) > 1  # the true answer is not always in the same place
+
+    spec = __import__("yaml").safe_load((tmp_path / "tasks" / f"{MC_TASK}.yaml").read_text())
+    assert spec["dataset_path"] == "json" and spec["output_type"] == "multiple_choice"
+    assert Path(spec["dataset_kwargs"]["data_files"]["test"]) == (tmp_path / "tasks" / f"{MC_TASK}.jsonl").resolve()
+
+
+def write_rows(directory: Path, rows: list[tuple[str, str]], shards: int) -> Path:
+    """Documents with the given ids, in the given order, spread over ``shards`` files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True)
+    per = -(-len(rows) // shards)
+    for s in range(shards):
+        part = rows[s * per:(s + 1) * per]
+        pq.write_table(pa.table({"id": [i for i, _ in part], "url": ["u"] * len(part), "text": [t for _, t in part]}),
+                       directory / f"part-{s:03d}.parquet")
+    return directory
+
+
+def test_local_tasks_are_deterministic_and_independent_of_layout(tmp_path):
+    rows = [(f"id-{i}", t) for i, t in enumerate(varied_texts(30, seed=3))]
+    a = build_local_tasks(write_rows(tmp_path / "a", rows, shards=1), tmp_path / "ta", SMALL)
+    b = build_local_tasks(write_rows(tmp_path / "b", rows[::-1], shards=4), tmp_path / "tb", SMALL)
+    again = build_local_tasks(tmp_path / "a", tmp_path / "tc", SMALL)
+    for name in (PPL_TASK, MC_TASK):
+        first = (a.include_path / f"{name}.jsonl").read_bytes()
+        assert first == (b.include_path / f"{name}.jsonl").read_bytes()
+        assert first == (again.include_path / f"{name}.jsonl").read_bytes()
+    reseeded = HeldoutTasksConfig(**{**SMALL.__dict__, "seed": 1})
+    other = build_local_tasks(tmp_path / "a", tmp_path / "td", reseeded)
+    assert (other.include_path / f"{MC_TASK}.jsonl").read_bytes() != (a.include_path / f"{MC_TASK}.jsonl").read_bytes()
+
+
+def test_short_documents_are_counted_and_too_few_is_an_error(tmp_path):
+    texts = varied_texts(6, words=(20, 30)) + ["too short", "", "also too short to be a passage"]
+    built = build_local_tasks(write_documents(tmp_path / "d", texts), tmp_path / "t", SMALL)
+    assert built.docs_used == 6 and built.dropped == {"too_short": 3}
+    assert built.metrics()["heldout.dropped_too_short"] == 3
+
+    with pytest.raises(HeldoutDataError, match="usable document"):
+        build_local_tasks(write_documents(tmp_path / "few", varied_texts(1) + ["short"]), tmp_path / "t2", SMALL)
+    with pytest.raises(HeldoutDataError, match="no Parquet shards"):
+        build_local_tasks(tmp_path / "empty", tmp_path / "t3", SMALL)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "bad" / "part-000.parquet")
+    with pytest.raises(HeldoutDataError, match=r"lacks column\(s\) \['url', 'text'\]"):
+        build_local_tasks(tmp_path / "bad", tmp_path / "t4", SMALL)
+
+
+def test_cut_at_word():
+    assert cut_at_word("alpha beta gamma", 100) == "alpha beta gamma"
+    assert cut_at_word("alpha beta gamma", 12) == "alpha beta"
+    assert cut_at_word("alpha beta gamma", 10) == "alpha beta"
+    assert cut_at_word("alphabetagamma", 5) == "alpha"  # no space: a hard cut
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="unknown model"):
+        EvaluateConfig(models=("pretrain", "gpt4"))
+    with pytest.raises(ValueError, match="repeat"):
+        EvaluateConfig(tasks=("heldout_ppl", "heldout_ppl"))
+    with pytest.raises(ValueError, match="choices must be at least 2"):
+        HeldoutTasksConfig(choices=1)
+    with pytest.raises(ValueError, match="docs=2 must be at least"):
+        HeldoutTasksConfig(docs=2, choices=4)
+    assert STAGE.resumable and "batch_size" in STAGE.unhashed and "tokenize.heldout" in STAGE.inputs
+
+
+def test_shipped_configs_build():
+    import yaml
+
+    from pipeline.schema import build
+
+    conf = Path(__file__).resolve().parents[3] / "conf" / "stage" / "evaluate"
+    default = yaml.safe_load((conf / "default.yaml").read_text())
+    assert build(EvaluateConfig, default, path="stage.evaluate") == EvaluateConfig()
+    big = {**default, **{k: v for k, v in yaml.safe_load((conf / "llama-7b.yaml").read_text()).items()
+                         if k != "defaults"}}
+    big["heldout"] = {**default["heldout"], **big["heldout"]}
+    big["server"] = {**default["server"], **big["server"]}
+    cfg = build(EvaluateConfig, big, path="stage.evaluate")
+    assert "mmlu" in cfg.tasks and not cfg.offline
+
+
+def test_unknown_task_names_are_named(tmp_path):
+    from stages.evaluate.stage import UnknownTaskError
+
+    built = build_local_tasks(write_documents(tmp_path / "d", varied_texts(10)), tmp_path / "t", SMALL)
+    manager = task_manager(EvaluateConfig(), built.include_path)
+    assert {PPL_TASK, MC_TASK} <= set(manager.all_tasks)
+    with pytest.raises(UnknownTaskError, match=r"does not know \['heldout_ppl', 'heldout_mc'\]; local"):
+        task_manager(EvaluateConfig(), None)  # no include_path: the local tasks were never built
+    with pytest.raises(HeldoutDataError, match="unknown local task"):
+        build_local_tasks(tmp_path / "d", tmp_path / "t", SMALL, tasks=("heldout_pll",))
+
+
+# ---------------------------------------------------------------- metrics, table, chart
+
+
+def test_model_metrics_names_top_level_tasks_and_filters():
+    results = {
+        "results": {
+            "heldout_ppl": {"alias": "heldout_ppl", "word_perplexity,none": 12.5, "word_perplexity_stderr,none": "N/A"},
+            "mmlu": {"acc,none": 0.31, "acc_stderr,none": 0.01},
+            "mmlu_stem": {"acc,none": 0.29},
+            "mmlu_abstract_algebra": {"acc,none": 0.2},
+            "gsm8k": {"exact_match,strict-match": 0.05, "exact_match,flexible-extract": 0.07},
+        },
+        "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_abstract_algebra"]},
+        "llmpipe": {"seconds": 3.0},
+    }
+    assert model_metrics("sft", results, order=("mmlu", "heldout_ppl")) == {
+        "sft.mmlu.acc": 0.31,
+        "sft.heldout_ppl.word_perplexity": 12.5,
+        "sft.gsm8k.exact_match_strict-match": 0.05,
+        "sft.gsm8k.exact_match_flexible-extract": 0.07,
+        "sft.eval_s": 3.0,
+    }
+
+
+def test_table_and_chart(tmp_path):
+    per_model = {
+        "untrained": {"untrained.heldout_ppl.word_perplexity": 900.0, "untrained.heldout_mc.acc": 0.25,
+                      "untrained.eval_s": 4.0},
+        "pretrain": {"pretrain.heldout_ppl.word_perplexity": 8.123456, "pretrain.heldout_mc.acc": 0.75,
+                     "pretrain.eval_s": 5.0},
+        "quantize": {"quantize.heldout_ppl.word_perplexity": 8.5},  # a model without one metric
+    }
+    higher = {"heldout_ppl.word_perplexity": False, "heldout_mc.acc": True}
+    csv_path, md_path = write_table(per_model, tmp_path, higher)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["model"] for r in rows] == ["untrained", "pretrain", "quantize"]
+    assert set(rows[0]) == {"model", "heldout_ppl.word_perplexity", "heldout_mc.acc"}  # eval_s is not a column
+    assert float(rows[1]["heldout_ppl.word_perplexity"]) == 8.123456 and rows[2]["heldout_mc.acc"] == ""
+    md = md_path.read_text().splitlines()
+    assert md[0] == "| model | heldout_ppl.word_perplexity ↓ | heldout_mc.acc ↑ |"
+    assert md[3] == "| pretrain | 8.123 | 0.75 |" and md[4] == "| quantize | 8.5 |  |"
+
+    chart = write_chart(per_model, tmp_path, higher)
+    data = chart.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# ---------------------------------------------------------------- real lm-eval on tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A fixture model trained for a few dozen steps on corpus-like text, and held-out documents from the
+    same distribution that it has not seen. (The untrained baseline is the stage's own job.)"""
+    root = tmp_path_factory.mktemp("models")
+    trained = build_tiny_model(root / "trained", train_steps=40, texts=corpus_texts(200, seed=0))
+    heldout = write_documents(root / "heldout", corpus_texts(24, seed=99), shards=2, prefix="held")
+    return {"trained": trained, "heldout": heldout}
+
+
+def make_ctx(out: Path, models: dict, attempt: int = 1) -> StageContext:
+    """Every upstream model is the one trained fixture (sft, align and quantize do not change it here)."""
+    inputs = {f"{stage}.model": models["trained"] for stage in ("pretrain", "sft", "align", "quantize")}
+    inputs["tokenize.heldout"] = models["heldout"]
+    return StageContext(stage="evaluate", fingerprint="test", output_dir=out, inputs=inputs, attempt=attempt,
+                        log=logging.getLogger("test.evaluate"), metrics_file=out / "metrics.jsonl")
+
+
+def test_hf_backend_on_local_tasks(tmp_path, tiny_models):
+    built = build_local_tasks(tiny_models["heldout"], tmp_path / "tasks", SMALL)
+    cfg = EvaluateConfig(heldout=SMALL, bootstrap_iters=0)
+    manager = task_manager(cfg, built.include_path)
+    results = evaluate_model(ModelSpec("pretrain", tiny_models["trained"], "hf"), cfg, manager, tmp_path,
+                             logging.getLogger("test"))
+    ppl = results["results"][PPL_TASK]
+    assert ppl["word_perplexity,none"] > 1 and ppl["byte_perplexity,none"] > 1 and ppl["bits_per_byte,none"] > 0
+    assert 0 <= results["results"][MC_TASK]["acc,none"] <= 1
+    assert results["n-samples"][PPL_TASK]["effective"] == SMALL.docs
+    assert results["config"]["model_args"]["dtype"] == "float32" and results["config"]["model_args"]["device"] == "cpu"
+    assert results["llmpipe"]["backend"] == "hf" and results["llmpipe"]["seconds"] > 0
+    json.dumps(results)  # stored as is
+
+
+def test_stage_end_to_end_trained_beats_untrained_and_resumes(tmp_path, tiny_models):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = EvaluateConfig(models=("untrained", "pretrain", "sft"), heldout=SMALL, bootstrap_iters=0)
+    metrics = run(cfg, make_ctx(out, tiny_models))
+
+    # The trained model's perplexity is far below that of the same architecture with random weights,
+    # and it picks the true continuations more often.
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert metrics[f"pretrain.heldout_ppl.{metric}"] < 0.7 * metrics[f"untrained.heldout_ppl.{metric}"]
+    assert metrics["pretrain.heldout_mc.acc"] > metrics["untrained.heldout_mc.acc"]
+    assert metrics["sft.heldout_ppl.word_perplexity"] == pytest.approx(metrics["pretrain.heldout_ppl.word_perplexity"])
+    assert metrics["heldout.docs_used"] == SMALL.docs
+
+    results = out / "results"
+    rows = {r["model"]: r for r in csv.DictReader((results / "comparison.csv").open())}
+    assert list(rows) == ["untrained", "pretrain", "sft"]
+    column = "heldout_ppl.word_perplexity"
+    assert float(rows["pretrain"][column]) < float(rows["untrained"][column])
+    assert "| pretrain |" in (results / "comparison.md").read_text()
+    attached = set(json.loads((out / "_artifacts.json").read_text()))
+    assert {"results/comparison.csv", "results/comparison.md", "results/comparison.png",
+            "results/models/pretrain.json"} <= attached
+    logged = [json.loads(line)["metrics"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("pretrain.heldout_mc.acc_norm" in m for m in logged)
+
+    # A restart keeps finished models and redoes only the missing one.
+    kept = (results / "models" / "pretrain.json").stat().st_mtime_ns
+    (results / "models" / "sft.json").unlink()
+    again = run(cfg, make_ctx(out, tiny_models, attempt=2))
+    assert (results / "models" / "pretrain.json").stat().st_mtime_ns == kept
+    assert (results / "models" / "sft.json").is_file()
+    timeless = lambda m: {k: v for k, v in m.items() if not k.endswith(".eval_s")}
+    assert timeless(again) == pytest.approx(timeless(metrics))
+    assert again["pretrain.eval_s"] == metrics["pretrain.eval_s"]  # read back, not re-measured
+
+
+def test_missing_model_dir_is_named(tmp_path, tiny_models):
+    out = tmp_path / "out"
+    out.mkdir()
+    models = {**tiny_models, "trained": tmp_path / "nowhere"}
+    with pytest.raises(EvalInputError, match="nowhere"):
+        run(EvaluateConfig(models=("pretrain",), heldout=SMALL), make_ctx(out, models))
+
+
+# ---------------------------------------------------------------- integration: vLLM and GPU
+
+
+@pytest.mark.integration
+def test_quantize_path_through_vllm_server_matches_hf(tmp_path, tiny_models):
+    """local-completions against a real VllmServer (bf16) on the same weights as the hf backend (fp32):
+    the two perplexities agree to bf16 precision."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = EvaluateConfig(models=("pretrain", "quantize"), heldout=SMALL, bootstrap_iters=0)
+    metrics = run(cfg, make_ctx(out, tiny_models))
+    hf, api = metrics["pretrain.heldout_ppl.word_perplexity"], metrics["quantize.heldout_ppl.word_perplexity"]
+    assert api == pytest.approx(hf, rel=0.03)
+    assert abs(metrics["quantize.heldout_mc.acc"] - metrics["pretrain.heldout_mc.acc"]) <= 1 / SMALL.docs + 1e-9
+    stored = json.loads((out / "results" / "models" / "quantize.json").read_text())
+    assert stored["config"]["model"] == "local-completions"
+    assert stored["config"]["model_args"]["base_url"].endswith("/v1/completions")
+    assert (out / "results" / "vllm_server.log").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_hf_backend_uses_bf16_and_agrees_with_cpu(tmp_path, tiny_models):
+    built = build_local_tasks(tiny_models["heldout"], tmp_path / "tasks", SMALL)
+    log = logging.getLogger("test")
+    spec = ModelSpec("pretrain", tiny_models["trained"], "hf")
+    gpu_cfg = EvaluateConfig(heldout=SMALL, bootstrap_iters=0)  # device/dtype auto: cuda, bfloat16
+    gpu = evaluate_model(spec, gpu_cfg, task_manager(gpu_cfg, built.include_path), tmp_path, log)
+    cpu_cfg = EvaluateConfig(heldout=SMALL, bootstrap_iters=0, device="cpu")
+    cpu = evaluate_model(spec, cpu_cfg, task_manager(cpu_cfg, built.include_path), tmp_path, log)
+    assert gpu["config"]["model_args"]["dtype"] == "bfloat16" and gpu["config"]["model_args"]["device"] == "cuda"
+    assert gpu["results"][PPL_TASK]["word_perplexity,none"] == pytest.approx(
+        cpu["results"][PPL_TASK]["word_perplexity,none"], rel=0.03)

@@ -1,0 +1,495 @@
+"""The quality stage: each heuristic on crafted texts, the fastText classifier, the stage end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.stage import StageContext
+from stages.quality import stage as quality
+from stages.quality.rules import (
+    REASONS,
+    C4Config,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    Rules,
+    duplicate_ngram_chars,
+    repeated_ngrams,
+    top_ngram_chars,
+)
+from stages.quality.stage import (
+    ClassifierConfig,
+    ClassifierError,
+    MissingPathError,
+    QualityConfig,
+    ShardSchemaError,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+
+# Four paragraphs of ordinary prose: it passes every rule with the published thresholds.
+GOOD = """The history of the printing press is closely tied to the spread of literacy in Europe.
+Before movable type, books were copied by hand, which made them rare and expensive.
+
+Johannes Gutenberg combined several existing technologies into a practical system around 1440.
+His press used metal type that could be arranged, inked and reused many times over.
+
+Within a few decades, printing shops had opened in more than two hundred cities.
+Scholars could compare identical copies of a text, and errors became easier to correct.
+
+The new abundance of books also changed how people thought about knowledge and authority.
+Pamphlets carried political and religious arguments to readers who had never owned a manuscript."""
+
+PROSE_WORDS = ("river valley farmer harvest village winter market bridge teacher student garden music "
+               "library painter ocean forest mountain lantern journey window kitchen").split()
+
+
+def prose_line(rng: random.Random, n_words: int = 12, end: str = ".") -> str:
+    """A line of distinct-looking prose with stop words, so that only the rule under test fails."""
+    words = []
+    for i in range(n_words):
+        words.append(("the", "of", "and", "to")[i % 4] if i % 3 == 1 else rng.choice(PROSE_WORDS))
+    return " ".join(words).capitalize() + end
+
+
+def rules(**overrides) -> Rules:
+    groups = {"gopher": GopherQualityConfig(), "repetition": GopherRepetitionConfig(), "c4": C4Config()}
+    for key, value in overrides.items():
+        group, _, name = key.partition("__")
+        groups[group] = dataclasses.replace(groups[group], **{name: value})
+    return Rules(groups["gopher"], groups["repetition"], groups["c4"], bad_words=("badword", "very bad phrase"))
+
+
+def check(text: str | None, r: Rules | None = None) -> str | None:
+    return (r or rules()).check(text)[0]
+
+
+# --- heuristics -----------------------------------------------------------------------------------
+
+def test_good_prose_is_kept_and_counted():
+    reason, words = rules().check(GOOD)
+    assert reason is None
+    assert words == len(GOOD.split())
+
+
+@pytest.mark.parametrize("text", [None, "", "   \n\t "])
+def test_empty_text(text):
+    assert rules().check(text) == ("empty_text", 0)
+
+
+def _junk() -> dict[str, str]:
+    rng = random.Random(0)
+    lines = [line for line in GOOD.splitlines() if line]
+    spam_vocab = "cheap watches online store great discounts today best prices guaranteed order now free " \
+                 "shipping worldwide premium quality replica brands sale".split()
+    return {
+        "too_few_words": "A short note with only a handful of words.",
+        "mean_word_length": " ".join(["a be to of it is so we at by"] * 8),
+        "symbol_ratio": GOOD + "\n" + " ".join(f"#tag{i}" for i in range(25)),
+        "bullet_lines": "\n".join("• " + prose_line(rng) for _ in range(8)),
+        "ellipsis_lines": "\n".join(prose_line(rng, 16, end="..." if i % 3 else ".") for i in range(6)),
+        "alpha_words": GOOD + "\n" + " ".join(str(1000 + i) for i in range(60)),
+        "stop_words": " ".join(rng.choice(spam_vocab) for _ in range(80)) + ".",
+        "long_word": "\n".join(prose_line(rng) for _ in range(30)) + " " + "x" * 1001,
+        "lorem_ipsum": GOOD + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit.",
+        "bad_words": GOOD + "\nThat was a very bad phrase, said the editor.",
+        "punct_lines": "\n".join(prose_line(rng, 10, end="") for _ in range(10)),
+        "too_few_sentences": prose_line(rng, 70),
+        "duplicate_lines": "\n".join(lines[:2] + [lines[3]] * 4 + lines[6:8]),
+        # 1 of 3 paragraphs repeats (> 0.3) while its line is only 1 of 7 lines and few characters.
+        "duplicate_paragraphs": "\n\n".join(["A short repeated paragraph.", "\n".join(lines[:6]),
+                                             "A short repeated paragraph."]),
+        "top_ngram_ratio": GOOD + "\n" + " ".join(["buy now"] * 35),
+        "duplicate_ngram_ratio": GOOD + " " + lines[0] + " " + lines[1],
+    }
+
+
+@pytest.mark.parametrize("reason", list(_junk()))
+def test_each_junk_kind_is_dropped_with_its_reason(reason):
+    assert check(_junk()[reason]) == reason
+
+
+def test_rules_that_need_their_own_thresholds():
+    assert check(GOOD, rules(gopher__max_words=60)) == "too_many_words"
+    assert check(GOOD + "\nif (x) { return 1; }", rules(c4__curly_bracket=True)) == "curly_bracket"
+    assert check(GOOD + "\nif (x) { return 1; }") is None  # off by default: code in documentation is wanted
+    long_line = GOOD.splitlines()[-1] * 4
+    # 2 of 11 lines repeat (below 0.3), but they are long: most characters are duplicated.
+    text = "\n".join(GOOD.splitlines()[:8] + [long_line, long_line, long_line])
+    assert check(text, rules(repetition__max_duplicate_ngram_ratio=())) == "duplicate_line_chars"
+    para = "\n".join(GOOD.splitlines()[:2])
+    text = "\n\n".join([para, GOOD.split("\n\n")[2], para])
+    only_paragraph_chars = rules(repetition__max_duplicate_lines_ratio=None,
+                                 repetition__max_duplicate_line_chars_ratio=None,
+                                 repetition__max_duplicate_paragraphs_ratio=None)
+    assert check(text, only_paragraph_chars) == "duplicate_paragraph_chars"
+
+
+def test_ngram_fractions_follow_gopher():
+    words = "a b c a b c xyz".split()
+    lengths = [len(w) for w in words]
+    repeated = repeated_ngrams(words, 2)
+    assert repeated == {("a", "b"): [0, 3], ("b", "c"): [1, 4]}
+    assert top_ngram_chars(repeated) == 4  # "a b" twice, 2 characters each time
+    # "a b c" at 3 repeats the one at 0: its 3 characters are duplicates, the original is not.
+    assert duplicate_ngram_chars(repeated_ngrams(words, 3), lengths, 3) == 3
+    # Overlapping repeats count each word once: "a a a a a a" has 2-gram repeats at 1..4, covering words 1..5.
+    same = ["a"] * 6
+    assert duplicate_ngram_chars(repeated_ngrams(same, 2), [1] * 6, 2) == 5
+    assert repeated_ngrams(words, 4) == {}
+
+
+def test_pruned_ngram_search_finds_what_a_full_search_finds():
+    rng = random.Random(5)
+    words = [rng.choice("a b c d e".split()) for _ in range(400)]
+    starts = None
+    for n in range(2, 9):
+        pruned = repeated_ngrams(words, n, starts)
+        assert pruned == repeated_ngrams(words, n)
+        starts = sorted(i for positions in pruned.values() for i in positions)
+
+
+def test_null_threshold_turns_a_rule_off():
+    assert check("A short note with only a handful of words.", rules(gopher__min_words=None,
+                                                                     c4__min_sentences=None)) is None
+
+
+def test_bad_words_match_whole_words_only():
+    assert check(GOOD + "\nA badword here.") == "bad_words"
+    assert check(GOOD + "\nThe badwords and verybadphrase are other words.") is None
+    assert check(GOOD + "\nA BadWord in capitals.") == "bad_words"
+
+
+def test_every_reason_is_named_once():
+    assert len(REASONS) == len(set(REASONS))
+    assert set(_junk()) <= set(REASONS)
+
+
+def test_config_checks_name_the_key():
+    with pytest.raises(ValueError, match="min_words .* greater than max_words"):
+        GopherQualityConfig(min_words=10, max_words=5)
+    with pytest.raises(ValueError, match="min_alpha_words_ratio"):
+        GopherQualityConfig(min_alpha_words_ratio=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        ClassifierConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="positive_label"):
+        ClassifierConfig(positive_label="hq")
+
+
+def test_default_yaml_matches_the_schema_defaults():
+    from omegaconf import OmegaConf
+
+    from pipeline.schema import build
+
+    data = OmegaConf.to_container(OmegaConf.load(REPO / "conf/stage/quality/default.yaml"))
+    assert build(QualityConfig, data, path="stage.quality") == QualityConfig()
+
+
+# --- classifier -----------------------------------------------------------------------------------
+
+EDU = ("photosynthesis converts light energy into chemical energy stored in glucose molecules",
+       "the theorem follows from the definition of a continuous function on a closed interval",
+       "students measured the acceleration of a falling object and compared it with theory",
+       "the treaty ended the war and redrew the borders of several european states",
+       "enzymes lower the activation energy of reactions inside living cells",
+       "the experiment showed that pressure and volume are inversely related at constant temperature",
+       "historians study primary sources such as letters diaries and official records",
+       "a prime number has exactly two divisors one and the number itself",
+       "the river deposits sediment where its current slows near the delta",
+       "the author uses irony to criticise the social customs of the period")
+SPAM = ("click here to buy cheap watches online with free shipping today",
+        "best casino bonus sign up now and win big jackpot prizes",
+        "login register cart checkout wishlist my account help",
+        "limited offer discount code save fifty percent on all products",
+        "home about us contact privacy policy terms sitemap",
+        "hot singles in your area chat now free registration",
+        "subscribe to our newsletter for exclusive deals and coupons",
+        "lose weight fast with this one simple trick doctors hate",
+        "follow us on facebook twitter instagram share this page",
+        "copyright all rights reserved powered by wordpress theme")
+SHARED = "the a and of to in is for on with this that".split()
+
+
+def sample(rng: random.Random, pool: tuple[str, ...]) -> str:
+    """A sample mixing phrases of one class with words common to both classes."""
+    words = []
+    for _ in range(rng.randint(2, 4)):
+        phrase = rng.choice(pool).split()
+        start = rng.randrange(len(phrase) // 2)
+        words += phrase[start:start + rng.randint(4, 8)] + rng.sample(SHARED, 2)
+    return " ".join(words)
+
+
+def write_samples(path: Path, n: int, pool: tuple[str, ...], seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(sample(rng, pool) for _ in range(n)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def samples(tmp_path):
+    return (write_samples(tmp_path / "positive.txt", 300, EDU, seed=1),
+            write_samples(tmp_path / "negative.txt", 300, SPAM, seed=2))
+
+
+def trained_config(samples, **overrides) -> ClassifierConfig:
+    pos, neg = samples
+    return ClassifierConfig(positive=str(pos), negative=str(neg), **overrides)
+
+
+def test_trained_classifier_separates_held_out_samples(samples, tmp_path):
+    import logging
+
+    c = trained_config(samples)
+    metrics = quality.prepare_classifier(c, tmp_path / "out", logging.getLogger("test"))
+    model_path = tmp_path / "out" / "classifier" / "model.bin"
+    assert model_path.is_file()
+    assert metrics["classifier_train_samples"] == 540 and metrics["classifier_val_samples"] == 60
+    assert metrics["classifier_val_accuracy"] > 0.9
+    # A fresh held-out set from other seeds.
+    rng = random.Random(99)
+    held_pos = [sample(rng, EDU) for _ in range(100)]
+    held_neg = [sample(rng, SPAM) for _ in range(100)]
+    model = quality.load_classifier(model_path, c.positive_label)
+    p_pos = quality.positive_probabilities(model, held_pos, c.positive_label)
+    p_neg = quality.positive_probabilities(model, held_neg, c.positive_label)
+    accuracy = (sum(p >= 0.5 for p in p_pos) + sum(p < 0.5 for p in p_neg)) / 200
+    assert accuracy > 0.9, accuracy
+
+
+def test_training_is_repeatable_with_one_thread(samples, tmp_path):
+    import logging
+
+    c = trained_config(samples)
+    texts = [GOOD, "click here to buy cheap watches", "the theorem follows from the definition"]
+    probs = []
+    for name in ("a", "b"):
+        quality.prepare_classifier(c, tmp_path / name, logging.getLogger("test"))
+        model = quality.load_classifier(tmp_path / name / "classifier" / "model.bin", c.positive_label)
+        probs.append(quality.positive_probabilities(model, texts, c.positive_label))
+    assert probs[0] == probs[1]
+
+
+def test_multiline_text_is_scored_as_one_line(samples, tmp_path):
+    import logging
+
+    c = trained_config(samples)
+    quality.prepare_classifier(c, tmp_path, logging.getLogger("test"))
+    model = quality.load_classifier(tmp_path / "classifier" / "model.bin", c.positive_label)
+    multi = "the theorem follows\nfrom the definition\r\n\nof a continuous function"
+    [p_multi] = quality.positive_probabilities(model, [multi], c.positive_label)
+    [p_flat] = quality.positive_probabilities(model, [" ".join(multi.split())], c.positive_label)
+    assert p_multi == p_flat
+
+
+@pytest.mark.parametrize("key", ["positive", "negative", "model_path"])
+def test_missing_classifier_file_names_key_and_path(samples, tmp_path, key):
+    import logging
+
+    c = dataclasses.replace(trained_config(samples), **{key: str(tmp_path / "nope.txt")})
+    with pytest.raises(MissingPathError, match=rf"stage\.quality\.classifier\.{key}: file not found: .*nope\.txt"):
+        quality.prepare_classifier(c, tmp_path / "out", logging.getLogger("test"))
+
+
+def test_no_model_and_no_samples_is_a_clear_error(tmp_path):
+    import logging
+
+    with pytest.raises(MissingPathError, match="set model_path, or both positive and negative"):
+        quality.prepare_classifier(ClassifierConfig(positive=None), tmp_path, logging.getLogger("test"))
+
+
+def test_empty_sample_file_is_a_clear_error(samples, tmp_path):
+    import logging
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ClassifierError, match="classifier.negative: .*empty.txt holds no sample"):
+        quality.prepare_classifier(ClassifierConfig(positive=str(samples[0]), negative=str(empty)), tmp_path / "o",
+                                   logging.getLogger("test"))
+
+
+# --- the stage end to end -------------------------------------------------------------------------
+
+def write_shard(path: Path, texts: list[str | None], prefix: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(texts)
+    pq.write_table(pa.table({"id": [f"{prefix}-{i}" for i in range(n)],
+                             "url": [f"https://example.org/{prefix}/{i}" for i in range(n)],
+                             "text": pa.array(texts, pa.string()),
+                             "language": ["en"] * n}), path)
+
+
+def doc(rng: random.Random, pool: tuple[str, ...]) -> str:
+    """Six distinct phrases of one class as sentences: passes the heuristics, so only the classifier decides."""
+    ordinals = ("first", "second", "third", "fourth", "fifth", "sixth")
+    return "\n".join(f"{phrase.capitalize()} and the {nth} one." for phrase, nth in zip(rng.sample(pool, 6), ordinals,
+                                                                                        strict=True))
+
+
+def spam_doc(rng: random.Random) -> str:
+    return doc(rng, SPAM)
+
+
+def edu_doc(rng: random.Random) -> str:
+    return doc(rng, EDU)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two shards: educational prose, classifier-only spam, and heuristic junk."""
+    rng = random.Random(7)
+    junk = _junk()
+    shard0 = [edu_doc(rng) for _ in range(6)] + [spam_doc(rng) for _ in range(3)] + \
+             [junk["stop_words"], junk["lorem_ipsum"], None]
+    shard1 = [edu_doc(rng) for _ in range(5)] + [spam_doc(rng) for _ in range(2)] + [junk["too_few_words"]]
+    write_shard(tmp_path / "dedup" / "a.parquet", shard0, "a")
+    write_shard(tmp_path / "dedup" / "b.parquet", shard1, "b")
+    return tmp_path / "dedup"
+
+
+def make_ctx(tmp_path: Path, corpus: Path) -> StageContext:
+    out = tmp_path / "quality-out"
+    out.mkdir(exist_ok=True)
+    return StageContext(stage="quality", fingerprint="test", output_dir=out,
+                        inputs={"dedup.documents": corpus}, metrics_file=tmp_path / "metrics.jsonl")
+
+
+def read_dir(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p) for p in sorted(path.glob("*.parquet"))])
+
+
+def test_stage_end_to_end(samples, corpus, tmp_path):
+    cfg = QualityConfig(classifier=trained_config(samples), workers=2)
+    ctx = make_ctx(tmp_path, corpus)
+    metrics = quality.STAGE.run(cfg, ctx)
+
+    assert metrics["docs_in"] == 20
+    assert metrics["dropped_classifier"] == 5
+    assert metrics["dropped_stop_words"] == 1 and metrics["dropped_lorem_ipsum"] == 1
+    assert metrics["dropped_empty_text"] == 1 and metrics["dropped_too_few_words"] == 1
+    assert metrics["docs_out"] == 11
+    assert metrics["classifier_val_accuracy"] > 0.9 and metrics["docs_per_s"] > 0
+
+    kept = read_dir(ctx.output("documents"))
+    assert kept.column_names == ["id", "url", "text", "language", "quality_score", "word_count"]
+    assert sorted(kept.column("id").to_pylist()) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(5)])
+    assert min(kept.column("quality_score").to_pylist()) >= 0.5
+    dropped = read_dir(ctx.output("dropped"))
+    reasons = dict(zip(dropped.column("id").to_pylist(), dropped.column("drop_reason").to_pylist(), strict=True))
+    assert reasons["a-9"] == "stop_words" and reasons["a-11"] == "empty_text" and reasons["b-7"] == "too_few_words"
+    assert [reasons[f"a-{i}"] for i in (6, 7, 8)] == ["classifier"] * 3
+    scores = dict(zip(dropped.column("id").to_pylist(), dropped.column("quality_score").to_pylist(), strict=True))
+    assert scores["a-9"] is None and scores["a-6"] < 0.5  # heuristic drops are never scored
+    # Progress was reported per shard.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_given_model_path_is_loaded_and_used(corpus, tmp_path):
+    import fasttext
+    import pyarrow.parquet as pq
+
+    rng = random.Random(3)
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(f"__label__good {sample(rng, EDU)}\n__label__bad {sample(rng, SPAM)}"
+                               for _ in range(300)))
+    model = fasttext.train_supervised(input=str(train), epoch=10, lr=0.5, wordNgrams=2, bucket=10_000, seed=0,
+                                      thread=1, verbose=0)
+    model.save_model(str(tmp_path / "given.bin"))
+    c = ClassifierConfig(model_path=str(tmp_path / "given.bin"), positive_label="__label__good", threshold=0.5)
+    cfg = QualityConfig(classifier=c, workers=1)
+    ctx = make_ctx(tmp_path, corpus)
+    metrics = quality.run(cfg, ctx)
+    assert not (ctx.output_dir / "classifier").exists()  # nothing trained
+    assert metrics["dropped_classifier"] == 5 and "classifier_val_accuracy" not in metrics
+    kept = pq.read_table(ctx.output("documents") / "00000.parquet").to_pylist()
+    for row in kept:
+        labels, probs = model.predict(" ".join(row["text"].split()), k=2)
+        expected = dict(zip(labels, probs, strict=True))["__label__good"]
+        assert row["quality_score"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_given_model_without_the_label_is_a_clear_error(samples, corpus, tmp_path):
+    import logging
+
+    quality.prepare_classifier(trained_config(samples), tmp_path / "t", logging.getLogger("test"))
+    c = ClassifierConfig(model_path=str(tmp_path / "t" / "classifier" / "model.bin"), positive_label="__label__edu")
+    with pytest.raises(ClassifierError, match=r"no label '__label__edu' \(it has .*__label__hq"):
+        quality.run(QualityConfig(classifier=c, workers=1), make_ctx(tmp_path, corpus))
+
+
+def test_missing_bad_words_file_names_the_key(corpus, tmp_path):
+    cfg = QualityConfig(c4=C4Config(bad_words_file=str(tmp_path / "words.txt")),
+                        classifier=ClassifierConfig(enabled=False), workers=1)
+    with pytest.raises(MissingPathError, match=r"stage\.quality\.c4\.bad_words_file: file not found"):
+        quality.run(cfg, make_ctx(tmp_path, corpus))
+
+
+def test_without_classifier_and_without_dropped(corpus, tmp_path):
+    cfg = QualityConfig(classifier=ClassifierConfig(enabled=False), write_dropped=False, workers=1)
+    ctx = make_ctx(tmp_path, corpus)
+    metrics = quality.run(cfg, ctx)
+    assert metrics["docs_out"] == 16 and "dropped_classifier" not in metrics
+    assert read_dir(ctx.output("documents")).column("quality_score").null_count == 16
+    assert ctx.output("dropped").is_dir() and not list(ctx.output("dropped").iterdir())
+
+
+def test_shard_without_text_column_is_a_named_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["x"], "body": ["hello"]}), tmp_path / "in" / "a.parquet")
+    cfg = QualityConfig(classifier=ClassifierConfig(enabled=False), workers=1)
+    with pytest.raises(ShardSchemaError, match=r"a\.parquet has no 'text' column"):
+        quality.run(cfg, make_ctx(tmp_path, tmp_path / "in"))
+
+
+def test_resume_skips_done_shards_and_reuses_the_model(samples, corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg = QualityConfig(classifier=trained_config(samples), workers=1)
+    ctx = make_ctx(tmp_path, corpus)
+    first = quality.run(cfg, ctx)
+    model = ctx.output_dir / "classifier" / "model.bin"
+    model_mtime = model.stat().st_mtime_ns
+    # Simulate a crash after shard 0: shard 1 lost its marker and output; shard 0's input changes
+    # (a done shard must not be read again).
+    (ctx.output_dir / "_shards" / "00001.json").unlink()
+    (ctx.output("documents") / "00001.parquet").unlink()
+    write_shard(corpus / "a.parquet", [GOOD], "changed")
+    second = quality.run(cfg, ctx)
+    assert model.stat().st_mtime_ns == model_mtime
+    assert second["docs_in"] == first["docs_in"] and second["docs_out"] == first["docs_out"]
+    assert second["classifier_val_accuracy"] == first["classifier_val_accuracy"]
+    ids = pq.read_table(ctx.output("documents") / "00000.parquet").column("id").to_pylist()
+    assert all(i.startswith("a-") for i in ids)
+    assert (ctx.output("documents") / "00001.parquet").is_file()
+
+
+def test_external_state_follows_file_contents(samples, tmp_path):
+    cfg = QualityConfig(classifier=trained_config(samples))
+    before = quality.external_state(cfg)
+    assert set(before) == {"classifier.positive", "classifier.negative"}
+    assert before["classifier.positive"].startswith("sha256:")
+    samples[0].write_text("something else\n")
+    assert quality.external_state(cfg)["classifier.positive"] != before["classifier.positive"]
+    assert quality.external_state(cfg) != before
+    missing = QualityConfig(classifier=ClassifierConfig(positive=str(tmp_path / "none.txt")))
+    assert quality.external_state(missing)["classifier.positive"] == "missing"
+    assert quality.external_state(QualityConfig(classifier=ClassifierConfig(enabled=False))) is None
+
+
+def test_stage_declaration():
+    assert quality.STAGE.resumable and quality.STAGE.unhashed == frozenset({"workers"})
+    assert quality.STAGE.inputs == ("dedup.documents",) and quality.STAGE.outputs == ("documents", "dropped")

@@ -1,0 +1,307 @@
+"""The serve stage: config, request building, benchmark metrics, foreground serving, end to end on vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from llmpipe.project import PROJECT
+from pipeline import config as pipeline_config
+from pipeline.errors import ConfigError
+from pipeline.stage import ARTIFACTS_FILE, StageContext
+from stages.common.vllm_server import VllmServer, _group_alive
+from stages.serve import stage as serve
+from stages.serve.stage import (
+    BENCH_METRICS,
+    BenchConfig,
+    ServeConfig,
+    ServeError,
+    api_key_from_env,
+    bench_argv,
+    bench_metrics,
+    chat_request,
+    chat_template_of,
+    completion_request,
+    draw_prompts,
+    make_server,
+    serve_until_stopped,
+    server_options,
+)
+from tests.stages.common.test_vllm_server import STAND_IN, _port_free
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _load(*overrides: str, name: str = "tiny", root: Path | None = None):
+    extra = [f"run.root={root}"] if root else []
+    return pipeline_config.load(PROJECT, REPO / "conf", name, [*overrides, *extra], project_dir=REPO)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_shipped_configs_compose():
+    tiny = _load().stages["serve"]
+    assert tiny.host == "127.0.0.1" and tiny.port is None and tiny.api_key_env is None
+    assert tiny.served_model_name == "tiny-llama" and tiny.max_model_len == 256  # from the model group
+    assert len(tiny.prompts) >= 2 and tiny.bench.requests > 0
+    big = _load("stage/serve=llama-7b", name="llama-7b").stages["serve"]
+    assert big.max_model_len == 4096 and big.bench.concurrency > tiny.bench.concurrency
+    assert not big.enforce_eager
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ConfigError, match="stage.serve.bench: bench.concurrency must be >= 1"):
+        _load("stage.serve.bench.concurrency=0")
+    with pytest.raises(ConfigError, match="prompts must hold at least one"):
+        _load("stage.serve.prompts=[]")
+    with pytest.raises(ConfigError, match="stage.serve.dtype"):
+        _load("stage.serve.dtype=fp8")
+
+
+def test_execution_only_fields_do_not_change_the_fingerprint(tmp_path):
+    from pipeline.plan import make_plan
+
+    def fp(*overrides):
+        return make_plan(_load(*overrides, root=tmp_path), PROJECT).stages["serve"].fingerprint
+
+    base = fp()
+    assert fp("stage.serve.port=8000", "stage.serve.keep_alive=true", "stage.serve.api_key_env=KEY") == base
+    assert fp("stage.serve.bench.requests=8") != base
+
+
+def test_api_key_from_env():
+    assert api_key_from_env(None, {}) is None
+    assert api_key_from_env("LLMPIPE_KEY", {"LLMPIPE_KEY": "abc"}) == "abc"
+    with pytest.raises(ServeError, match="'LLMPIPE_KEY'.*unset or empty"):
+        api_key_from_env("LLMPIPE_KEY", {})
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_chat_template_of(tmp_path):
+    assert chat_template_of(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert chat_template_of(tmp_path) == "{{ messages }}"
+    (tmp_path / "chat_template.jinja").write_text("{{ jinja }}")
+    assert chat_template_of(tmp_path) == "{{ jinja }}"
+
+
+def test_start_server_refuses_a_model_without_chat_template(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ServeError, match="no chat template"):
+        make_server(ServeConfig(), tmp_path, tmp_path / "server.log")
+    with pytest.raises(ServeError, match="does not exist"):
+        make_server(ServeConfig(), tmp_path / "missing", tmp_path / "server.log")
+
+
+def test_server_options():
+    opts = server_options(ServeConfig(enforce_eager=True, extra_args=("--seed", "1"), cpu_kvcache_space_gib=2),
+                          Path("/models/quantized"))
+    assert opts["extra_args"] == ("--seed", "1", "--enforce-eager")
+    assert opts["served_model_name"] == "quantized"  # null: the model dir's name
+    assert opts["env"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    assert server_options(ServeConfig(enforce_eager=True, extra_args=("--enforce-eager",)),
+                          Path("/m"))["extra_args"] == ("--enforce-eager",)
+
+
+def test_draw_prompts_is_deterministic():
+    pool = ["a", "b", "c", "d"]
+    first = draw_prompts(pool, 50, seed=3)
+    assert first == draw_prompts(pool, 50, seed=3)
+    assert len(first) == 50 and set(first) <= set(pool) and len(set(first)) > 1
+    assert first != draw_prompts(pool, 50, seed=4)
+
+
+def test_check_requests_are_greedy_and_force_some_text():
+    body = completion_request("tiny", "Hello", 16)
+    assert body == {"model": "tiny", "prompt": "Hello", "max_tokens": 16, "temperature": 0.0, "min_tokens": 4}
+    chat = chat_request("tiny", "Hi", 2)
+    assert chat["messages"] == [{"role": "user", "content": "Hi"}] and chat["min_tokens"] == 2
+
+
+def test_bench_argv():
+    argv = bench_argv(base_url="http://127.0.0.1:9/", served_model_name="tiny", tokenizer=Path("/m"),
+                      prompts_file=Path("/p.jsonl"), bench=BenchConfig(requests=8, concurrency=2, max_tokens=5))
+    flags = dict(zip(argv[::2], argv[1::2], strict=False))
+    assert flags["--backend"] == "openai" and flags["--endpoint"] == "/v1/completions"
+    assert "--ignore-eos" in argv and "--skip-chat-template" in argv
+    chat = bench_argv(base_url="u", served_model_name="tiny", tokenizer=Path("/m"), prompts_file=Path("/p"),
+                      bench=BenchConfig(endpoint="chat"))
+    assert chat[chat.index("--backend") + 1] == "openai-chat"
+    assert chat[chat.index("--endpoint") + 1] == "/v1/chat/completions"
+    for flag, value in (("--num-prompts", "8"), ("--max-concurrency", "2"), ("--custom-output-len", "5"),
+                        ("--metric-percentiles", "50,95"), ("--dataset-path", "/p.jsonl")):
+        assert argv[argv.index(flag) + 1] == value
+
+
+def test_bench_metrics_maps_vllms_result():
+    result = {theirs: float(i) for i, theirs in enumerate(BENCH_METRICS.values())}
+    result["date"] = "20261122"
+    metrics = bench_metrics(result)
+    assert set(metrics) == set(BENCH_METRICS)
+    assert metrics["requests_per_s"] == result["request_throughput"]
+    del result["p95_e2el_ms"]
+    with pytest.raises(ServeError, match="p95_e2el_ms"):
+        bench_metrics(result)
+
+
+@pytest.mark.integration
+def test_bench_argv_is_accepted_by_vllms_parser():
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(bench_argv(base_url="http://127.0.0.1:9", served_model_name="tiny",
+                                        tokenizer=Path("/m"), prompts_file=Path("/p.jsonl"), bench=BenchConfig()))
+    assert args.max_concurrency == 4 and args.num_prompts == 32 and args.ignore_eos
+    assert args.percentile_metrics == "ttft,tpot,itl,e2el"
+
+
+# ---------------------------------------------------------------- foreground
+
+
+def test_foreground_refuses_a_model_not_built_yet(tmp_path, capsys):
+    from llmpipe.cli import main
+
+    code = main(["serve", "--config-name", "tiny", f"run.root={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "quantize.model of config 'tiny'" in err
+    assert "is not built yet: run `make pipeline` or `make stage STAGE=quantize` first" in err
+
+
+@pytest.fixture
+def stand_in_server(tmp_path):
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    model = tmp_path / "model"
+    model.mkdir()
+    env = {"STAND_IN_MODE": "ok", "STAND_IN_PIDS": str(tmp_path / "pids")}
+    return VllmServer(model, launcher=[sys.executable, str(script)], env=env, stop_grace_s=5)
+
+
+def test_sigterm_stops_a_foreground_server_cleanly(stand_in_server):
+    import logging
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stand_in_server as server:
+        leader, port = server.pid, server.port
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        serve_until_stopped(server, logging.getLogger("test"))  # returns on SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not _group_alive(leader) and _port_free(port)
+
+
+def test_a_server_dying_while_serving_is_an_error(stand_in_server):
+    import logging
+
+    with stand_in_server as server:
+        threading.Timer(0.5, os.kill, (server.pid, signal.SIGKILL)).start()
+        with pytest.raises(ServeError, match="exited by itself with code -9"):
+            serve_until_stopped(server, logging.getLogger("test"))
+
+
+# ---------------------------------------------------------------- on the real vLLM server
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.stages.model_fixtures import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("serve_stage") / "model", train_steps=40)
+
+
+@pytest.mark.integration
+def test_stage_end_to_end(tiny_model, tmp_path):
+    requests, max_tokens = 8, 16
+    cfg = _load(f"stage.serve.bench.requests={requests}", f"stage.serve.bench.max_tokens={max_tokens}",
+                "stage.serve.api_key_env=LLMPIPE_TEST_KEY").stages["serve"]
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage="serve", fingerprint="test", output_dir=out, inputs={"quantize.model": tiny_model},
+                       metrics_file=out / "metrics.jsonl")
+    os.environ["LLMPIPE_TEST_KEY"] = "test-key"
+    try:
+        t0 = time.monotonic()
+        metrics = serve.run(cfg, ctx)
+        print(f"stage took {time.monotonic() - t0:.0f} s; metrics: {json.dumps(metrics, indent=1)}")
+    finally:
+        os.environ.pop("LLMPIPE_TEST_KEY")
+
+    assert metrics["checks_passed"] == 2 and 0 < metrics["startup_s"] < cfg.startup_timeout_s
+    assert metrics["bench_completed"] == requests and metrics["bench_failed"] == 0
+    assert metrics["bench_output_tokens"] == requests * max_tokens  # EOS ignored: exactly max_tokens each
+    assert metrics["requests_per_s"] > 0 and metrics["output_tokens_per_s"] > metrics["requests_per_s"]
+    assert metrics["output_tokens_per_s"] == pytest.approx(requests * max_tokens / metrics["bench_duration_s"])
+    assert 0 < metrics["ttft_ms_p50"] <= metrics["ttft_ms_p95"]
+    # The first token cannot come after the last. (On this tiny model they often arrive in one chunk:
+    # vLLM merges the tokens produced while the API process was busy, so TTFT ~ latency, TPOT ~ 0.)
+    assert metrics["ttft_ms_p50"] <= metrics["latency_ms_p50"] <= metrics["latency_ms_p95"]
+    assert metrics["latency_ms_p95"] < metrics["bench_duration_s"] * 1000
+
+    endpoint = json.loads((out / "endpoint" / "endpoint.json").read_text())
+    assert endpoint["served_model_name"] == "tiny-llama" and endpoint["model_dir"] == str(tiny_model.resolve())
+    assert endpoint["api_key_env"] == "LLMPIPE_TEST_KEY" and "test-key" not in json.dumps(endpoint)
+    assert endpoint["checks"]["completion"]["text"].strip() and endpoint["checks"]["chat"]["text"].strip()
+    assert endpoint["benchmark"]["metrics"]["requests_per_s"] == metrics["requests_per_s"]
+    assert len((out / "endpoint" / "bench_prompts.jsonl").read_text().splitlines()) == requests
+    assert json.loads((out / ARTIFACTS_FILE).read_text()) == ["endpoint/endpoint.json", "endpoint/server.log"]
+    assert "Application startup complete" in (out / "endpoint" / "server.log").read_text()
+    assert _port_free(endpoint["port"])  # the server is gone
+
+
+@pytest.mark.integration
+def test_foreground_serves_until_sigterm(tiny_model, tmp_path):
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmpipe", "serve", "--model-dir", str(tiny_model),
+                             f"run.root={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        base_url = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "base url:" in line:
+                base_url = line.split("base url:")[1].strip()
+            if "Ctrl-C stops it" in line:
+                break
+        assert base_url, "".join(lines[-30:])
+        answer = httpx.post(f"{base_url}/completions", timeout=120,
+                            json={"model": "tiny-llama", "prompt": "The server", "max_tokens": 4}).json()
+        assert answer["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        lines.append(rest)
+        assert proc.returncode == 0, "".join(lines[-30:])
+        assert "stopping the vLLM server (SIGTERM)" in rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not _group_alive(proc.pid)
+    port = int(base_url.rsplit(":", 1)[1].split("/")[0])
+    assert _port_free(port)
+
+
+def test_foreground_finds_the_committed_quantize_output(tmp_path):
+    from pipeline.plan import make_plan
+
+    plan = make_plan(_load(root=tmp_path), PROJECT)
+    fp = plan.stages["quantize"].fingerprint
+    final = plan.store.final_dir("quantize", fp)
+    (final / "model").mkdir(parents=True)
+    (final / "_SUCCESS").write_text("1\n")
+    assert plan.committed("quantize.model") == final / "model"
