@@ -486,13 +486,15 @@ def write_docs(docs: list[dict[str, str]], directory: Path, shards: int) -> list
 # Running the two sides
 
 
-def stage_config(stage: Any, **overrides: Any) -> Any:
-    """The stage's shipped config (conf/tiny.yaml composed by Hydra) with ``overrides``, validated."""
-    from pipeline.config import compose
-    from pipeline.schema import build
+def stage_config(stage: Any, **changes: Any) -> Any:
+    """The stage's shipped config (conf/tiny.yaml, as ``make pipeline`` runs it) with ``changes``; lists (from
+    the JSON spec of a child) become the tuples the config holds. The config class checks the result."""
+    import dataclasses
 
-    data = compose(REPO / "conf", "tiny")["stage"][stage.name]
-    return build(stage.config, {**data, **overrides}, path=f"stage.{stage.name}")
+    from llmpipe.project import stage_config as shipped
+
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    return dataclasses.replace(shipped(stage.name), **changes)
 
 
 def cpu_seconds() -> float:
@@ -516,15 +518,11 @@ def run_stage(name: str, out: Path, inputs: dict[str, Path], logfile: Path, **ov
 
     A fresh process per stage (not this one, which holds the corpora in memory) so that the pool's
     forked workers start from the same small parent a real run has. The stage's log and progress
-    bars go to ``logfile``. Raises StageNotImplemented when the stage is still a stub.
+    bars go to ``logfile``.
     """
-    from pipeline import StageNotImplemented
-
     shutil.rmtree(out, ignore_errors=True)
     spec = {"stage": name, "out": str(out), "inputs": {k: str(v) for k, v in inputs.items()}, "overrides": overrides}
     result = _child(["--stage-child", json.dumps(spec)], logfile, f"llmpipe {name}")
-    if "not_implemented" in result:
-        raise StageNotImplemented(result["not_implemented"])
     return StageRun(result["seconds"], result["cpu_seconds"], result["metrics"], result["config"])
 
 
@@ -533,7 +531,7 @@ def stage_child(spec: dict[str, Any]) -> dict[str, Any]:
     import dataclasses
     import importlib
 
-    from pipeline import StageContext, StageNotImplemented
+    from pipeline import StageContext
 
     stage = importlib.import_module(f"stages.{spec['stage']}").STAGE
     cfg = stage_config(stage, **spec["overrides"])
@@ -547,10 +545,7 @@ def stage_child(spec: dict[str, Any]) -> dict[str, Any]:
                        inputs={k: Path(v) for k, v in spec["inputs"].items()},
                        log=logging.getLogger(f"llmpipe.bench.{stage.name}"))
     start, cpu = time.perf_counter(), cpu_seconds()
-    try:
-        metrics = stage.run(cfg, ctx)
-    except StageNotImplemented as exc:
-        return {"not_implemented": str(exc)}
+    metrics = stage.run(cfg, ctx)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     return {"seconds": seconds, "cpu_seconds": cpu, "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
@@ -757,13 +752,6 @@ def bench_dedup(b: Bench, corpus: DedupCorpus, docs_dir: Path) -> None:
 
 
 def bench_tokenize(b: Bench, docs_dir: Path) -> None:
-    from pipeline import StageNotImplemented
-
-    source = (REPO / "stages" / "tokenize.py").read_text()
-    if "StageNotImplemented" in source:
-        b.rows.append(Row("tokenize", "tokens/s", None, None, TARGETS["tokenize"],
-                          ["skipped: stages/tokenize/stage.py still raises StageNotImplemented"]))
-        return
     from stages.common.shards import list_parquet
 
     tok_dir = b.path("tokenizer")
@@ -774,12 +762,8 @@ def bench_tokenize(b: Bench, docs_dir: Path) -> None:
     print(f"tokenizer: byte-level BPE, vocab {vocab}, trained on {TOKENIZER_TRAIN_CHARS / 1e6:g} MB of text in "
           f"{time.perf_counter() - t0:.1f}s (untimed)", flush=True)
 
-    try:
-        run = run_stage("tokenize", b.path("llmpipe-tokenize"), {"pii.documents": docs_dir},
-                        b.path("llmpipe-tokenize.log"), workers=b.workers, tokenizer=str(tok_dir))
-    except StageNotImplemented as exc:
-        b.rows.append(Row("tokenize", "tokens/s", None, None, TARGETS["tokenize"], [f"skipped: {exc}"]))
-        return
+    run = run_stage("tokenize", b.path("llmpipe-tokenize"), {"pii.documents": docs_dir},
+                    b.path("llmpipe-tokenize.log"), workers=b.workers, tokenizer=str(tok_dir))
     metrics = run.metrics
     ours_tokens = int(metrics["doc_tokens_train"] + metrics["doc_tokens_val"] - metrics["docs_out"])  # without EOS
     print(f"  llmpipe tokenize: {run.seconds:.1f}s, {ours_tokens:,} tokens", flush=True)

@@ -16,7 +16,6 @@ Run: `make bench` (or .venv/bin/python bench/orchestrator.py [--repeat N]).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET_S = 2.0
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def wall(cmd: list[str], cwd: Path, repeat: int) -> float:
+    from pipeline.processes import child_env
+
+    env = child_env(pythonpath=[REPO])  # the chain project and this checkout's code, whatever the cwd
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
         elapsed = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")

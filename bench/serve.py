@@ -31,25 +31,27 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from llmpipe.project import stage_config  # noqa: E402
 from stages.common.vllm_server import VllmServer, has_full_vllm  # noqa: E402
-from stages.serve.stage import BenchConfig, ServeConfig, draw_prompts, run_benchmark  # noqa: E402
+from stages.serve.stage import ServeConfig, draw_prompts, run_benchmark  # noqa: E402
 
-PROMPTS = (
-    "The history of the city", "Explain what a tokenizer does.", "Write a short note about cleaning web text.",
-    "Once upon a time", "The most important thing about training a model is", "List three uses of a language model.",
-    "A good recipe for bread starts with", "Summarize why duplicate documents hurt training.",
-)
+
+def serve_config(dtype: str, args: argparse.Namespace) -> ServeConfig:
+    """The shipped serve config (conf/stage/serve/default.yaml, its prompt pool included) with this run's load."""
+    shipped = stage_config("serve")
+    return replace(shipped, dtype=dtype, max_model_len=args.max_model_len,
+                   bench=replace(shipped.bench, requests=args.requests, concurrency=args.concurrency,
+                                 max_tokens=args.max_tokens, warmups=args.concurrency, seed=args.seed))
 
 
 def vllm_throughput(model_dir: Path, dtype: str, args: argparse.Namespace, work: Path) -> dict[str, float]:
-    cfg = ServeConfig(prompts=PROMPTS, dtype=dtype, max_model_len=args.max_model_len,
-                      bench=BenchConfig(requests=args.requests, concurrency=args.concurrency,
-                                        max_tokens=args.max_tokens, warmups=args.concurrency, seed=args.seed))
+    cfg = serve_config(dtype, args)
     log = logging.getLogger("bench.serve")
     with VllmServer(model_dir, dtype=dtype, max_model_len=args.max_model_len, log_file=work / "server.log",
                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
@@ -66,7 +68,7 @@ def hf_throughput(model_dir: Path, dtype: str, device: str, args: argparse.Names
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"  # decoder-only: pad on the left so every row continues its own prompt
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-    prompts = draw_prompts(PROMPTS, args.requests, args.seed)
+    prompts = draw_prompts(serve_config(dtype, args).prompts, args.requests, args.seed)
     batches = [prompts[i:i + args.concurrency] for i in range(0, len(prompts), args.concurrency)]
 
     def generate(batch: list[str]) -> int:

@@ -44,4 +44,10 @@ def _load(conf: str, overrides: tuple[str, ...], project_dir: Path) -> Any:
 def stage_config(stage: str, *overrides: str, conf: str = "tiny") -> Any:
     """One stage's typed config from the shipped YAML: ``stage_config("sft", "stage/sft=qlora",
     "stage.sft.train.max_steps=2")``. Change fields further with ``dataclasses.replace``."""
-    return load_config(conf, overrides).stages[stage]
+    stages = load_config(conf, overrides).stages
+    if stage not in stages:
+        from pipeline.errors import ConfigError
+        from pipeline.schema import suggest
+
+        raise ConfigError(f"stage_config: no stage {stage!r}" + suggest(stage, stages))
+    return stages[stage]

@@ -134,7 +134,7 @@ def print_job_scripts(cfg, plan) -> None:
     for sp in to_run:
         after = [executor.placeholder(p) for p in plan.dag.parents[sp.name] if plan.stages[p].action == "run"]
         for spec, script in executor.render(sp.name, sp.fingerprint, sp.stage.shard_phases, after):
-            kind = f"array of {spec.tasks} tasks, map over shards {spec.phase}" if spec.tasks else "commits the output"
+            kind = f"array of {spec.tasks} tasks, phase '{spec.phase}'" if spec.tasks else "commits the output"
             print(f"\n# ===== {sp.name}: {spec.label} job ({kind}) =====")
             print(script.rstrip("\n"))
 
@@ -234,7 +234,10 @@ def cmd_ui(args, cfg, project) -> int:
     print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({uri}); Ctrl-C stops it")
     import signal
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    from pipeline.processes import die_with_parent, terminate_group
+
+    # Its own process group: the server's uvicorn and huey workers go with it, whoever stops it.
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)
 
     def stop(signum, frame):  # SIGTERM (kill, a scheduler) stops it like Ctrl-C does
         raise KeyboardInterrupt
@@ -243,11 +246,7 @@ def cmd_ui(args, cfg, project) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: their own process group
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        terminate_group(proc, grace_s=30)  # waits for the workers too, so the port is free on return
         return 0
 
 

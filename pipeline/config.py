@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import ConfigError
-from pipeline.schema import build, field_paths, suggest
+from pipeline.schema import build, field_paths, suggest, unknown_key
 from pipeline.stage import Project
 
 
@@ -76,7 +76,7 @@ class SlurmConfig:
     time_min: int = 60  # wall-clock limit of each job, minutes
     nodes: int = 1  # nodes per job
     gpus_per_node: int = 0  # sbatch --gpus-per-node; 0: none
-    cpus_per_task: int = 1  # CPUs for the stage process (one task per node)
+    cpus_per_task: int = 2  # CPUs for the stage process (one task per node; data stages: also their pool)
     mem_gb: float | None = None  # memory per node, GB; null: the partition's default
     array_tasks: int = 4  # tasks of each job array of a stage with shard_phases; 1: run such stages as one job
     array_parallelism: int = 64  # at most this many tasks of one array run at once
@@ -153,7 +153,7 @@ def compose(config_dir: Path, config_name: str, overrides: Sequence[str] = ()) -
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="llmpipe"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ValueError: OmegaConf's `list.x=1`
         raise ConfigError(f"cannot compose config '{config_name}' from {config_dir}: {exc}") from None
     assert isinstance(data, dict)
     return data
@@ -170,10 +170,9 @@ def validate(
     """Check every key of the resolved config against its schema; collect all problems."""
     problems: list[str] = []
     source = f"config '{name}'"
-    known = set(_ORCHESTRATOR_SECTIONS) | set(project.shared) | {"stage"}
     for key in data:
-        if key not in known:
-            problems.append(f"{key}: unknown top-level key" + suggest(key, known))
+        if key not in _top_level_keys(project):
+            problems.append(_unknown_top_level(key, project))
 
     def section(key: str, cls: type, value: Any) -> Any:
         try:
@@ -191,7 +190,7 @@ def validate(
         stage_data = {}
     for key in stage_data:
         if key not in project.stage_names:
-            problems.append(f"stage.{key}: unknown stage" + suggest(key, project.stage_names))
+            problems.append(_unknown_stage(key, project))
     stages = {s.name: section(f"stage.{s.name}", s.config, stage_data.get(s.name)) for s in project.stages}
     if sections["cluster"] is not None:
         for key in sections["cluster"].slurm.stages:
@@ -221,9 +220,77 @@ def load(
     project_dir: Path | None = None,
 ) -> PipelineConfig:
     check_project(project)
-    data = compose(config_dir, config_name, overrides)
+    try:
+        data = compose(config_dir, config_name, overrides)
+    except ConfigError:
+        check_override_keys(project, config_name, overrides)  # a typo'd key gets "did you mean", not Hydra's advice
+        raise
     return validate(data, project, name=config_name, project_dir=project_dir or Path(config_dir).parent,
                     overrides=overrides)
+
+
+def _top_level_keys(project: Project) -> set[str]:
+    return set(_ORCHESTRATOR_SECTIONS) | set(project.shared) | {"stage"}
+
+
+def _unknown_top_level(key: str, project: Project) -> str:
+    return f"{key}: unknown top-level key" + suggest(key, _top_level_keys(project))
+
+
+def _unknown_stage(name: str, project: Project) -> str:
+    return f"stage.{name}: unknown stage" + suggest(name, project.stage_names)
+
+
+def unknown_override_key(project: Project, key: str) -> str | None:
+    """What is wrong with the dotted config ``key`` of an override, or None when the schema has it.
+
+    The same words as :func:`validate` uses for an unknown key in a file. ``hydra.*`` keys are
+    Hydra's own; keys inside free-form mappings (``cluster.env.X``) are always known.
+    """
+    head, _, rest = key.partition(".")
+    if head == "hydra":
+        return None
+    if head == "stage":
+        name, _, rest = rest.partition(".")
+        if not name:
+            return None
+        if name not in project.stage_names:
+            return _unknown_stage(name, project)
+        return unknown_key(project.stage(name).config, rest, f"stage.{name}") if rest else None
+    sections = {**_ORCHESTRATOR_SECTIONS, **project.shared}
+    if head not in sections:
+        return _unknown_top_level(head, project)
+    return unknown_key(sections[head], rest, head) if rest else None
+
+
+def check_override_keys(project: Project, config_name: str, overrides: Sequence[str]) -> None:
+    """Raise ConfigError naming every override that changes a key the schema does not have.
+
+    Hydra rejects ``stage.dedup.treshold=0.5`` (no ``+``) before llmpipe sees the config, and its
+    advice, "To append to your config use +stage.dedup.treshold=0.5", would add the typo. Checked
+    against the schema instead, the user gets the error ``+stage.dedup.treshold=0.5`` gets from
+    :func:`validate`: "stage.dedup.treshold: unknown key (did you mean 'threshold'?)". Group choices
+    (``stage/sft=qlora``, ``model=llama-7b``) are Hydra's to check. Returns when every key is known, so
+    that the caller re-raises Hydra's own error (a syntax error, a missing option, a key the schema has
+    but the composed config lacks, as in ``cluster.slurm.stages.pretrain.nodes=2``).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return
+    problems = []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() or override.is_force_add() or override.package is not None or "/" in key:
+            continue  # `+key` is checked with the composed config; `group@pkg=x` and `a/b=x` pick options
+        problem = unknown_override_key(project, key)
+        if problem is not None and problem not in problems:
+            problems.append(problem)
+    if problems:
+        raise ConfigError("\n  ".join([f"invalid configuration in config '{config_name}':", *problems]))
 
 
 def check_project(project: Project) -> None:

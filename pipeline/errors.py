@@ -25,17 +25,6 @@ class DuplicateProducerError(DagError):
     """Two stages declare the same output artifact."""
 
 
-class StageNotImplemented(LlmpipeError):
-    """A registered stage whose implementation has not landed yet."""
-
-    def __init__(self, stage: str):
-        super().__init__(
-            f"stage '{stage}' is registered but not implemented yet: it cannot run. "
-            f"Exclude it with run.only=[...] or wait for its implementation."
-        )
-        self.stage = stage
-
-
 class OutputNotBuilt(LlmpipeError):
     """A stage output that a command needs has not been committed for the current config yet."""
 

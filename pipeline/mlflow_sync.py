@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking import _alive, pending_journals, state_path
+from pipeline.files import write_json_atomic
+from pipeline.processes import pid_alive
+from pipeline.tracking import pending_journals, state_path
 
 log = logging.getLogger("llmpipe.mlflow_sync")
 
@@ -67,7 +68,7 @@ class Sync:
                 return
             if progressed:
                 idle_since = time.monotonic()
-            elif self.writer_pid and not _alive(self.writer_pid) and time.monotonic() - idle_since > idle_exit_s:
+            elif self.writer_pid and not pid_alive(self.writer_pid) and time.monotonic() - idle_since > idle_exit_s:
                 log.warning("pipeline process %s is gone without a pipeline_end: marking its runs failed",
                             self.writer_pid)
                 self._finish_orphans()
@@ -89,9 +90,9 @@ class Sync:
         return True
 
     def _save(self) -> None:
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.state_file)
+        # Saved after every event: no fsync (a state lost in a crash only re-applies events, which
+        # finds the runs already created by their run key).
+        write_json_atomic(self.state_file, self.state, fsync=False)
 
     # -- events ------------------------------------------------------------------------------
     def _connect(self, event: dict[str, Any]) -> None:

@@ -187,7 +187,10 @@ def _convert_dataclass(cls: type, value: Any, path: str, errors: _Collector) -> 
     kwargs = {}
     for key, f in fields.items():
         if key in value:
-            kwargs[f.name] = _convert(hints[f.name], value[key], _join(path, key), errors)
+            raw = value[key]
+            if f.metadata.get("one_or_many") and isinstance(raw, str):
+                raw = [raw]  # `input=/data/*.warc.gz` means the list of that one pattern
+            kwargs[f.name] = _convert(hints[f.name], raw, _join(path, key), errors)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             errors.add(_join(path, key), f"missing required key ({_type_name(hints[f.name])})")
     if len(errors.problems) > before:  # its own checks would only repeat these, or trip on a None
@@ -205,6 +208,52 @@ def _convert_dataclass(cls: type, value: Any, path: str, errors: _Collector) -> 
 def key_of(f: dataclasses.Field) -> str:
     """The config key of a field: its name, or ``metadata={"key": ...}`` for Python keywords."""
     return f.metadata.get("key", f.name)
+
+
+def one_or_many() -> Any:
+    """A list field that also takes one bare string as the list of that string: for paths and globs,
+    which users type as ``stage.ingest.input=/data/*.warc.gz``. Opt-in, so that other lists still
+    reject a string (``targets: q_proj`` is more likely a mistake than a one-module list). The
+    validated value is the same tuple either way, and so is its fingerprint. Declares no default:
+    ``input: tuple[str, ...] = one_or_many()`` still takes its value from the YAML."""
+    return dataclasses.field(metadata={"one_or_many": True})
+
+
+def unknown_key(tp: Any, key: str, path: str = "") -> str | None:
+    """The problem with the dotted config ``key`` (relative to schema ``tp``), or None if the schema has it.
+
+    For a key given on the command line that the composed config lacks: ``"stage.dedup.treshold: unknown
+    key (did you mean 'threshold'?)"``, the same words :func:`build` uses for an unknown key in a file.
+    Keys inside a free-form mapping (``cluster.env.X``) and below ``Any`` are always known.
+    """
+    for part in key.split("."):
+        tp = _without_none(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            fields = {key_of(f): f for f in dataclasses.fields(tp) if f.init}
+            if part not in fields:
+                return f"{_join(path, part)}: unknown key" + suggest(part, fields)
+            tp = typing.get_type_hints(tp)[fields[part].name]
+        elif typing.get_origin(tp) in (dict, Mapping) or tp in (dict, Mapping):
+            args = typing.get_args(tp)
+            tp = args[1] if args else Any
+        elif typing.get_origin(tp) in (tuple, list) and part.isdigit():
+            args = typing.get_args(tp)
+            tp = args[0] if len(args) == 2 and args[1] is Ellipsis else Any
+        elif tp is Any or typing.get_origin(tp) in (Union, types.UnionType):
+            return None  # a free-form value, or a union the key alone cannot decide between
+        else:
+            return f"{_join(path, part)}: unknown key ({path} is a {_type_name(tp)} value, not a block of keys)"
+        path = _join(path, part)
+    return None
+
+
+def _without_none(tp: Any) -> Any:
+    """``X | None`` as ``X``; other types as they are."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
 
 
 def to_plain(value: Any) -> Any:

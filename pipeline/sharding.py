@@ -1,14 +1,19 @@
 """Splitting a stage's maps over shards across the tasks of a job array.
 
 A data stage maps a function over its input shards (``stages.common.shards.map_shards``), resumable
-per shard through done markers. A stage that declares ``Stage.shard_phases = p`` runs on a cluster as
-``p`` job arrays and one final job, chained so that each starts after the previous one succeeded:
+per shard through done markers. Each map names its phase (``map_shards(..., phase="signatures")``), and
+a stage that lists phases in ``Stage.shard_phases = ("signatures", "buckets")`` runs on a cluster as
+one job array per listed phase and one final job, chained so that each starts after the previous one
+succeeded:
 
-- array ``k`` (1..p) of ``n`` tasks: task ``i`` runs the stage from the start, and its ``k``-th map over
-  shards handles only the shards whose index ``% n == i``; then the task ends (:class:`SliceDone`).
-  Maps before the ``k``-th find their shards done by the earlier arrays and only sum their markers.
+- the array of phase ``P``, ``n`` tasks: task ``i`` runs the stage from the start, and its map named
+  ``P`` handles only the shards whose index ``% n == i``; then the task ends (:class:`SliceDone`).
+  The maps before it find their shards done by the earlier arrays and only sum their markers.
 - the final job runs the stage as a local run would: every map finds its shards done, the global
   steps between maps (dedup's union-find, tokenize's packing) run once, and the output is committed.
+
+A map whose phase is not listed (or has none) always runs whole. Phases are named, not counted, so a
+stage that adds a map does not renumber the arrays of the others.
 
 The work a stage does before its split map (listing inputs, training a tokenizer, writing a plan
 file) runs in every task, so it runs under an exclusive lock, one task at a time: the first does it,
@@ -17,7 +22,7 @@ and by the kernel if the task dies. A stage that never reaches its split map the
 one task after the other: wasted work, never two writers at once.
 
 The slice travels as an environment variable, so a stage's code needs nothing beyond calling
-:func:`claim_map` at the start of each map over shards (map_shards does).
+:func:`claim_map` with the phase's name at the start of each map over shards (map_shards does).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-ENV = "LLMPIPE_SHARD_SLICE"  # "<index>/<count>@<phase>", set for a stage process that is one array task
+ENV = "LLMPIPE_SHARD_SLICE"  # "<index>/<count>@<phase name>", set for a stage process that is one array task
 LOCK_FILE = "_slices.lock"
 
 
@@ -42,11 +47,11 @@ class ShardSlice:
 
     index: int  # this task, 0-based
     count: int  # tasks in the array
-    phase: int  # the map over shards that is split: 1 = the stage's first map_shards call
+    phase: str  # the name of the map over shards that is split (``map_shards(..., phase=...)``)
 
     def __post_init__(self) -> None:
-        if not (0 <= self.index < self.count and self.phase >= 1):
-            raise ShardSliceError(f"{ENV}: task {self.index} of {self.count} in phase {self.phase} is not a slice")
+        if not (0 <= self.index < self.count and valid_phase(self.phase)):
+            raise ShardSliceError(f"{ENV}: task {self.index} of {self.count} in phase {self.phase!r} is not a slice")
 
     def encode(self) -> str:
         return f"{self.index}/{self.count}@{self.phase}"
@@ -56,7 +61,7 @@ class ShardSlice:
         try:
             where, phase = text.split("@")
             index, count = where.split("/")
-            return cls(int(index), int(count), int(phase))
+            return cls(int(index), int(count), phase)
         except ValueError as exc:
             raise ShardSliceError(f"{ENV}={text!r} is not '<index>/<count>@<phase>' ({exc})") from None
 
@@ -72,13 +77,17 @@ class SliceDone(BaseException):  # noqa: N818 - a signal, not an error
 
     def __init__(self, shard_slice: ShardSlice, shards: int):
         super().__init__(f"array task {shard_slice.index} of {shard_slice.count} finished its {shards} shard(s) "
-                         f"of map {shard_slice.phase}")
+                         f"of phase '{shard_slice.phase}'")
         self.slice = shard_slice
         self.shards = shards
 
 
-_maps_seen = 0
 _prelude_lock: IO | None = None
+
+
+def valid_phase(name: object) -> bool:
+    """A phase name: an identifier (it becomes part of job names and log file names)."""
+    return isinstance(name, str) and name.isidentifier()
 
 
 def current() -> ShardSlice | None:
@@ -89,8 +98,7 @@ def current() -> ShardSlice | None:
 
 def begin_prelude(output_dir: Path) -> None:
     """Take the lock that serialises the array tasks' work before the split map (worker side)."""
-    global _prelude_lock, _maps_seen
-    _maps_seen = 0
+    global _prelude_lock
     output_dir.mkdir(parents=True, exist_ok=True)
     _prelude_lock = open(output_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the split map starts
     fcntl.flock(_prelude_lock.fileno(), fcntl.LOCK_EX)
@@ -104,18 +112,15 @@ def _end_prelude() -> None:
         _prelude_lock = None
 
 
-def claim_map() -> ShardSlice | None:
-    """Call at the start of every map over shards, in the stage's own process.
+def claim_map(phase: str | None) -> ShardSlice | None:
+    """Call at the start of every map over shards, in the stage's own process, with the map's phase.
 
     Returns this task's slice when this map is the one split across the array (and lets the other
-    tasks past their preludes); None when the map must run over every shard.
+    tasks past their preludes); None when the map must run over every shard (no slice, another
+    phase's array, or a map with no phase).
     """
-    global _maps_seen
     shard_slice = current()
-    if shard_slice is None:
-        return None
-    _maps_seen += 1
-    if _maps_seen != shard_slice.phase:
+    if shard_slice is None or phase is None or phase != shard_slice.phase:
         return None
     _end_prelude()
     return shard_slice

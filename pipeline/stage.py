@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import write_json_atomic
+from pipeline.sharding import valid_phase
+
 Metrics = Mapping[str, float | int]
+FINAL_PHASE = "final"  # reserved: what a cluster calls the job that runs the stage whole and commits
 ARTIFACTS_FILE = "_artifacts.json"  # files a stage asked to attach to its tracking run
 
 
@@ -32,10 +36,11 @@ class Stage:
     resumable: bool = False  # True: a failed attempt's partial output is handed to the next
     external: Callable[[Any], Any] | None = None  # state of outside sources, folded into the fingerprint
     description: str = ""
-    # How many of the stage's maps over shards (map_shards calls, in order) a cluster may split across
-    # the tasks of a job array, one array per map; 0: the stage always runs as one job. Needs
-    # resumable=True (the tasks share the partial output). See pipeline/sharding.py.
-    shard_phases: int = 0
+    # The phases (named maps over shards: map_shards(..., phase=...)) a cluster may split across the
+    # tasks of a job array, one array per phase, in the order the stage runs them; a map not named
+    # here always runs whole; (): the stage always runs as one job. Needs resumable=True (the tasks
+    # share the partial output). See pipeline/sharding.py.
+    shard_phases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -45,8 +50,12 @@ class Stage:
                 raise ValueError(f"stage '{self.name}': input {ref!r} must look like '<stage>.<artifact>'")
         if len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"stage '{self.name}': outputs {self.outputs} repeat a name")
-        if self.shard_phases < 0:
-            raise ValueError(f"stage '{self.name}': shard_phases must be 0 or more, got {self.shard_phases}")
+        if not isinstance(self.shard_phases, tuple) or not all(map(valid_phase, self.shard_phases)):
+            raise ValueError(f"stage '{self.name}': shard_phases must be a tuple of phase names (identifiers), "
+                             f"got {self.shard_phases!r}")
+        if len(set(self.shard_phases)) != len(self.shard_phases) or FINAL_PHASE in self.shard_phases:
+            raise ValueError(f"stage '{self.name}': shard_phases {self.shard_phases} repeat a name or use "
+                             f"'{FINAL_PHASE}' (the name of the job that commits)")
         if self.shard_phases and not self.resumable:
             raise ValueError(f"stage '{self.name}': shard_phases={self.shard_phases} needs resumable=True "
                              "(the array tasks and the final job share one partial output)")
@@ -85,8 +94,8 @@ class Project:
 class StageContext:
     """What a running stage gets: where its inputs are and where to write.
 
-    ``output_dir`` is a private in-progress directory; the runner commits it atomically when
-    ``run`` returns. A resumable stage finds the previous attempt's files there.
+    ``output_dir`` is a private in-progress directory; the stage's worker process commits it
+    atomically when ``run`` returns. A resumable stage finds the previous attempt's files there.
     """
 
     stage: str
@@ -118,7 +127,7 @@ class StageContext:
         listing = self.output_dir / ARTIFACTS_FILE
         names = json.loads(listing.read_text()) if listing.exists() else []
         if str(rel) not in names:
-            listing.write_text(json.dumps([*names, str(rel)]))
+            write_json_atomic(listing, [*names, str(rel)])
 
     def log_metrics(self, metrics: Metrics, step: int | None = None) -> None:
         if self.metrics_file is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import LockTimeout
+from pipeline.files import fsync_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("llmpipe.store")
 
@@ -39,23 +40,9 @@ ATTEMPTS = "_ATTEMPTS"
 _KEPT_ON_RESTART = {LOG_FILE, METRICS_FILE, ATTEMPTS, FAILURE}
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_info(path: Path, data: Any) -> None:
+    """stage_info.json and _FAILED.json: sorted, indented, values json cannot encode as strings."""
+    write_json_atomic(path, data, indent=2, sort_keys=True, default=str, newline=True)
 
 
 class Store:
@@ -120,7 +107,7 @@ class Store:
     def record_failure(self, stage: str, fp: str, reason: str, attempt: int) -> None:
         partial = self.partial_dir(stage, fp)
         partial.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial / FAILURE, {
+        _write_info(partial / FAILURE, {
             "stage": stage, "fingerprint": fp, "reason": reason, "attempt": attempt,
             "failed_at": time.time(), "host": socket.gethostname(),
         })
@@ -131,19 +118,15 @@ class Store:
         final = self.final_dir(stage, fp)
         (partial / ATTEMPTS).unlink(missing_ok=True)
         (partial / FAILURE).unlink(missing_ok=True)
-        write_json_atomic(partial / STAGE_INFO, info)
-        with open(partial / SUCCESS, "w") as f:
-            f.write(f"{info.get('finished_at', time.time())}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(partial)
+        _write_info(partial / STAGE_INFO, info)
+        write_text_atomic(partial / SUCCESS, f"{info.get('finished_at', time.time())}\n")  # flushes partial too
         if final.exists():  # only with run.force: keep the previous output, never overwrite it
             superseded = self.root / stage / ".superseded" / f"{final.name}-{time.strftime('%Y%m%dT%H%M%S')}"
             superseded.parent.mkdir(parents=True, exist_ok=True)
             os.rename(final, superseded)
             log.info("previous output of %s kept at %s", stage, superseded)
         os.rename(partial, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     # -- locking -----------------------------------------------------------------------------

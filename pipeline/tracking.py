@@ -150,18 +150,6 @@ def pending_journals(root: Path, exclude: Path | None = None) -> list[Path]:
     return out
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def start_sync_process(journal: Path) -> subprocess.Popen:
     """Apply ``journal`` to MLflow in a detached process (it follows the journal until the run ends)."""
     log_file = journal.with_suffix(".sync.log")

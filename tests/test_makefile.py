@@ -17,8 +17,8 @@ def make_n(*args):
 
 
 def test_pipeline_passes_conf_and_args():
-    out = make_n("pipeline", "CONF=llama-7b", "ARGS=stage.sft.lr=1e-4")
-    assert ".venv/bin/llmpipe run --config-name llama-7b stage.sft.lr=1e-4" in out
+    out = make_n("pipeline", "CONF=llama-7b", "ARGS=stage.sft.train.lr=1e-4")
+    assert ".venv/bin/llmpipe run --config-name llama-7b stage.sft.train.lr=1e-4" in out
 
 
 def test_default_conf_is_tiny():

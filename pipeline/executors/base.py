@@ -1,6 +1,14 @@
+"""What the runner hands an executor, and what it asks of one.
+
+Every executor is a small scheduler client: the runner submits every stage attempt of a plan at
+once, each chained to the attempts it needs (``after``), then polls until each has finished. The
+job itself commits its output (``pipeline.worker`` with the task's ``commit`` section), so what
+the runner sees when a job completes is a committed output or a failure, whichever executor ran it.
+"""
+
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -8,7 +16,7 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Task:
-    """One stage attempt, as handed to the worker (serialised to task.json)."""
+    """One stage attempt, as handed to the worker (serialised to its task file)."""
 
     project: str  # import path of the Project
     stage: str
@@ -19,37 +27,19 @@ class Task:
     attempt: int
     log_file: Path
     metrics_file: Path
+    # The store root, the stage_info prepared by the orchestrator, and environment variables to
+    # record in it (job ids, nodes): the worker completes the info and commits the output.
+    commit: Mapping[str, Any]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: Path | None = None
-    # Set when the worker commits the output itself (batch executors): the store root, the stage_info
-    # prepared by the orchestrator, and environment variables to record in it (job ids, nodes).
-    commit: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = {
+        return {
             "project": self.project, "stage": self.stage, "fingerprint": self.fingerprint,
             "config": self.config, "output_dir": str(self.output_dir),
             "inputs": {k: str(v) for k, v in self.inputs.items()}, "attempt": self.attempt,
-            "metrics_file": str(self.metrics_file),
+            "metrics_file": str(self.metrics_file), "commit": dict(self.commit),
         }
-        if self.commit is not None:
-            data["commit"] = dict(self.commit)
-        return data
-
-
-@dataclass
-class TaskResult:
-    ok: bool
-    metrics: dict[str, float]
-    error: str = ""
-    not_implemented: bool = False
-    details: dict[str, Any] = field(default_factory=dict)  # executor facts for stage_info (pid, job id...)
-
-
-class Executor(Protocol):
-    def run(self, task: Task, on_tick: Callable[[], None]) -> TaskResult:
-        """Run the task to completion, calling ``on_tick`` every second or so (metrics streaming)."""
-        ...
 
 
 @dataclass
@@ -64,28 +54,49 @@ class JobState:
     failed_job: str | None = None  # the job that failed
 
 
-class BatchExecutor(Protocol):
-    """An executor that hands jobs to a scheduler: the runner submits the whole DAG, chained by
-    dependencies, then follows the jobs (see pipeline/runner.py, run_batch)."""
+class Handle(Protocol):
+    """An executor's record of one stage attempt's jobs."""
 
-    poll_s: float
+    attempt: int
+    submitted_at: float
 
-    def submit(self, task: Task, shard_phases: int, after: Sequence[str], resumable: bool = True) -> Any:
-        """Queue the stage's jobs to start after the jobs ``after``; return a handle with ``.job_ids``,
-        ``.final_id`` (the job that commits), ``.attempt``, ``.submitted_at`` and ``.log_files()``."""
+    @property
+    def job_ids(self) -> list[str]: ...
+
+    @property
+    def final_id(self) -> str:
+        """The job that commits: what a dependent stage's jobs wait for."""
         ...
 
-    def poll(self, handles: Mapping[str, Any]) -> dict[str, JobState]:
-        """The state of every handle (by stage name), from one look at the scheduler."""
+    def log_files(self) -> dict[str, str]:
+        """Console prefix -> log path relative to the stage's output dir ("" -> stage.log)."""
         ...
 
-    def active(self, stage: str, fingerprint: str) -> Any | None:
+
+class Executor(Protocol):
+    """Runs stage attempts somewhere: local processes, Slurm jobs (see pipeline/runner.py)."""
+
+    poll_s: float  # seconds between two polls
+
+    def submit(self, task: Task, after: Sequence[str], *, phases: tuple[str, ...] = (),
+               resumable: bool = False) -> Handle:
+        """Queue the stage's jobs to start after the jobs ``after`` completed (the final ids of other
+        handles); ``phases`` are the maps over shards it may split into job arrays first."""
+        ...
+
+    def poll(self, handles: Mapping[str, Handle]) -> dict[str, JobState]:
+        """The state of every handle (by stage name), from one look at the scheduler. A job whose
+        dependency failed stays pending until cancelled."""
+        ...
+
+    def active(self, stage: str, fingerprint: str) -> Handle | None:
         """The handle of this output's last submission if its jobs are still queued (an earlier run's)."""
         ...
 
-    def cancel(self, handles: Sequence[Any]) -> None:
+    def cancel(self, handles: Sequence[Handle]) -> None:
+        """Cancel the jobs (queued or running); never raises."""
         ...
 
-    def job_output(self, handle: Any, job_id: str | None = None) -> str:
-        """The end of the scheduler's own output file of a job (errors from before the stage started)."""
+    def job_output(self, handle: Handle, job_id: str | None = None) -> str:
+        """The end of the scheduler's own output of a job (errors from before the stage started), or ""."""
         ...

@@ -2,15 +2,16 @@
 
 One stage attempt becomes:
 
-- for a stage with ``shard_phases = p`` (and ``array_tasks = n > 1``): ``p`` job arrays of ``n`` tasks,
-  each task running its share of one map over shards (pipeline/sharding.py), then
+- for a stage with ``shard_phases = ("signatures", "buckets")`` (and ``array_tasks = n > 1``): one job
+  array of ``n`` tasks per phase, each task running its share of that named map over shards
+  (pipeline/sharding.py), then
 - one final job, which runs the stage as a local run does and **commits its output itself**
   (``pipeline.worker`` with a ``commit`` section), so that a downstream job chained with
   ``--dependency=afterok`` finds its inputs committed when it starts, whether or not the
   orchestrator still runs.
 
-Every job runs ``python -m pipeline.worker task.json`` — the same entry point as the local
-executor — from a small callable that submitit pickles (:class:`StageJob`). The batch script runs
+Every job runs ``python -m pipeline.worker task.json`` — the same entry point and the same commit
+as the local executor — from a small callable that submitit pickles (:class:`StageJob`). The batch script runs
 that callable directly on the first node of the allocation (``use_srun=False``): a multi-node
 training stage then starts its ranks with ``srun`` from there (stages/common/launch.py), and the
 batch shell ``exec``-s Python so that the time-limit signal (``--signal=B:USR2@...``) reaches
@@ -22,11 +23,12 @@ Where things are, for stage S at fingerprint F under the run root R:
     R/S/.slurm/S-F/                 submitit folder: sbatch scripts, pickles, Slurm's own stdout,
                                     task-<attempt>-<job>.json, jobs.json (the ids of the last submission)
     R/S/.partial/S-F/stage.log      the final job's stage output (it moves with the commit)
-    R/S/.partial/S-F/_logs/         one log per array task
+    R/S/.partial/S-F/_logs/         one log per array task: <phase>-task<i>.log
 
 The orchestrator only reads the queue: one ``squeue`` per poll for every job it follows; a job
 that left the queue is looked up with ``scontrol show job`` (kept ``MinJobAge`` seconds), then
-``sacct`` (the accounting database), then ``sacct --completion`` (the job completion log).
+``sacct`` (the accounting database), then ``sacct --completion`` (the job completion log); those
+queries are in pipeline/executors/slurm_queue.py.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -51,28 +52,23 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from pipeline import sharding
 from pipeline.config import ClusterConfig, SlurmResources
-from pipeline.errors import LlmpipeError, SchedulerUnavailable
 from pipeline.executors.base import JobState, Task
+from pipeline.executors.slurm_queue import ACTIVE_STATES, JobRecord, SlurmError, base_id, sacct, scontrol_show, squeue
+from pipeline.files import write_json_atomic
+from pipeline.processes import child_env, terminate_group
+from pipeline.stage import FINAL_PHASE
 from pipeline.store import LOG_FILE
+from pipeline.worker import read_error
 
 log = logging.getLogger("llmpipe.slurm")
 
-FINAL = "final"
+FINAL = FINAL_PHASE  # the label of the job that commits; an array's label is its phase's name
 JOBS_FILE = "jobs.json"
 ARRAY_LOG_DIR = "_logs"
 SIGNAL_LEAD_S = 120  # the stage gets this long between the time-limit signal and Slurm's kill
 # Recorded into stage_info.json's "executor" section by the job that commits.
 RECORD_ENV = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_JOB_PARTITION",
               "SLURM_JOB_ACCOUNT", "SLURM_JOB_QOS", "SLURM_CLUSTER_NAME", "SLURM_RESTART_COUNT")
-ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
-                 "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT", "STOPPED",
-                 "PREEMPTED"}
-
-
-class SlurmError(LlmpipeError):
-    """Slurm refused a submission or could not be queried."""
-
-
 class StageJobFailed(RuntimeError):
     """Raised inside a job when the stage process failed: submitit records it and the job fails."""
 
@@ -106,12 +102,10 @@ class StageJob(Checkpointable):
         self._proc = None
 
     def __call__(self) -> str:
-        env = {**os.environ, **self.env}
+        env = child_env(self.env, pythonpath=[self.cwd] if self.cwd else ())
         env.pop(sharding.ENV, None)
         if self.shard_slice:
             env[sharding.ENV] = self.shard_slice
-        if self.cwd:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.cwd, env.get("PYTHONPATH")]))
         log_file = Path(self.log_file)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
@@ -139,8 +133,6 @@ class StageJob(Checkpointable):
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        from pipeline.executors.local import terminate_group
-
         terminate_group(proc, grace_s)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
@@ -158,13 +150,10 @@ class StageJob(Checkpointable):
 
 def stage_error(task_file: str | Path, returncode: int) -> str:
     """The stage's own account of its failure (``_error.json``), else its exit status."""
-    from pipeline.worker import ERROR_FILE
-
     task = json.loads(Path(task_file).read_text())
-    error = Path(task["output_dir"]) / ERROR_FILE
-    if error.is_file():
-        info = json.loads(error.read_text())
-        return f"{info['type']}: {info['message']}"
+    error = read_error(Path(task["output_dir"]))
+    if error:
+        return error
     if returncode < 0:
         return f"stage process killed by signal {signal.Signals(-returncode).name}"
     return f"stage process exited with status {returncode}"
@@ -201,9 +190,9 @@ class _Submitit(_SubmititSlurmExecutor):
 class JobSpec:
     """One sbatch submission of a stage attempt."""
 
-    label: str  # "split<k>" for the array of map k, "final" for the job that commits
+    label: str  # the phase's name for its array, "final" for the job that commits
     tasks: int | None = None  # array size; None: a single job
-    phase: int | None = None
+    phase: str | None = None  # the map over shards an array splits
 
 
 @dataclass
@@ -230,7 +219,7 @@ class Submitted:
         logs = {"": LOG_FILE}
         for job in self.jobs:
             for i in range(job.get("tasks") or 0):
-                logs[f"#{job['phase']}.{i}"] = array_log(job["phase"], i)
+                logs[f"#{job['phase']}.{i}"] = array_log(job["phase"], i)  # [dedup#signatures.1] on the console
         return logs
 
     def to_json(self) -> dict[str, Any]:
@@ -243,14 +232,12 @@ class Submitted:
                    data["submitted_at"])
 
 
-def array_log(phase: int, index: int) -> str:
-    return f"{ARRAY_LOG_DIR}/split{phase}-task{index}.log"
+def array_log(phase: str, index: int) -> str:
+    return f"{ARRAY_LOG_DIR}/{phase}-task{index}.log"
 
 
 class SlurmExecutor:
     """Submits stage attempts as Slurm jobs and reads their state from the queue."""
-
-    batch = True  # the runner submits the whole DAG, then follows (pipeline/runner.py)
 
     def __init__(self, cluster: ClusterConfig, root: Path):
         self.cluster = cluster
@@ -264,9 +251,10 @@ class SlurmExecutor:
     def folder(self, stage: str, fp: str) -> Path:
         return self.root / stage / ".slurm" / f"{stage}-{fp}"
 
-    def specs(self, stage: str, shard_phases: int) -> list[JobSpec]:
+    def specs(self, stage: str, phases: tuple[str, ...]) -> list[JobSpec]:
+        """One array per phase the stage may split (in its order), then the job that commits."""
         n = self.cfg.for_stage(stage).array_tasks or 1
-        arrays = [JobSpec(f"split{k}", n, k) for k in range(1, shard_phases + 1)] if n > 1 else []
+        arrays = [JobSpec(phase, n, phase) for phase in phases] if n > 1 else []
         return [*arrays, JobSpec(FINAL)]
 
     def parameters(self, stage: str, spec: JobSpec, dependency: Sequence[str] = ()) -> dict[str, Any]:
@@ -309,7 +297,7 @@ class SlurmExecutor:
         ex.update_parameters(**self.parameters(stage, spec, dependency))
         return ex
 
-    def render(self, stage: str, fp: str, shard_phases: int, after: Sequence[str]) -> list[tuple[JobSpec, str]]:
+    def render(self, stage: str, fp: str, phases: tuple[str, ...], after: Sequence[str]) -> list[tuple[JobSpec, str]]:
         """The sbatch scripts of one stage attempt, as ``llmpipe plan`` prints them.
 
         Job ids exist only once submitted: a dependency names the job it waits for as
@@ -317,7 +305,7 @@ class SlurmExecutor:
         """
         out = []
         deps = list(after)
-        for spec in self.specs(stage, shard_phases):
+        for spec in self.specs(stage, phases):
             ex = self._submitit(stage, fp, spec, deps)
             out.append((spec, ex.render(spec.tasks)))
             deps = [f"{stage}_{spec.label}_jobid"]
@@ -327,18 +315,19 @@ class SlurmExecutor:
         return f"{stage}_{FINAL}_jobid"
 
     # -- submitting ---------------------------------------------------------------------------------
-    def submit(self, task: Task, shard_phases: int, after: Sequence[str], resumable: bool = True) -> Submitted:
-        """Queue the stage's jobs (arrays, then the final job), each after the previous one."""
+    def submit(self, task: Task, after: Sequence[str], *, phases: tuple[str, ...] = (),
+               resumable: bool = False) -> Submitted:
+        """Queue the stage's jobs (one array per phase, then the final job), each after the previous one."""
         folder = self.folder(task.stage, task.fingerprint)
         folder.mkdir(parents=True, exist_ok=True)
         jobs: list[dict[str, Any]] = []
         deps = list(after)
         cwd = str(task.cwd) if task.cwd else None
-        for spec in self.specs(task.stage, shard_phases):
+        for spec in self.specs(task.stage, phases):
             data = task.to_json()
             if spec.label != FINAL:
-                data.pop("commit", None)
-            elif data.get("commit"):  # the committing job records the arrays it waited for
+                data.pop("commit")  # array tasks never commit
+            else:  # the committing job records the arrays it waited for
                 commit = dict(data["commit"], record_env=list(RECORD_ENV))
                 info = dict(commit["info"])
                 info["executor"] = {**info.get("executor", {}), "array_job_ids": [j["id"] for j in jobs],
@@ -346,7 +335,7 @@ class SlurmExecutor:
                 commit["info"] = info
                 data["commit"] = commit
             task_file = folder / f"task-{task.attempt}-{spec.label}.json"
-            task_file.write_text(json.dumps(data, indent=2))
+            write_json_atomic(task_file, data, indent=2)  # read by the job, on another node
             ex = self._submitit(task.stage, task.fingerprint, spec, deps)
             try:
                 if spec.tasks:
@@ -364,7 +353,7 @@ class SlurmExecutor:
             jobs.append({"label": spec.label, "id": job_id, "tasks": spec.tasks, "phase": spec.phase})
             deps = [job_id]
         sub = Submitted(task.stage, task.fingerprint, task.attempt, folder, jobs)
-        _write_json(folder / JOBS_FILE, sub.to_json())
+        write_json_atomic(folder / JOBS_FILE, sub.to_json(), indent=2)
         return sub
 
     def recorded(self, stage: str, fp: str) -> Submitted | None:
@@ -380,7 +369,7 @@ class SlurmExecutor:
         if sub is None:
             return None
         queued = squeue(sub.job_ids)
-        return sub if any(_base(j) in {_base(i) for i in sub.job_ids} for j in queued) else None
+        return sub if any(base_id(j) in {base_id(i) for i in sub.job_ids} for j in queued) else None
 
     # -- following ----------------------------------------------------------------------------------
     def poll(self, handles: Mapping[str, Submitted]) -> dict[str, JobState]:
@@ -389,7 +378,7 @@ class SlurmExecutor:
         queued = squeue(ids) if ids else {}
         by_base: dict[str, list[JobRecord]] = {}
         for rec in queued.values():
-            by_base.setdefault(_base(rec.id), []).append(rec)
+            by_base.setdefault(base_id(rec.id), []).append(rec)
         return {name: self._stage_state(sub, by_base) for name, sub in handles.items()}
 
     def _stage_state(self, sub: Submitted, queued: dict[str, list[JobRecord]]) -> JobState:
@@ -414,7 +403,7 @@ class SlurmExecutor:
 
     def _finished(self, job_id: str) -> list[JobRecord] | None:
         """Terminal records of a job (every task of an array), or None when Slurm has none yet."""
-        cached = [r for k, r in self._terminal.items() if _base(k) == job_id]
+        cached = [r for k, r in self._terminal.items() if base_id(k) == job_id]
         if cached:
             return cached
         records = scontrol_show(job_id) or sacct(job_id) or sacct(job_id, completion=True)
@@ -449,102 +438,3 @@ class SlurmExecutor:
         if not path.is_file():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-# ---------------------------------------------------------------- the queue
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str  # "123", or "123_4" for an array task
-    state: str
-    reason: str = ""
-    exit_code: str = ""
-    nodes: str = ""
-
-    def describe(self) -> str:
-        parts = [f"Slurm job {self.id} {self.state}"]
-        detail = [p for p in (self.reason if self.reason not in ("None", "") else "",
-                              f"exit {self.exit_code}" if self.exit_code not in ("", "0:0") else "") if p]
-        if detail:
-            parts.append(f"({', '.join(detail)})")
-        if self.nodes and self.nodes != "(null)":
-            parts.append(f"on {self.nodes}")
-        return " ".join(parts)
-
-
-def _base(job_id: str) -> str:
-    return job_id.split("_")[0]
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise SlurmError(f"'{cmd[0]}' is not installed here: cluster.executor=slurm needs the Slurm client "
-                         "commands on the machine that runs the pipeline") from None
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def squeue(ids: Sequence[str]) -> dict[str, JobRecord]:
-    """Jobs (array tasks one by one) still in the queue, by id.
-
-    Raises SchedulerUnavailable when squeue itself fails: an empty answer must mean "not queued".
-    """
-    proc = _run(["squeue", "-h", "-r", "-j", ",".join(sorted({_base(i) for i in ids})), "-o", "%i|%T|%r|%N"])
-    if proc is None:
-        raise SchedulerUnavailable("squeue did not answer within 120 s")
-    out: dict[str, JobRecord] = {}
-    if proc.returncode != 0:
-        if "Invalid job id" not in proc.stderr:
-            raise SchedulerUnavailable(f"squeue failed: {proc.stderr.strip()}")
-        if len(ids) > 1:  # one id Slurm already forgot fails the whole call: ask job by job
-            for i in ids:
-                out.update(squeue([i]))
-        return out
-    for line in proc.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 4:
-            reason = "" if parts[2] == "None" else parts[2]
-            out[parts[0]] = JobRecord(parts[0], parts[1], reason, "", parts[3])
-    return out
-
-
-def scontrol_show(job_id: str) -> list[JobRecord]:
-    """Every record ``scontrol show job`` has for a job or array (until MinJobAge after it ends)."""
-    proc = _run(["scontrol", "show", "job", "-o", job_id])
-    if proc is None or proc.returncode != 0:
-        return []
-    records = []
-    for line in proc.stdout.splitlines():
-        kv = dict(re.findall(r"(\w+)=(\S*)", line))
-        if "JobState" not in kv:
-            continue
-        task = kv.get("ArrayTaskId", "")
-        rid = f"{kv['ArrayJobId']}_{task}" if kv.get("ArrayJobId") and task.isdigit() else kv.get("JobId", job_id)
-        records.append(JobRecord(rid, kv["JobState"], kv.get("Reason", ""), kv.get("ExitCode", ""),
-                                 kv.get("NodeList", "")))
-    return records
-
-
-def sacct(job_id: str, completion: bool = False) -> list[JobRecord]:
-    """The accounting record of a job (``completion``: Slurm's job completion log instead)."""
-    cmd = ["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList"]
-    cmd[1:1] = ["-c"] if completion else ["-X"]
-    proc = _run(cmd)
-    if proc is None or proc.returncode != 0:
-        return []
-    records = []
-    for line in proc.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 4 and "." not in parts[0]:
-            state = parts[1].split()[0]  # "CANCELLED by 0"
-            records.append(JobRecord(parts[0], state, "", parts[2], parts[3]))
-    return records
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

@@ -52,9 +52,7 @@ so what the model was aligned on can be inspected.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -62,53 +60,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import LlmpipeError
+from pipeline.schema import Invalid
+from stages.common.training import DataSource, TrainingDataError, source_problems
 
-Source = Literal["corpus", "files", "dataset"]
+KEY = "stage.align.data"  # how runtime errors name this block
 Corruption = Literal["shuffle", "other_doc", "repeat"]
 CORRUPTIONS: tuple[str, ...] = ("shuffle", "other_doc", "repeat")
 EXTERNAL = "external"  # the kind of a pair read from files or a dataset
 PAIR_COLUMNS = ("id", "doc_id", "url", "prompt", "chosen", "rejected", "kind")
 
 
-class PreferenceDataError(LlmpipeError):
+class PreferenceDataError(TrainingDataError):
     """The corpus cannot give a usable preference set (missing columns, too few documents...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreferenceDataConfig:
-    source: Source = "corpus"  # corpus: pairs built from pii.documents | files | dataset
-    files: tuple[str, ...] = ()  # source=files: JSONL/Parquet paths or globs with prompt/chosen/rejected
-    dataset: str | None = None  # source=dataset: a `datasets` name or local dataset dir for load_dataset
-    dataset_split: str = "train"  # source=dataset: the split read
-    instruction: str = "Continue this text:"  # user-turn text put before the passage start
-    prompt_words: int = 16  # words of the passage start shown in the prompt
-    completion_words: int = 8  # words of the chosen (true) and rejected (corrupted) continuations
-    pairs_per_doc: int = 2  # consecutive windows taken from the start of each document, at most
-    max_pairs: int = 400  # stop reading once this many pairs exist (train + held out), any source
-    corruptions: tuple[Corruption, ...] = CORRUPTIONS  # how rejected continuations are made, one drawn per pair
-    eval_fraction: float = 0.1  # share of documents whose pairs are held out for evaluation
-    seed: int = 0  # drives corruption draws and the held-out split
+    source: DataSource  # corpus: pairs built from pii.documents | files | dataset
+    files: tuple[str, ...]  # source=files: JSONL/Parquet paths or globs with prompt/chosen/rejected
+    dataset: str | None  # source=dataset: a `datasets` name or local dataset dir for load_dataset
+    dataset_split: str  # source=dataset: the split read
+    instruction: str  # source=corpus: user-turn text put before the passage start
+    prompt_words: int  # source=corpus: words of the passage start shown in the prompt
+    completion_words: int  # source=corpus: words of the chosen (true) and rejected (corrupted) continuations
+    pairs_per_doc: int  # source=corpus: consecutive windows taken from the start of each document, at most
+    max_pairs: int  # stop reading once this many pairs exist (train + held out), any source
+    corruptions: tuple[Corruption, ...]  # source=corpus: how rejected continuations are made, one drawn per pair
+    eval_fraction: float  # share of documents (or records) whose pairs are held out for evaluation
+    seed: int  # drives corruption draws and the held-out split
 
     def __post_init__(self) -> None:
-        for name in ("prompt_words", "completion_words", "pairs_per_doc", "max_pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.source == "files" and not self.files:
-            raise ValueError("data.source is 'files' but data.files is empty: list JSONL/Parquet paths or globs")
-        if self.source == "dataset" and not self.dataset:
-            raise ValueError("data.source is 'dataset' but data.dataset is null: name a `datasets` dataset")
-        if self.files and self.source != "files" or self.dataset and self.source != "dataset":
-            raise ValueError(f"data.files / data.dataset are set but data.source is {self.source!r}: they would be "
-                             "ignored; set data.source accordingly or clear them")
-        if not self.corruptions:
-            raise ValueError("data.corruptions is empty: name at least one of " + ", ".join(CORRUPTIONS))
         from stages.common.chat import MARKERS
 
+        problems = [(name, f"must be >= 1, got {getattr(self, name)}")
+                    for name in ("prompt_words", "completion_words", "pairs_per_doc", "max_pairs")
+                    if getattr(self, name) < 1]
+        problems += source_problems(self.source, self.files, self.dataset)
+        if not self.corruptions:
+            problems.append(("corruptions", "is empty: name at least one of " + ", ".join(CORRUPTIONS)))
         if any(m in self.instruction for m in MARKERS):
-            raise ValueError(f"data.instruction {self.instruction!r} spells a chat marker ({', '.join(MARKERS)})")
+            problems.append(("instruction", f"{self.instruction!r} spells a chat marker ({', '.join(MARKERS)})"))
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+            problems.append(("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}"))
+        Invalid.check(problems)
 
 
 @dataclass(frozen=True)
@@ -162,7 +156,7 @@ def build_pairs(documents: Path, cfg: PreferenceDataConfig) -> PreferenceData:
         if len(pairs) >= cfg.max_pairs:
             break
     if not pairs:
-        raise PreferenceDataError(f"data.source={cfg.source}: no usable (prompt, chosen, rejected) record in "
+        raise PreferenceDataError(f"{KEY}.source={cfg.source}: no usable (prompt, chosen, rejected) record in "
                                   f"{_source_name(cfg)} ({_reasons(counts)})")
     return _split(pairs, cfg, counts)
 
@@ -278,9 +272,9 @@ def _make_rejected(kind: str, true: list[str], doc_id: str, windows, rng: random
 def _split(pairs: list[Pair], cfg: PreferenceDataConfig, counts: Counter) -> PreferenceData:
     docs = sorted({p.doc_id for p in pairs})
     if len(docs) < 2:
-        need = (f"documents need >= {cfg.prompt_words + cfg.completion_words} words: data.prompt_words + "
-                "data.completion_words" if cfg.source == "corpus" else f"from {_source_name(cfg)}")
-        raise PreferenceDataError(f"data.source={cfg.source} gave pairs from {len(docs)} document(s)/record(s); at "
+        need = (f"documents need >= {cfg.prompt_words + cfg.completion_words} words: {KEY}.prompt_words + "
+                "completion_words" if cfg.source == "corpus" else f"from {_source_name(cfg)}")
+        raise PreferenceDataError(f"{KEY}.source={cfg.source} gave pairs from {len(docs)} document(s)/record(s); at "
                                   f"least 2 are needed for a held-out split ({need})")
     ranked = sorted(docs, key=lambda d: hashlib.sha256(f"{cfg.seed}\0split\0{d}".encode()).hexdigest())
     held_out = set(ranked[: max(1, round(cfg.eval_fraction * len(docs)))])
@@ -294,8 +288,8 @@ def _split(pairs: list[Pair], cfg: PreferenceDataConfig, counts: Counter) -> Pre
 
 
 def _source_name(cfg: PreferenceDataConfig) -> str:
-    return f"data.files={list(cfg.files)}" if cfg.source == "files" else \
-        f"data.dataset={cfg.dataset!r} split {cfg.dataset_split!r}"
+    return f"{KEY}.files={list(cfg.files)}" if cfg.source == "files" else \
+        f"{KEY}.dataset={cfg.dataset!r} split {cfg.dataset_split!r}"
 
 
 def _reasons(counts: Counter) -> str:
@@ -304,15 +298,13 @@ def _reasons(counts: Counter) -> str:
 
 def _file_records(cfg: PreferenceDataConfig) -> Iterator[tuple[str, Any]]:
     """(key, record) for every record of the files, in file order; a broken JSON line is a None record."""
-    for path in _expand(cfg.files):
-        name = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-        if name in (".jsonl", ".json", ".jsonl.gz"):
-            import gzip
+    from stages.common.training import INVALID_JSON, expand_files, file_suffix, jsonl_records
 
-            with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-                for row, line in enumerate(f):
-                    if line.strip():
-                        yield f"{path.name}:{row}", _json_or_none(line)
+    for path in expand_files(cfg.files, f"{KEY}.files"):
+        name = file_suffix(path)
+        if name in (".jsonl", ".json", ".jsonl.gz"):
+            for row, record in jsonl_records(path):
+                yield f"{path.name}:{row}", None if record is INVALID_JSON else record
         elif name == ".parquet":
             import pyarrow.parquet as pq
 
@@ -322,26 +314,8 @@ def _file_records(cfg: PreferenceDataConfig) -> Iterator[tuple[str, Any]]:
                     yield f"{path.name}:{row}", record
                     row += 1
         else:
-            raise PreferenceDataError(f"data.files: {path} has an unsupported type {name!r} "
+            raise PreferenceDataError(f"{KEY}.files: {path} has an unsupported type {name!r} "
                                       "(expected .jsonl, .jsonl.gz or .parquet)")
-
-
-def _expand(patterns: tuple[str, ...]) -> list[Path]:
-    """The files named by paths/globs, in a stable order; a pattern that matches nothing is an error."""
-    found: list[Path] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] * Path(pattern).is_file()
-        if not matched:
-            raise PreferenceDataError(f"data.files: {pattern!r} matches no file")
-        found.extend(Path(m) for m in matched)
-    return found
-
-
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
 
 
 def _dataset_records(cfg: PreferenceDataConfig) -> Iterator[tuple[str, Any]]:
@@ -350,11 +324,11 @@ def _dataset_records(cfg: PreferenceDataConfig) -> Iterator[tuple[str, Any]]:
     try:
         ds = load_dataset(cfg.dataset, split=cfg.dataset_split)
     except Exception as exc:  # datasets raises many types (not found, offline, bad split...)
-        raise PreferenceDataError(f"data.dataset={cfg.dataset!r} split {cfg.dataset_split!r} cannot be loaded: "
+        raise PreferenceDataError(f"{KEY}.dataset={cfg.dataset!r} split {cfg.dataset_split!r} cannot be loaded: "
                                   f"{type(exc).__name__}: {exc}") from exc
     missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
     if missing:
-        raise PreferenceDataError(f"data.dataset={cfg.dataset!r}: no column(s) {missing} "
+        raise PreferenceDataError(f"{KEY}.dataset={cfg.dataset!r}: no column(s) {missing} "
                                   f"(columns: {', '.join(ds.column_names)})")
     for row, record in enumerate(ds):
         yield f"{cfg.dataset}:{cfg.dataset_split}:{row}", record
@@ -406,6 +380,14 @@ def conversational(pair: Pair) -> dict[str, Any]:
     return {"prompt": pair.prompt_messages(),
             "chosen": [{"role": "assistant", "content": pair.chosen}],
             "rejected": [{"role": "assistant", "content": pair.rejected}]}
+
+
+def datasets_for(data: PreferenceData) -> tuple[Any, Any]:
+    """Train and held-out pairs as ``datasets`` in TRL's conversational preference format."""
+    from datasets import Dataset
+
+    return (Dataset.from_list([conversational(p) for p in data.train]),
+            Dataset.from_list([conversational(p) for p in data.eval]))
 
 
 def write_pairs(data: PreferenceData, out_dir: Path) -> None:

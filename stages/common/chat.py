@@ -1,4 +1,5 @@
-"""The chat format of llmpipe models: one Jinja template, set on the tokenizer by the sft stage.
+"""The chat format of llmpipe models: one Jinja template, set on the tokenizer by the training stages
+(sft and align, through stages/common/training.py's ``load_tokenizer``).
 
 A conversation is a list of ``{"role": "system" | "user" | "assistant", "content": str}``. It is
 rendered with the reserved special tokens of the tokenize stage (one token each)::
@@ -17,7 +18,7 @@ rendered with the reserved special tokens of the tokenize stage (one token each)
   vLLM server and the evaluator should use as end-of-sequence ids.
 
 Content that spells one of the markers would be tokenized as the marker itself (a forged turn), so
-:func:`message_problem` rejects it; the sft stage counts and skips such conversations.
+:func:`message_problem` rejects it; the sft and align stages count and skip such conversations.
 
 Light module: no torch/transformers import, so stages and ``llmpipe plan`` can import it freely.
 """

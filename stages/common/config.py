@@ -1,35 +1,44 @@
 """Config groups shared by several stages. Stages take them by interpolation (``model: ${model}``)
-so that a change to the model re-runs only the stages that use it."""
+so that a change to the model re-runs only the stages that use it.
+
+Like every project config, these carry no defaults: conf/model/*.yaml and conf/data/*.yaml give every
+value (tests and benchmarks start from there too, through ``llmpipe.project.stage_config``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline import Invalid, one_or_many
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str  # a label for runs and output metadata
-    architecture: str = "llama"  # transformers model family
-    hidden_size: int = 256  # width of the residual stream
-    intermediate_size: int = 768  # MLP width
-    num_layers: int = 4  # transformer blocks
-    num_heads: int = 8  # attention heads; head_dim = hidden_size / num_heads
-    num_kv_heads: int = 8  # key/value heads (grouped-query attention when fewer than num_heads)
-    vocab_size: int = 8192  # tokenizer vocabulary size
-    max_seq_len: int = 256  # context length
-    rope_theta: float = 10000.0  # rotary embedding base
-    tokenizer: str | None = None  # an existing tokenizer dir; null: the tokenize stage trains one
+    architecture: str  # transformers model family
+    hidden_size: int  # width of the residual stream
+    intermediate_size: int  # MLP width
+    num_layers: int  # transformer blocks
+    num_heads: int  # attention heads; head_dim = hidden_size / num_heads
+    num_kv_heads: int  # key/value heads (grouped-query attention when fewer than num_heads)
+    vocab_size: int  # tokenizer vocabulary size
+    max_seq_len: int  # context length
+    rope_theta: float  # rotary embedding base
+    tokenizer: str | None  # an existing tokenizer dir; null: the tokenize stage trains one
 
     def __post_init__(self) -> None:
+        problems = [(name, f"must be at least 1, got {getattr(self, name)}")
+                    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                                 "vocab_size", "max_seq_len") if getattr(self, name) < 1]
+        Invalid.check(problems)  # the divisibility checks below need positive sizes
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by "
-                             f"model.num_heads {self.num_heads}")
+            problems.append(("hidden_size", f"{self.hidden_size} is not divisible by num_heads ({self.num_heads})"))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_heads {self.num_heads} is not a multiple of "
-                             f"model.num_kv_heads {self.num_kv_heads}")
+            problems.append(("num_heads", f"{self.num_heads} is not a multiple of num_kv_heads ({self.num_kv_heads})"))
+        Invalid.check(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     name: str  # a label for the corpus
-    warc: tuple[str, ...] = ()  # WARC inputs of the crawl (globs, paths or URLs)
+    warc: tuple[str, ...] = one_or_many()  # WARC inputs of the crawl: one or a list of globs, paths or URLs

@@ -23,7 +23,6 @@ environment (``--no_local_rank``), so the script needs no argument parsing for t
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import socket
@@ -34,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError
+from pipeline.processes import child_env, terminate_tree
 
 DEFAULT_MULTINODE_PORT = 29500  # torch.distributed's default; every node must agree on it
 REPO_ROOT = Path(__file__).resolve().parents[2]  # ranks import stages.* from here
@@ -44,25 +44,27 @@ class LaunchError(LlmpipeError):
     """The launch settings or the cluster environment do not describe a runnable job."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LaunchConfig:
-    accelerator: Literal["auto", "cuda", "cpu"] = "auto"  # auto: cuda when a GPU is visible, else cpu
-    gpus_per_node: int | None = None  # GPUs used on each node; null: every GPU visible (or Slurm's count)
-    cpu_ranks: int = 2  # ranks on a machine without a GPU (gloo)
-    cpu_threads_per_rank: int = 1  # OMP_NUM_THREADS of each CPU rank
-    hosts: tuple[str, ...] = ()  # multi-node without Slurm, node 0 first (pdsh over ssh); empty: this machine
-    use_slurm: bool = True  # inside a multi-node Slurm allocation, use all of its nodes (srun, no ssh)
-    master_port: int | None = None  # rendezvous port; null: a free port (one node) or 29500 (multi-node)
+    """How a training stage starts its ranks (``launch:`` in its YAML, which holds the defaults)."""
+
+    accelerator: Literal["auto", "cuda", "cpu"]  # auto: cuda when a GPU is visible, else cpu
+    gpus_per_node: int | None  # GPUs used on each node; null: every GPU visible (or Slurm's count)
+    cpu_ranks: int  # ranks on a machine without a GPU (gloo)
+    cpu_threads_per_rank: int  # OMP_NUM_THREADS of each CPU rank
+    hosts: tuple[str, ...]  # multi-node without Slurm, node 0 first (pdsh over ssh); empty: this machine
+    use_slurm: bool  # inside a multi-node Slurm allocation, use all of its nodes (srun, no ssh)
+    master_port: int | None  # rendezvous port; null: a free port (one node) or 29500 (multi-node)
 
     def __post_init__(self) -> None:
-        for name in ("gpus_per_node", "cpu_ranks", "cpu_threads_per_rank"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"launch.{name} must be at least 1, got {value}")
+        problems = [(name, f"must be at least 1, got {value}")
+                    for name in ("gpus_per_node", "cpu_ranks", "cpu_threads_per_rank")
+                    if (value := getattr(self, name)) is not None and value < 1]
         if self.master_port is not None and not 0 < self.master_port < 65536:
-            raise ValueError(f"launch.master_port {self.master_port} is not a TCP port")
+            problems.append(("master_port", f"{self.master_port} is not a TCP port"))
         if len(set(self.hosts)) != len(self.hosts):
-            raise ValueError(f"launch.hosts {list(self.hosts)} names a host twice")
+            problems.append(("hosts", f"{list(self.hosts)} names a host twice"))
+        Invalid.check(problems)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ def _script(module: str, args: Sequence[str]) -> list[str]:
 
 
 def _pythonpath(environ: Mapping[str, str]) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), environ.get("PYTHONPATH")]))}
+    """The ranks' PYTHONPATH: the repo root first, then whatever ``environ`` has."""
+    return {"PYTHONPATH": child_env(pythonpath=[REPO_ROOT], base=environ)["PYTHONPATH"]}
 
 
 def cpu_plan(module: str, args: Sequence[str], *, ranks: int, threads: int, port: int,
@@ -311,31 +314,9 @@ def run_launch(plan: LaunchPlan, hostfile: str | Path, cwd: str | Path | None = 
     """
     if plan.hostfile is not None:
         Path(hostfile).write_text(plan.hostfile)
-    proc = subprocess.Popen(list(plan.argv), env={**os.environ, **plan.env}, cwd=cwd)
+    proc = subprocess.Popen(list(plan.argv), env=child_env(plan.env), cwd=cwd)
     try:
         return proc.wait()
     finally:
         if proc.poll() is None:
-            terminate_tree(proc.pid)
-
-
-def terminate_tree(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM a process and all its descendants, then SIGKILL what is left after ``grace_s``."""
-    import psutil  # a DeepSpeed dependency
-
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+            terminate_tree(proc)

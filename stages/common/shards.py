@@ -3,9 +3,10 @@
 A data stage is a function from one input shard to one output shard (plus a ShardResult with
 its counts). ``map_shards`` runs it over every shard in a process pool, with a progress bar,
 and is resumable per shard: each finished shard leaves ``_shards/<name>.json`` next to the
-outputs, so a restarted attempt redoes only the shards that did not finish. The same function
-runs as a Slurm job array: each array task takes the shards ``index % tasks == task`` of one map
-and stops there (see ``pipeline.sharding``); the final job then finds every shard done.
+outputs, so a restarted attempt redoes only the shards that did not finish. Each map names its
+phase (``phase="signatures"``); a phase the stage lists in ``Stage.shard_phases`` runs on a cluster
+as a job array: each array task takes the shards ``index % tasks == task`` of that map and stops
+there (see ``pipeline.sharding``); the final job then finds every shard done.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.files import atomic_path, write_json_atomic
 
 log = logging.getLogger("llmpipe.shards")
 
@@ -105,6 +108,7 @@ def map_shards(
     *,
     workers: int,
     desc: str,
+    phase: str | None = None,
     on_progress: Callable[[int, ShardResult], None] | None = None,
     shard_indices: Iterable[int] | None = None,
 ) -> ShardResult:
@@ -113,8 +117,9 @@ def map_shards(
     ``fn`` must be a module-level function (it is pickled to worker processes). It must write
     its outputs atomically (``write_parquet_atomic``): the done marker is written after it returns.
 
-    In an array task whose split map this is, only the task's share of the shards runs and the
-    stage run then ends with ``pipeline.sharding.SliceDone`` (nothing after this map runs there).
+    ``phase`` names this map, for ``Stage.shard_phases``. In an array task of that phase, only the
+    task's share of the shards runs and the stage run then ends with ``pipeline.sharding.SliceDone``
+    (nothing after this map runs there). A map with no phase, or one not listed, runs whole.
     """
     from tqdm import tqdm
 
@@ -123,7 +128,7 @@ def map_shards(
     output_dir = Path(output_dir)
     (output_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
     indices = list(range(len(sources))) if shard_indices is None else list(shard_indices)
-    shard_slice = sharding.claim_map()
+    shard_slice = sharding.claim_map(phase)
     if shard_slice is not None:
         indices = [i for i in indices if shard_slice.selects(i)]
         log.info("%s: array task %d of %d takes %d of %d shards", desc, shard_slice.index, shard_slice.count,
@@ -141,7 +146,7 @@ def map_shards(
         log.info("%s: %d of %d shards already done, resuming", desc, len(indices) - len(todo), len(indices))
 
     def finish(task: ShardTask, result: ShardResult) -> None:
-        _write_json_atomic(done_marker(output_dir, task.name), result.to_json())
+        write_json_atomic(done_marker(output_dir, task.name), result.to_json())
         total.add(result)
         bar.update(1)
         bar.set_postfix(docs=total.docs_in, kept=total.docs_out)
@@ -174,22 +179,14 @@ def write_parquet_atomic(table: Any, path: Path, **kwargs: Any) -> int:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
     return path.stat().st_size
 
 
 def list_parquet(directory: Path) -> list[Path]:
     """The Parquet shards of a documents artifact, in a stable order."""
     return sorted(Path(directory).glob("*.parquet"))
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 class Throughput:

@@ -15,11 +15,12 @@ Process hygiene, the reason this module exists rather than a bare ``subprocess.P
 - The server gets its own session (process group), so stopping it is one ``killpg`` that also
   reaches vLLM's engine-core and worker processes; SIGTERM first (vLLM shuts its engine down),
   SIGKILL for whatever is left after the grace period. :meth:`VllmServer.stop` returns only when
-  no process of the group is left, so the port is free again.
+  no process of the group is left, so the port is free again (``pipeline.processes.terminate_group``).
 - The server gets SIGTERM when the process that started it dies, even by SIGKILL (Linux
-  ``PR_SET_PDEATHSIG``). The stage worker's own SIGTERM handler stops only its process group,
-  which the server has left. Note: the signal follows the *thread* that started the server;
-  enter the context in a thread that lives as long as the server (the main thread, normally).
+  ``PR_SET_PDEATHSIG``, ``pipeline.processes.die_with_parent``). The stage worker's own SIGTERM
+  handler stops only its process group, which the server has left. Note: the signal follows the
+  *thread* that started the server; enter the context in a thread that lives as long as the
+  server (the main thread, normally).
 - A server that dies while starting (bad model dir, port taken, out of memory...) is noticed at
   the next health poll rather than at the timeout, and reported as :class:`ServerStartError`
   carrying vLLM's own last words (the tail of its log).
@@ -36,7 +37,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import LlmpipeError
+from pipeline.processes import die_with_parent, terminate_group
 
 log = logging.getLogger("llmpipe.vllm_server")
 
@@ -205,44 +206,6 @@ def last_exception(text: str, max_lines: int = 8) -> str | None:
     return None
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` still runs (zombies waiting to be reaped do not count)."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # not Linux: ask the kernel, zombies included
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited while we looked
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent (thread) dies, so no server outlives its owner."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 # ---------------------------------------------------------------- the server
 
 
@@ -344,7 +307,7 @@ class VllmServer:
         t0 = time.monotonic()
         self._proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=die_with_parent)
         try:
             self._wait_healthy(t0)
         except BaseException:  # a start error, a timeout, or Ctrl-C while waiting: leave nothing behind
@@ -414,24 +377,9 @@ class VllmServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session: the server leads its own group
-        for sig, grace in ((signal.SIGTERM, self.stop_grace_s), (signal.SIGKILL, 10.0)):
-            _signal_group(pgid, sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                proc.poll()  # reap our child so it does not count as alive
-                if proc.returncode is not None and not _group_alive(pgid):
-                    break
-                time.sleep(0.2)
-            else:
-                if sig == signal.SIGTERM:
-                    log.warning("vLLM server (group %d) still running %.0f s after SIGTERM; killing it",
-                                pgid, grace)
-                continue
-            break
+        # start_new_session: the server leads its own group, with vLLM's engine and worker processes.
+        terminate_group(proc, self.stop_grace_s, 10.0)  # logs what it had to kill, or could not
         proc.wait()
-        if _group_alive(pgid):
-            log.error("processes of the vLLM server group %d survived SIGKILL", pgid)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import atomic_path
 from stages.common.shards import ShardResult, ShardTask, list_parquet, shard_name, write_parquet_atomic
 
 EXACT, BANDS = "exact", "bands"  # the two kinds of spilled keys
@@ -199,11 +199,8 @@ def _spill(keys: Any, root: Path, shard: str, partitions: int) -> None:
 def _save_npy_atomic(path: Path, array: Any) -> None:
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- step 2: buckets -> edges

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import Stage, StageContext
+from pipeline import Invalid, Stage, StageContext
 from stages.dedup.lsh import (
     DedupInputError,
     LshPlan,
@@ -49,46 +49,40 @@ from stages.dedup.lsh import (
 WORK_DIR = "_work"
 
 
-class DedupConfigError(ValueError):
-    """A dedup setting is out of range or inconsistent with another one."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DedupConfig:
-    threshold: float = 0.8  # estimated Jaccard at or above which two documents are near duplicates
-    ngram: int = 5  # words per shingle
-    num_perm: int = 256  # MinHash permutations (signature length)
-    seed: int = 1  # MinHash permutation seed
-    hashfunc: Literal["xxh32", "sha1"] = "xxh32"  # shingle hash: xxh32 (~3.5x faster) or datasketch's default sha1
-    bands: int | None = None  # LSH bands; null (with rows null): datasketch's optimum for threshold and weights
-    rows: int | None = None  # MinHash values per band; set together with bands, bands * rows <= num_perm
-    lsh_weights: tuple[float, float] = (0.05, 0.95)  # (false positive, false negative) weights of the optimum
-    verify: bool = True  # check LSH candidates by estimated Jaccard before linking them
-    verify_margin: float = 0.02  # link verified candidates whose estimate is >= threshold - margin (estimator noise)
-    partitions: int = 16  # spill partitions; one partition's keys must fit in memory (execution-only)
-    workers: int = 2  # processes (execution-only)
-    keep_work: bool = False  # keep the _work scratch dir after success, for inspection (execution-only)
+    threshold: float  # estimated Jaccard at or above which two documents are near duplicates
+    ngram: int  # words per shingle
+    num_perm: int  # MinHash permutations (signature length)
+    seed: int  # MinHash permutation seed
+    hashfunc: Literal["xxh32", "sha1"]  # shingle hash: xxh32 (~3.5x faster) or datasketch's default sha1
+    bands: int | None  # LSH bands; null (with rows null): datasketch's optimum for threshold and weights
+    rows: int | None  # MinHash values per band; set together with bands, bands * rows <= num_perm
+    lsh_weights: tuple[float, float]  # (false positive, false negative) weights of the optimum
+    verify: bool  # check LSH candidates by estimated Jaccard before linking them
+    verify_margin: float  # link verified candidates whose estimate is >= threshold - margin (estimator noise)
+    partitions: int  # spill partitions; one partition's keys must fit in memory (execution-only)
+    workers: int  # processes (execution-only)
+    keep_work: bool  # keep the _work scratch dir after success, for inspection (execution-only)
 
     def __post_init__(self) -> None:
+        problems = []
         if not 0.0 < self.threshold <= 1.0:
-            raise DedupConfigError(f"dedup.threshold must be in (0, 1], got {self.threshold}")
-        for key in ("ngram", "num_perm", "partitions", "workers"):
-            if getattr(self, key) < 1:
-                raise DedupConfigError(f"dedup.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.verify_margin < self.threshold:
-            raise DedupConfigError(f"dedup.verify_margin must be in [0, threshold={self.threshold}), "
-                                   f"got {self.verify_margin}")
+            problems.append(("threshold", f"must be in (0, 1], got {self.threshold}"))
+        problems += [(key, f"must be >= 1, got {getattr(self, key)}")
+                     for key in ("ngram", "partitions", "workers") if getattr(self, key) < 1]
         if self.num_perm < 2:
-            raise DedupConfigError(f"dedup.num_perm must be >= 2, got {self.num_perm}")
+            problems.append(("num_perm", f"must be >= 2, got {self.num_perm}"))
+        if not 0.0 <= self.verify_margin < self.threshold:
+            problems.append(("verify_margin", f"must be in [0, threshold={self.threshold}), got {self.verify_margin}"))
         if (self.bands is None) != (self.rows is None):
-            raise DedupConfigError(f"dedup.bands ({self.bands}) and dedup.rows ({self.rows}) must both be set "
-                                   "or both be null")
-        if self.bands is not None and (self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm):
-            raise DedupConfigError(f"dedup.bands * dedup.rows = {self.bands} * {self.rows} must be >= 1 and "
-                                   f"<= dedup.num_perm ({self.num_perm})")
+            problems.append(("", f"bands ({self.bands}) and rows ({self.rows}) must both be set or both be null"))
+        elif self.bands is not None and (self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm):
+            problems.append(("", f"bands * rows = {self.bands} * {self.rows} must be >= 1 and <= num_perm "
+                                 f"({self.num_perm})"))
         if len(self.lsh_weights) != 2 or min(self.lsh_weights) < 0 or abs(sum(self.lsh_weights) - 1) > 1e-9:
-            raise DedupConfigError(f"dedup.lsh_weights must be two non-negative numbers summing to 1, "
-                                   f"got {self.lsh_weights}")
+            problems.append(("lsh_weights", f"must be two non-negative numbers summing to 1, got {self.lsh_weights}"))
+        Invalid.check(problems)
 
 
 def lsh_params(cfg: DedupConfig) -> tuple[int, int]:
@@ -133,12 +127,14 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    sig = map_shards(signature_shard, sources, work / "sig", plan, workers=cfg.workers, desc="dedup signatures")
+    sig = map_shards(signature_shard, sources, work / "sig", plan, workers=cfg.workers, desc="dedup signatures",
+                     phase="signatures")
     timings["seconds_signatures"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     parts = [str(p) for p in range(cfg.partitions)]
-    groups = map_shards(group_partition, parts, work / "group", plan, workers=cfg.workers, desc="dedup buckets")
+    groups = map_shards(group_partition, parts, work / "group", plan, workers=cfg.workers, desc="dedup buckets",
+                        phase="buckets")
     per_partition = [ShardResult.from_json(_read_json(done_marker(work / "group", shard_name(p))))
                      for p in range(cfg.partitions)]
     timings["seconds_buckets"] = time.perf_counter() - t0
@@ -149,6 +145,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
 
     t0 = time.perf_counter()
     final = map_shards(_write_shard, sources, ctx.output_dir, cfg, workers=cfg.workers, desc="dedup write",
+                       phase="write",
                        on_progress=lambda n, total: ctx.log_metrics({"docs_out": total.docs_out}, step=n))
     timings["seconds_write"] = time.perf_counter() - t0
 
@@ -248,6 +245,7 @@ STAGE = Stage(
     outputs=("documents", "removed"),
     unhashed=frozenset(["workers", "partitions", "keep_work"]),
     resumable=True,
-    shard_phases=2,  # on Slurm: arrays for signatures, then for bucket partitions; union-find in the final job
+    # On Slurm: arrays for signatures, then for bucket partitions; union-find and the writing in the final job.
+    shard_phases=("signatures", "buckets"),
     description="Exact then MinHash near-duplicate removal.",
 )

@@ -48,12 +48,12 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import Stage, StageContext
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from pipeline.files import write_json_atomic
 from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks
 
 UNTRAINED = "untrained"
@@ -76,45 +76,48 @@ class UnknownTaskError(LlmpipeError):
     """A configured task name is neither a local task nor a task lm-eval knows."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalServerConfig:
-    dtype: DTYPE = "bfloat16"  # vLLM dtype for the quantized model (4-bit CPU kernels need bfloat16/float16)
-    startup_timeout_s: int = 900  # give up when the server is not healthy after this long (execution-only)
-    num_concurrent: int = 1  # parallel HTTP requests lm-eval sends (execution-only)
-    cpu_kvcache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU machines (execution-only)
-    extra_args: tuple[str, ...] = ()  # more vLLM server flags, e.g. ["--gpu-memory-utilization", "0.85"]
+    dtype: DTYPE  # vLLM dtype for the quantized model (4-bit CPU kernels need bfloat16/float16)
+    startup_timeout_s: int  # give up when the server is not healthy after this long (execution-only)
+    num_concurrent: int  # parallel HTTP requests lm-eval sends (execution-only)
+    cpu_kvcache_gib: int  # VLLM_CPU_KVCACHE_SPACE on CPU machines (execution-only)
+    extra_args: tuple[str, ...]  # more vLLM server flags, e.g. ["--gpu-memory-utilization", "0.85"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    models: tuple[str, ...] = ALL_MODELS  # which models to evaluate, in this order (subset of ALL_MODELS)
-    tasks: tuple[str, ...] = LOCAL_TASKS  # lm-eval task names; heldout_ppl / heldout_mc are built from tokenize.heldout
-    heldout: HeldoutTasksConfig = field(default_factory=HeldoutTasksConfig)  # size and shape of the local tasks
-    num_fewshot: int | None = None  # few-shot examples per prompt (null: each task's own default)
-    limit: int | None = None  # evaluate at most this many examples per task (null: all)
-    batch_size: int = 8  # requests per forward pass (hf) or per HTTP request (local-completions) (execution-only)
-    device: str = "auto"  # hf models: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1"...
-    dtype: DTYPE = "auto"  # hf models: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
-    max_length: int | None = None  # context window in tokens (null: the model's max_position_embeddings)
-    untrained_seed: int = 0  # seed of the untrained baseline's random weights
-    seed: int = 1234  # lm-eval's python / numpy / torch / few-shot seeds
-    bootstrap_iters: int = 1000  # resamples for the stderr of bootstrapped metrics (0: no stderr)
-    offline: bool = True  # set HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1: local tasks and cached datasets only
-    server: EvalServerConfig = field(default_factory=EvalServerConfig)  # the vLLM server for the quantized model
+    models: tuple[str, ...]  # which models to evaluate, in this order (a subset of untrained, pretrain, sft, ...)
+    tasks: tuple[str, ...]  # lm-eval task names; heldout_ppl / heldout_mc are built from tokenize.heldout
+    heldout: HeldoutTasksConfig  # size and shape of the local tasks
+    num_fewshot: int | None  # few-shot examples per prompt (null: each task's own default)
+    limit: int | None  # evaluate at most this many examples per task (null: all)
+    batch_size: int  # requests per forward pass (hf) or per HTTP request (local-completions) (execution-only)
+    device: str  # hf models: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1"...
+    dtype: DTYPE  # hf models: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    max_length: int | None  # context window in tokens (null: the model's max_position_embeddings)
+    untrained_seed: int  # seed of the untrained baseline's random weights
+    seed: int  # lm-eval's python / numpy / torch / few-shot seeds
+    bootstrap_iters: int  # resamples for the stderr of bootstrapped metrics (0: no stderr)
+    offline: bool  # set HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1: local tasks and cached datasets only
+    server: EvalServerConfig  # the vLLM server for the quantized model
 
     def __post_init__(self) -> None:
-        key = "stage.evaluate"
+        problems = []
         unknown = [m for m in self.models if m not in ALL_MODELS]
         if unknown:
-            raise ValueError(f"{key}.models: unknown model(s) {unknown}; choose from {list(ALL_MODELS)}")
-        if len(set(self.models)) != len(self.models) or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"{key}.models / {key}.tasks repeat a name: {list(self.models)} / {list(self.tasks)}")
-        if not self.models or not self.tasks:
-            raise ValueError(f"{key}.models and {key}.tasks must not be empty")
+            problems.append(("models", f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)}"))
+        for key in ("models", "tasks"):
+            names = getattr(self, key)
+            if not names:
+                problems.append((key, "must not be empty"))
+            elif len(set(names)) != len(names):
+                problems.append((key, f"repeats a name: {list(names)}"))
         if self.batch_size < 1:
-            raise ValueError(f"{key}.batch_size must be at least 1, got {self.batch_size}")
+            problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
         if self.max_length is not None and self.max_length < 8:
-            raise ValueError(f"{key}.max_length must be at least 8 tokens or null, got {self.max_length}")
+            problems.append(("max_length", f"must be at least 8 tokens or null, got {self.max_length}"))
+        Invalid.check(problems)
 
 
 @dataclass(frozen=True)
@@ -306,12 +309,6 @@ def model_metrics(name: str, results: dict, order: tuple[str, ...] = ()) -> dict
     return out
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def load_done(path: Path) -> dict | None:
     """A model's results from a previous attempt, or None when absent or unreadable (then redo it)."""
     try:
@@ -430,7 +427,7 @@ def evaluate_or_resume(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, resul
     ctx.log.info("model '%s': evaluating %s with lm-eval '%s' on %s", spec.name, spec.path, spec.backend,
                  list(cfg.tasks))
     results = evaluate_model(spec, cfg, manager, results_dir, ctx.log)
-    _write_json_atomic(path, results)
+    write_json_atomic(path, results, indent=2)
     ctx.log_metrics(model_metrics(spec.name, results, cfg.tasks))
     ctx.log.info("model '%s' done in %.1f s", spec.name, results["llmpipe"]["seconds"])
     return results

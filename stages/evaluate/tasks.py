@@ -38,14 +38,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError
+from pipeline.files import write_text_atomic
 
 PPL_TASK = "heldout_ppl"
 MC_TASK = "heldout_mc"
@@ -57,26 +57,25 @@ class HeldoutDataError(LlmpipeError):
     """The held-out documents cannot make the local tasks (missing column, too few usable documents...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeldoutTasksConfig:
-    docs: int = 64  # held-out documents sampled for both local tasks (bounds evaluation time)
-    max_chars: int = 2000  # heldout_ppl: each document is cut at a word boundary to at most this many characters
-    context_words: int = 32  # heldout_mc: words of passage shown as the context
-    continuation_words: int = 8  # heldout_mc: words in each choice
-    choices: int = 4  # heldout_mc: choices per passage (the true continuation + choices-1 from other documents)
-    seed: int = 0  # salt of the document ranking and of the distractor / choice-order draws
+    docs: int  # held-out documents sampled for both local tasks (bounds evaluation time)
+    max_chars: int  # heldout_ppl: each document is cut at a word boundary to at most this many characters
+    context_words: int  # heldout_mc: words of passage shown as the context
+    continuation_words: int  # heldout_mc: words in each choice
+    choices: int  # heldout_mc: choices per passage (the true continuation + choices-1 from other documents)
+    seed: int  # salt of the document ranking and of the distractor / choice-order draws
 
     def __post_init__(self) -> None:
-        key = "stage.evaluate.heldout"
-        for name in ("docs", "max_chars", "context_words", "continuation_words"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
+        problems = [(name, f"must be at least 1, got {getattr(self, name)}")
+                    for name in ("docs", "max_chars", "context_words", "continuation_words") if getattr(self, name) < 1]
         if self.choices < 2:
-            raise ValueError(f"{key}.choices must be at least 2 (the true continuation and a distractor), "
-                             f"got {self.choices}")
-        if self.docs < self.choices:
-            raise ValueError(f"{key}.docs={self.docs} must be at least {key}.choices={self.choices}: "
-                             f"distractors come from the other sampled documents")
+            problems.append(("choices", f"must be at least 2 (the true continuation and a distractor), "
+                                        f"got {self.choices}"))
+        elif self.docs < self.choices:
+            problems.append(("docs", f"{self.docs} must be at least choices ({self.choices}): distractors come "
+                                     "from the other sampled documents"))
+        Invalid.check(problems)
 
 
 @dataclass(frozen=True)
@@ -220,18 +219,12 @@ MC_BODY = {
 }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_task(folder: Path, name: str, records: list[dict[str, Any]], body: dict[str, Any]) -> None:
     import yaml
 
     data_file = folder / f"{name}.jsonl"
-    _write_atomic(data_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_atomic(folder / f"{name}.yaml", yaml.safe_dump(_task_yaml(name, data_file, body), sort_keys=False))
+    write_text_atomic(data_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(folder / f"{name}.yaml", yaml.safe_dump(_task_yaml(name, data_file, body), sort_keys=False))
 
 
 def build_local_tasks(heldout_dir: Path, folder: Path, cfg: HeldoutTasksConfig,

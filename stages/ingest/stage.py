@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pipeline import LlmpipeError, Stage, StageContext
+from pipeline import Invalid, LlmpipeError, Stage, StageContext, one_or_many
 from stages.common.shards import ShardResult, ShardTask, Throughput, map_shards, write_parquet_atomic
 
 log = logging.getLogger("llmpipe.ingest")
@@ -79,21 +79,25 @@ LANG_SAMPLE_CHARS = 20_000  # language-id looks at the start of the text only
 WARC_SUFFIXES = (".warc", ".warc.gz")  # the files a folder given as input contributes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IngestConfig:
-    input: tuple[str, ...]  # WARC / WARC.gz files: paths, globs (relative to the working dir) or fsspec URLs
-    # Main-text extractor; resiliparse is ~14x faster and keeps more of the main text on the embedded
-    # corpus (figures in conf/stage/ingest/default.yaml).
-    extractor: Literal["resiliparse", "trafilatura"] = "resiliparse"
-    language_model: str | None = None  # fastText language-id model (lid.176.bin); null: stop-word detector
-    max_record_bytes: int = 10_000_000  # larger HTTP bodies are dropped (too_large): bounds memory and time
-    workers: int = 2  # processes (execution-only)
+    input: tuple[str, ...] = one_or_many()  # WARC / WARC.gz files: one or a list of paths, globs or fsspec URLs
+    # resiliparse is ~14x faster and keeps more of the main text on the embedded corpus (figures in
+    # conf/stage/ingest/default.yaml).
+    extractor: Literal["resiliparse", "trafilatura"]  # main-text extractor
+    language_model: str | None  # fastText language-id model (lid.176.bin); null: stop-word detector
+    max_record_bytes: int  # larger HTTP bodies are dropped (too_large): bounds memory and time
+    workers: int  # processes (execution-only)
 
     def __post_init__(self) -> None:
+        problems = []
         if not self.input:
-            raise ValueError("stage.ingest.input is empty: give at least one WARC path, glob or URL")
+            problems.append(("input", "is empty: give at least one WARC path, glob or URL"))
         if self.max_record_bytes <= 0:
-            raise ValueError(f"stage.ingest.max_record_bytes must be positive, got {self.max_record_bytes}")
+            problems.append(("max_record_bytes", f"must be positive, got {self.max_record_bytes}"))
+        if self.workers < 1:
+            problems.append(("workers", f"must be at least 1, got {self.workers}"))
+        Invalid.check(problems)
 
 
 class IngestError(LlmpipeError):
@@ -554,7 +558,7 @@ def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
         ctx.log_metrics({"shards_done": done, "docs_in": total.docs_in, "docs_out": total.docs_out}, step=done)
 
     total = map_shards(ingest_shard, sources, ctx.output_dir, cfg, workers=cfg.workers, desc="ingest",
-                       on_progress=progress)
+                       phase="extract", on_progress=progress)
     metrics = total.metrics(timer.seconds)
     metrics["shards"] = len(sources)
     ctx.log.info("ingest: %d records in, %d documents out, drops %s", total.docs_in, total.docs_out,
@@ -570,7 +574,7 @@ STAGE = Stage(
     outputs=("documents",),
     unhashed=frozenset(["workers"]),
     resumable=True,
-    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
+    shard_phases=("extract",),  # on Slurm: one job array over the WARC files, then the final job
     external=input_state,
     description="Read WARC files, keep HTML responses, extract main text.",
 )

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline import Invalid
+
 Span = tuple[int, int, bool]  # start, end, replace (False: recognised and kept)
 Finder = Callable[[str], Iterator[Span]]
 
@@ -37,71 +39,75 @@ Finder = Callable[[str], Iterator[Span]]
 # --- configs ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmailConfig:
-    enabled: bool = True  # replace email addresses
-    placeholder: str = "<EMAIL>"  # replacement text
-    keep_reserved_domains: bool = True  # keep addresses at RFC 2606 domains (example.com, *.test, *.invalid...)
+    enabled: bool  # replace email addresses
+    placeholder: str  # replacement text
+    keep_reserved_domains: bool  # keep addresses at RFC 2606 domains (example.com, *.test, *.invalid...)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PhoneConfig:
-    enabled: bool = True  # replace phone numbers (found by libphonenumber's PhoneNumberMatcher)
-    placeholder: str = "<PHONE>"  # replacement text
-    regions: tuple[str, ...] = ("US", "GB")  # regions whose national formats are read; +CC numbers match anyway
-    leniency: Literal["possible", "valid", "strict_grouping", "exact_grouping"] = "strict_grouping"  # Leniency
-    min_digits: int = 7  # runs of fewer digits are not looked at (speed; shorter valid numbers are rare)
-    bare_digits_need_context: bool = True  # ungrouped digits (4155550132) count only after "phone", "tel", "call"...
+    enabled: bool  # replace phone numbers (found by libphonenumber's PhoneNumberMatcher)
+    placeholder: str  # replacement text
+    regions: tuple[str, ...]  # regions whose national formats are read; +CC numbers match anyway
+    leniency: Literal["possible", "valid", "strict_grouping", "exact_grouping"]  # phonenumbers.Leniency
+    min_digits: int  # runs of fewer digits are not looked at (speed; shorter valid numbers are rare)
+    bare_digits_need_context: bool  # ungrouped digits (4155550132) count only after "phone", "tel", "call"...
 
     def __post_init__(self) -> None:
         import phonenumbers
 
+        problems = []
         if not self.regions:
-            raise ValueError("regions is empty: name at least one region (e.g. [US]) or set enabled: false")
+            problems.append(("regions", "is empty: name at least one region (e.g. [US]) or set enabled: false"))
         for region in self.regions:
             if region not in phonenumbers.SUPPORTED_REGIONS:
                 close = difflib.get_close_matches(region.upper(), phonenumbers.SUPPORTED_REGIONS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"regions: {region!r} is not a region libphonenumber knows{hint}; "
-                                 f"use ISO 3166 alpha-2 codes such as 'US', 'GB', 'DE'")
+                problems.append(("regions", f"{region!r} is not a region libphonenumber knows{hint}; "
+                                            "use ISO 3166 alpha-2 codes such as 'US', 'GB', 'DE'"))
         if self.min_digits < 1:
-            raise ValueError(f"min_digits must be >= 1, got {self.min_digits}")
+            problems.append(("min_digits", f"must be >= 1, got {self.min_digits}"))
+        Invalid.check(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IpConfig:
-    enabled: bool = True  # replace IPv4 (and IPv6) addresses, validated by Python's ipaddress
-    placeholder: str = "<IP_ADDRESS>"  # replacement text
-    ipv6: bool = True  # also look for IPv6 addresses
-    keep_non_public: bool = True  # keep addresses that are not globally routable (private, loopback, docs...)
-    version_context: bool = True  # keep dotted quads after version/section words ("version 1.2.3.4")
+    enabled: bool  # replace IPv4 (and IPv6) addresses, validated by Python's ipaddress
+    placeholder: str  # replacement text
+    ipv6: bool  # also look for IPv6 addresses
+    keep_non_public: bool  # keep addresses that are not globally routable (private, loopback, docs...)
+    version_context: bool  # keep dotted quads after version/section words ("version 1.2.3.4")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CreditCardConfig:
-    enabled: bool = True  # replace payment card numbers (known issuer prefix and length, Luhn checked)
-    placeholder: str = "<CREDIT_CARD>"  # replacement text
+    enabled: bool  # replace payment card numbers (known issuer prefix and length, Luhn checked)
+    placeholder: str  # replacement text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IbanConfig:
-    enabled: bool = True  # replace IBANs (country length and ISO 13616 mod-97 checked)
-    placeholder: str = "<IBAN>"  # replacement text
+    enabled: bool  # replace IBANs (country length and ISO 13616 mod-97 checked)
+    placeholder: str  # replacement text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SecretConfig:
-    enabled: bool = True  # replace API keys, tokens and private keys with a known shape
-    placeholder: str = "<SECRET>"  # replacement text
-    assignments: bool = True  # also values of password=/api_key=/token: ..., bearer tokens and URL passwords
-    min_length: int = 8  # such assigned values shorter than this are kept
-    min_entropy: float = 2.5  # ... and those with less Shannon entropy (bits per character)
+    enabled: bool  # replace API keys, tokens and private keys with a known shape
+    placeholder: str  # replacement text
+    assignments: bool  # also values of password=/api_key=/token: ..., bearer tokens and URL passwords
+    min_length: int  # such assigned values shorter than this are kept
+    min_entropy: float  # ... and those with less Shannon entropy (bits per character)
 
     def __post_init__(self) -> None:
+        problems = []
         if self.min_length < 1:
-            raise ValueError(f"min_length must be >= 1, got {self.min_length}")
+            problems.append(("min_length", f"must be >= 1, got {self.min_length}"))
         if self.min_entropy < 0:
-            raise ValueError(f"min_entropy must be >= 0, got {self.min_entropy}")
+            problems.append(("min_entropy", f"must be >= 0, got {self.min_entropy}"))
+        Invalid.check(problems)
 
 
 def _word_char(ch: str) -> bool:

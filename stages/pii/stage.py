@@ -79,12 +79,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import Stage, StageContext
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from stages.common.documents import read_documents as read_shard
 from stages.common.documents import text_bytes, with_column
 from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
@@ -112,15 +111,19 @@ class ShardSchemaError(PiiError):
     """An input shard cannot be read or lacks the string column ``text``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PiiConfig:
-    secret: SecretConfig = field(default_factory=SecretConfig)  # API keys, tokens, private keys, passwords
-    email: EmailConfig = field(default_factory=EmailConfig)  # email addresses
-    iban: IbanConfig = field(default_factory=IbanConfig)  # bank account numbers (IBAN)
-    credit_card: CreditCardConfig = field(default_factory=CreditCardConfig)  # payment card numbers
-    ip_address: IpConfig = field(default_factory=IpConfig)  # IPv4 and IPv6 addresses
-    phone: PhoneConfig = field(default_factory=PhoneConfig)  # phone numbers
-    workers: int = 2  # processes (execution-only)
+    secret: SecretConfig  # API keys, tokens, private keys, passwords
+    email: EmailConfig  # email addresses
+    iban: IbanConfig  # bank account numbers (IBAN)
+    credit_card: CreditCardConfig  # payment card numbers
+    ip_address: IpConfig  # IPv4 and IPv6 addresses
+    phone: PhoneConfig  # phone numbers
+    workers: int  # processes (execution-only)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise Invalid("workers", f"must be at least 1, got {self.workers}")
 
     @property
     def enabled_types(self) -> tuple[str, ...]:
@@ -141,7 +144,7 @@ def run(cfg: PiiConfig, ctx: StageContext) -> dict[str, float]:
         ctx.log_metrics({"docs_in": total.docs_in, "docs_with_pii": total.counts["docs_with_pii"]}, step=done)
 
     total = map_shards(scrub_shard, sources, ctx.output_dir, cfg, workers=cfg.workers, desc="pii",
-                       on_progress=progress)
+                       phase="scrub", on_progress=progress)
     metrics = total.metrics(timer.seconds)
     for key in ("docs_with_pii", *(f"pii_{t}" for t in cfg.enabled_types)):
         metrics.setdefault(key, 0)  # a zero is a result too
@@ -212,6 +215,6 @@ STAGE = Stage(
     outputs=("documents",),
     unhashed=frozenset(["workers"]),
     resumable=True,
-    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
+    shard_phases=("scrub",),  # on Slurm: one job array over the shards, then the final job
     description="Replace personal data and secrets with typed placeholders.",
 )

@@ -6,7 +6,9 @@ The job file (written by stages/pretrain/stage.py) holds the stage config, the i
 stage decided (steps, accumulation, precision); ds_config.json next to it is the DeepSpeed config.
 Every rank builds the same randomly initialised model (same seed; under ZeRO-3 it is created
 already partitioned), wraps it with ``deepspeed.initialize`` and trains; rank 0 alone writes
-metrics, logs, checkpoint markers, the exported model and the summary.
+metrics, logs, checkpoint markers, the exported model and the summary (atomically, through
+pipeline.files). The curves carry the names every training stage uses (stages/common/training.py):
+``train_loss``, ``eval_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, and ``resume_step``.
 
 Data order: optimizer step ``k`` trains on a fixed set of ``global_batch_size`` sequences, drawn
 from a per-epoch permutation seeded by ``(seed, epoch)``; each rank takes a contiguous share. So
@@ -32,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.files import atomic_path, write_json_atomic
 from pipeline.logs import setup_logging
 from pipeline.schema import build
+from stages.common.training import EVAL_LOSS, GRAD_NORM, LR, RESUME_STEP, TOKENS_PER_S, TRAIN_LOSS
 from stages.pretrain.stage import CHECKPOINTS, SUMMARY_FILE, PretrainConfig
 
 log = logging.getLogger("llmpipe.pretrain")
@@ -189,12 +193,6 @@ def tag_step(tag: str) -> int | None:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -335,7 +333,7 @@ class Trainer:
         # save_checkpoint ends with a barrier: every rank's files are on disk before the marker.
         if self.rank == 0:
             marker = {"step": state.step, "world_size": self.world, "zero_stage": self.cfg.zero_stage}
-            write_json_atomic(self.ckpt_root / tag / MARKER, marker)
+            write_json_atomic(self.ckpt_root / tag / MARKER, marker, indent=2, newline=True)
             prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
             log.info("checkpoint %s saved in %.1fs", tag, time.perf_counter() - t0)
         self._barrier()
@@ -355,19 +353,13 @@ class Trainer:
         state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
         final = self.out / "model"
         if self.rank == 0:
-            tmp, old = self.out / ".model.tmp", self.out / ".model.old"
-            shutil.rmtree(tmp, ignore_errors=True)
             module = self.engine.module
             module.config.use_cache = True
-            module.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size="5GB")
-            for f in Path(self.job["tokenizer"]).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            with atomic_path(final) as tmp:
+                module.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size="5GB")
+                for f in Path(self.job["tokenizer"]).iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
             log.info("exported the model to %s", final)
         self._barrier()
         return final
@@ -386,7 +378,7 @@ class Trainer:
         state.last_eval_loss = loss
         if state.initial_eval_loss is None:
             state.initial_eval_loss = loss
-        self.metrics.log({"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}, step=state.step)
+        self.metrics.log({EVAL_LOSS: loss, "perplexity": math.exp(min(loss, 50.0))}, step=state.step)
         if self.rank == 0:
             log.info("step %d/%d eval_loss %.4f perplexity %.2f (%.1fs)", state.step, self.steps, loss,
                      math.exp(min(loss, 50.0)), time.perf_counter() - t0)
@@ -400,7 +392,7 @@ class Trainer:
         state = self.resume()
         resumed_from = state.step
         if resumed_from:
-            self.metrics.log({"resumed_from_step": resumed_from}, step=resumed_from)
+            self.metrics.log({RESUME_STEP: resumed_from}, step=resumed_from)
         if state.initial_eval_loss is None:
             self._eval_and_log(state)
         peak = None
@@ -441,32 +433,34 @@ class Trainer:
             paused += time.perf_counter() - t0
         batches.close()  # stops DataLoader workers, if any
         self.export()
+        # The stage's final metrics, named apart from the curves (the runner logs them at step 0, which
+        # would put a stray point on a curve of the same name); as the sft and align stages name them.
         summary = {
-            "final_loss": state.last_loss, "final_eval_loss": state.last_eval_loss,
+            "final_train_loss": state.last_loss, "final_eval_loss": state.last_eval_loss,
             "final_perplexity": math.exp(min(state.last_eval_loss, 50.0)),
             "initial_eval_loss": state.initial_eval_loss,
             "initial_perplexity": math.exp(min(state.initial_eval_loss, 50.0)),
             "tokens": state.tokens, "steps": state.step, "train_time_s": state.train_time_s,
-            "tokens_per_s": attempt_tokens / attempt_train_s if attempt_train_s else 0.0,
+            "mean_tokens_per_s": attempt_tokens / attempt_train_s if attempt_train_s else 0.0,
             "resumed_from_step": resumed_from, "params": self.n_params, "world_size": self.world,
             "attempt_wall_s": time.perf_counter() - attempt_t0,
         }
         if self.cuda:
-            summary["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if peak and summary["tokens_per_s"]:
-                summary["mfu"] = self.flops_per_token * summary["tokens_per_s"] / self.world / (peak * 1e12)
+            summary["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if peak and summary["mean_tokens_per_s"]:
+                summary["mean_mfu"] = self.flops_per_token * summary["mean_tokens_per_s"] / self.world / (peak * 1e12)
         summary = {k: float(v) for k, v in summary.items() if v is not None}
         if self.rank == 0:
-            write_json_atomic(self.out / SUMMARY_FILE, summary)
+            write_json_atomic(self.out / SUMMARY_FILE, summary, indent=2, newline=True)
         return summary
 
     def _log_step(self, state: TrainState, loss: float, lr: float, tokens_per_s: float, peak: float | None) -> None:
         import torch
 
         grad_norm = self.engine.get_global_grad_norm()
-        metrics = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+        metrics = {TRAIN_LOSS: loss, LR: lr, TOKENS_PER_S: tokens_per_s}
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            metrics[GRAD_NORM] = float(grad_norm)
         if self.cuda:
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if peak:
@@ -475,7 +469,7 @@ class Trainer:
         if self.rank == 0:
             remaining = (self.steps - state.step) * self.tokens_per_step / tokens_per_s
             log.info("step %d/%d loss %.4f lr %.2e %s%.0f tok/s, ~%.0fs left", state.step, self.steps, loss,
-                     metrics["lr"], f"grad_norm {metrics['grad_norm']:.3f} " if "grad_norm" in metrics else "",
+                     lr, f"grad_norm {metrics[GRAD_NORM]:.3f} " if GRAD_NORM in metrics else "",
                      tokens_per_s, remaining)
 
 

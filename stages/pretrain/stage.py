@@ -36,13 +36,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import Stage, StageContext
 from pipeline.errors import LlmpipeError
-from pipeline.schema import to_plain
+from pipeline.files import write_json_atomic
+from pipeline.schema import Invalid, to_plain
 from stages.common.config import ModelConfig
 from stages.common.launch import REPO_ROOT, LaunchConfig, LaunchPlan, free_port, plan_launch, run_launch
 
@@ -63,63 +64,65 @@ class TrainingFailed(LlmpipeError):
     """The launched ranks exited with an error (their traceback is in the stage log above this)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     model: ModelConfig  # architecture (usually ${model})
-    seed: int = 0  # weight initialisation and data order
-    global_batch_size: int = 16  # sequences per optimizer step, over all ranks and accumulation steps
-    micro_batch_size: int = 8  # sequences per rank per forward pass; accumulation makes up the global batch
-    max_steps: int = 300  # optimizer steps (unused when max_tokens is set)
-    max_tokens: int | None = None  # train on this many tokens instead: ceil(tokens / (global batch x seq_len)) steps
-    lr: float = 3e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine decay ends at lr x min_lr_ratio
-    warmup_steps: int = 20  # linear warmup from lr / warmup_steps up to lr
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (norm weights and biases are exempt)
-    adam_beta1: float = 0.9  # AdamW first-moment decay
-    adam_beta2: float = 0.95  # AdamW second-moment decay
-    adam_eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that supports it, else fp32
-    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded
-    offload_optimizer: OFFLOAD = "none"  # ZeRO offload of optimizer states (stage >= 1)
-    offload_param: OFFLOAD = "none"  # ZeRO offload of parameters (stage 3 only)
-    nvme_path: str | None = None  # local NVMe directory for nvme offload
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass to save memory
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
-    eval_every: int = 50  # steps between evaluations on the val split (also at step 0 and at the end)
-    eval_sequences: int = 64  # held-out sequences per evaluation (at most the whole val split)
-    checkpoint_every: int = 50  # steps between checkpoints (also one at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    log_every: int = 10  # steps between metric records
-    loader_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
-    peak_tflops: float | None = None  # one accelerator's peak for MFU; null: a table by device name
-    launch: LaunchConfig = field(default_factory=LaunchConfig)  # how the ranks are started
+    seed: int  # weight initialisation and data order
+    global_batch_size: int  # sequences per optimizer step, over all ranks and accumulation steps
+    micro_batch_size: int  # sequences per rank per forward pass; accumulation makes up the global batch
+    max_steps: int  # optimizer steps (unused when max_tokens is set)
+    max_tokens: int | None  # train on this many tokens instead: ceil(tokens / (global batch x seq_len)) steps
+    lr: float  # peak learning rate
+    min_lr_ratio: float  # the cosine decay ends at lr x min_lr_ratio
+    warmup_steps: int  # linear warmup from lr / warmup_steps up to lr
+    weight_decay: float  # AdamW decoupled weight decay (norm weights and biases are exempt)
+    adam_beta1: float  # AdamW first-moment decay
+    adam_beta2: float  # AdamW second-moment decay
+    adam_eps: float  # AdamW epsilon
+    grad_clip: float  # clip the global gradient norm to this; 0 turns clipping off
+    precision: Literal["auto", "bf16", "fp32"]  # auto: bf16 on a GPU that supports it, else fp32
+    zero_stage: int  # DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded
+    offload_optimizer: OFFLOAD  # ZeRO offload of optimizer states (stage >= 1)
+    offload_param: OFFLOAD  # ZeRO offload of parameters (stage 3 only)
+    nvme_path: str | None  # local NVMe directory for nvme offload
+    gradient_checkpointing: bool  # recompute activations in the backward pass to save memory
+    attention: Literal["sdpa", "eager", "flash_attention_2"]  # attention kernel
+    eval_every: int  # steps between evaluations on the val split (also at step 0 and at the end)
+    eval_sequences: int  # held-out sequences per evaluation (at most the whole val split)
+    checkpoint_every: int  # steps between checkpoints (also one at the end)
+    keep_checkpoints: int  # newest checkpoints kept on disk
+    log_every: int  # steps between metric records
+    loader_workers: int  # DataLoader worker processes per rank (0: load in the training process)
+    peak_tflops: float | None  # one accelerator's peak for MFU; null: a table by device name
+    launch: LaunchConfig  # how the ranks are started
 
     def __post_init__(self) -> None:
-        key = "stage.pretrain"
-        for name in ("global_batch_size", "micro_batch_size", "max_steps", "warmup_steps", "eval_every",
-                     "eval_sequences", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
+        problems = [(name, f"must be at least 1, got {getattr(self, name)}")
+                    for name in ("global_batch_size", "micro_batch_size", "max_steps", "warmup_steps", "eval_every",
+                                 "eval_sequences", "checkpoint_every", "keep_checkpoints", "log_every")
+                    if getattr(self, name) < 1]
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"{key}.max_tokens must be positive or null, got {self.max_tokens}")
+            problems.append(("max_tokens", f"must be positive or null, got {self.max_tokens}"))
         if self.loader_workers < 0:
-            raise ValueError(f"{key}.loader_workers must be >= 0, got {self.loader_workers}")
+            problems.append(("loader_workers", f"must be >= 0, got {self.loader_workers}"))
         if not 0 <= self.zero_stage <= 3:
-            raise ValueError(f"{key}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+            problems.append(("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"))
         if self.offload_optimizer != "none" and self.zero_stage < 1:
-            raise ValueError(f"{key}.offload_optimizer={self.offload_optimizer} needs zero_stage >= 1, "
-                             f"got zero_stage={self.zero_stage}")
+            problems.append(("offload_optimizer", f"{self.offload_optimizer} needs zero_stage >= 1, "
+                                                  f"got zero_stage={self.zero_stage}"))
         if self.offload_param != "none" and self.zero_stage != 3:
-            raise ValueError(f"{key}.offload_param={self.offload_param} needs zero_stage 3, "
-                             f"got zero_stage={self.zero_stage}")
+            problems.append(("offload_param", f"{self.offload_param} needs zero_stage 3, "
+                                              f"got zero_stage={self.zero_stage}"))
         if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
-            raise ValueError(f"{key}: nvme offload needs {key}.nvme_path (a directory on a local NVMe drive)")
+            problems.append(("nvme_path", "nvme offload needs nvme_path (a directory on a local NVMe drive)"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"{key}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"{key}: lr must be > 0 and grad_clip, weight_decay >= 0 "
-                             f"(got lr={self.lr}, grad_clip={self.grad_clip}, weight_decay={self.weight_decay})")
+            problems.append(("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
+        if self.lr <= 0:
+            problems.append(("lr", f"must be positive, got {self.lr}"))
+        for name in ("grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        Invalid.check(problems)
 
 
 # ---------------------------------------------------------------- inputs and schedule
@@ -254,7 +257,7 @@ def write_job(ctx: StageContext, cfg: PretrainConfig, data: DataInfo, schedule: 
               bf16: bool) -> Path:
     """The job file every rank reads: config, paths, and what the stage decided (steps, precision)."""
     ds_config = ctx.output_dir / DS_CONFIG_FILE
-    ds_config.write_text(json.dumps(deepspeed_config(cfg, schedule, bf16, plan.accelerator), indent=2) + "\n")
+    write_json_atomic(ds_config, deepspeed_config(cfg, schedule, bf16, plan.accelerator), indent=2, newline=True)
     job = {
         "config": to_plain(cfg),
         "tokenizer": str(ctx.input("tokenize.tokenizer")),
@@ -269,7 +272,7 @@ def write_job(ctx: StageContext, cfg: PretrainConfig, data: DataInfo, schedule: 
         "schedule": to_plain(schedule),
     }
     path = ctx.output_dir / JOB_FILE
-    path.write_text(json.dumps(job, indent=2) + "\n")
+    write_json_atomic(path, job, indent=2, newline=True)
     return path
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
 
+from pipeline import Invalid
+
 # Every reason a heuristic can give, in the order the rules run.
 REASONS = (
     "empty_text",
@@ -57,60 +59,61 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _NO_LETTER_LINE = re.compile(r"^(?:[^\w\n]|[\d_])+$", re.MULTILINE)  # a word (one per line) without any letter
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GopherQualityConfig:
-    min_words: int | None = 50  # fewer words drop the document (too_few_words)
-    max_words: int | None = 100_000  # more words drop the document (too_many_words)
-    min_mean_word_length: float | None = 3.0  # mean word length in characters below this drops (mean_word_length)
-    max_mean_word_length: float | None = 10.0  # mean word length above this drops (mean_word_length)
-    max_symbol_word_ratio: float | None = 0.1  # '#' per word or ellipses per word above this drops (symbol_ratio)
-    max_bullet_lines_ratio: float | None = 0.9  # share of lines starting with a bullet above this drops (bullet_lines)
-    max_ellipsis_lines_ratio: float | None = 0.3  # share of lines ending with an ellipsis above this drops
-    min_alpha_words_ratio: float | None = 0.8  # share of words with a letter below this drops (alpha_words)
-    min_stop_words: int | None = 2  # fewer occurrences of stop_words drop the document (stop_words)
-    stop_words: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher's list
+    min_words: int | None  # fewer words drop the document (too_few_words)
+    max_words: int | None  # more words drop the document (too_many_words)
+    min_mean_word_length: float | None  # mean word length in characters below this drops (mean_word_length)
+    max_mean_word_length: float | None  # mean word length above this drops (mean_word_length)
+    max_symbol_word_ratio: float | None  # '#' per word or ellipses per word above this drops (symbol_ratio)
+    max_bullet_lines_ratio: float | None  # share of lines starting with a bullet above this drops (bullet_lines)
+    max_ellipsis_lines_ratio: float | None  # share of lines ending with an ellipsis above this drops
+    min_alpha_words_ratio: float | None  # share of words with a letter below this drops (alpha_words)
+    min_stop_words: int | None  # fewer occurrences of stop_words drop the document (stop_words)
+    stop_words: tuple[str, ...]  # words counted by min_stop_words (Gopher's list in the shipped YAML)
 
     def __post_init__(self) -> None:
-        _check_range(self, "min_words", "max_words")
-        _check_range(self, "min_mean_word_length", "max_mean_word_length")
-        _check_fractions(self, "max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio")
+        Invalid.check([*_range_problems(self, "min_words", "max_words"),
+                       *_range_problems(self, "min_mean_word_length", "max_mean_word_length"),
+                       *_fraction_problems(self, "max_bullet_lines_ratio", "max_ellipsis_lines_ratio",
+                                           "min_alpha_words_ratio")])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GopherRepetitionConfig:
-    max_duplicate_lines_ratio: float | None = 0.3  # share of lines repeating an earlier line (duplicate_lines)
-    max_duplicate_line_chars_ratio: float | None = 0.2  # share of characters in such lines (duplicate_line_chars)
-    max_duplicate_paragraphs_ratio: float | None = 0.3  # share of repeated paragraphs (duplicate_paragraphs)
-    max_duplicate_paragraph_chars_ratio: float | None = 0.2  # characters in repeated paragraphs
+    max_duplicate_lines_ratio: float | None  # share of lines repeating an earlier line (duplicate_lines)
+    max_duplicate_line_chars_ratio: float | None  # share of characters in such lines (duplicate_line_chars)
+    max_duplicate_paragraphs_ratio: float | None  # share of repeated paragraphs (duplicate_paragraphs)
+    max_duplicate_paragraph_chars_ratio: float | None  # characters in repeated paragraphs
     # [n, max]: characters covered by the most frequent n-gram, over all word characters (top_ngram_ratio)
-    max_top_ngram_ratio: tuple[tuple[int, float], ...] = ((2, 0.20), (3, 0.18), (4, 0.16))
+    max_top_ngram_ratio: tuple[tuple[int, float], ...]  # most frequent n-gram limits
     # [n, max]: characters covered by repeats of an earlier n-gram (duplicate_ngram_ratio)
-    max_duplicate_ngram_ratio: tuple[tuple[int, float], ...] = (
-        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    max_duplicate_ngram_ratio: tuple[tuple[int, float], ...]  # repeated n-gram limits
 
     def __post_init__(self) -> None:
-        _check_fractions(self, "max_duplicate_lines_ratio", "max_duplicate_line_chars_ratio",
-                         "max_duplicate_paragraphs_ratio", "max_duplicate_paragraph_chars_ratio")
+        problems = _fraction_problems(self, "max_duplicate_lines_ratio", "max_duplicate_line_chars_ratio",
+                                      "max_duplicate_paragraphs_ratio", "max_duplicate_paragraph_chars_ratio")
         for key in ("max_top_ngram_ratio", "max_duplicate_ngram_ratio"):
-            for n, limit in getattr(self, key):
-                if n < 1 or not 0.0 <= limit <= 1.0:
-                    raise ValueError(f"{key}: [{n}, {limit}] needs n >= 1 and a ratio in [0, 1]")
+            problems += [(key, f"[{n}, {limit}] needs n >= 1 and a ratio in [0, 1]")
+                         for n, limit in getattr(self, key) if n < 1 or not 0.0 <= limit <= 1.0]
+        Invalid.check(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class C4Config:
-    min_sentences: int | None = 3  # fewer sentences in the lines C4 keeps drop the document (too_few_sentences)
-    min_words_per_line: int = 5  # a line counts towards min_sentences only with this many words (C4: 5)
-    min_punct_lines_ratio: float | None = 0.12  # share of lines ending in punctuation below this drops (punct_lines)
-    max_word_length: int | None = 1000  # a longer whitespace token drops the document (long_word)
-    lorem_ipsum: bool = True  # drop documents containing "lorem ipsum" (lorem_ipsum)
-    curly_bracket: bool = False  # drop documents containing "{" (C4 did; off because code is wanted)
-    bad_words_file: str | None = None  # word list, one entry per line (C4 used LDNOOBW); a match drops (bad_words)
+    min_sentences: int | None  # fewer sentences in the lines C4 keeps drop the document (too_few_sentences)
+    min_words_per_line: int  # a line counts towards min_sentences only with this many words (C4: 5)
+    min_punct_lines_ratio: float | None  # share of lines ending in punctuation below this drops (punct_lines)
+    max_word_length: int | None  # a longer whitespace token drops the document (long_word)
+    lorem_ipsum: bool  # drop documents containing "lorem ipsum" (lorem_ipsum)
+    curly_bracket: bool  # drop documents containing "{" (C4 did; off because code is wanted)
+    bad_words_file: str | None  # word list, one entry per line (C4 used LDNOOBW); a match drops (bad_words)
 
     def __post_init__(self) -> None:
-        _check_fractions(self, "min_punct_lines_ratio")
+        problems = _fraction_problems(self, "min_punct_lines_ratio")
         if self.min_words_per_line < 0:
-            raise ValueError(f"min_words_per_line must be >= 0, got {self.min_words_per_line}")
+            problems.append(("min_words_per_line", f"must be >= 0, got {self.min_words_per_line}"))
+        Invalid.check(problems)
 
 
 @dataclass
@@ -340,14 +343,14 @@ def _bad_words_pattern(entries: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, entries)) + r")(?!\w)")
 
 
-def _check_range(cfg: object, low_key: str, high_key: str) -> None:
+def _range_problems(cfg: object, low_key: str, high_key: str) -> list[tuple[str, str]]:
     low, high = getattr(cfg, low_key), getattr(cfg, high_key)
     if low is not None and high is not None and low > high:
-        raise ValueError(f"{low_key} ({low}) is greater than {high_key} ({high})")
+        return [(low_key, f"{low} is greater than {high_key} ({high})")]
+    return []
 
 
-def _check_fractions(cfg: object, *keys: str) -> None:
-    for key in keys:
-        value = getattr(cfg, key)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{key} must be a fraction in [0, 1], got {value}")
+def _fraction_problems(cfg: object, *keys: str) -> list[tuple[str, str]]:
+    """(key, message) for each of ``keys`` set to a value outside [0, 1] (null turns a rule off)."""
+    return [(key, f"must be a fraction in [0, 1], got {getattr(cfg, key)}") for key in keys
+            if getattr(cfg, key) is not None and not 0.0 <= getattr(cfg, key) <= 1.0]

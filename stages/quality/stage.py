@@ -23,20 +23,18 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import Stage, StageContext
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from pipeline.files import atomic_path, write_json_atomic
 from stages.common.documents import read_documents as read_shard
 from stages.common.documents import text_bytes, with_column
 from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
 from stages.quality.rules import C4Config, GopherQualityConfig, GopherRepetitionConfig, Rules, read_word_list
 
-CONFIG_KEY = "stage.quality"
 CLASSIFIER_DIR = "classifier"  # under the stage's output dir: the trained model and its report
 MODEL_FILE = "model.bin"
 TRAIN_REPORT = "train.json"
@@ -60,51 +58,59 @@ class ShardSchemaError(QualityError):
     """An input shard lacks the string column ``text``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClassifierConfig:
-    enabled: bool = True  # false: no classifier, quality_score is null
-    model_path: str | None = None  # a trained fastText model (.bin); null: train one from positive/negative
-    positive: str | None = "data/embedded/quality/positive.txt"  # high-quality training samples, one per line
-    negative: str | None = "data/embedded/quality/negative.txt"  # low-quality training samples, one per line
-    positive_label: str = "__label__hq"  # label whose probability is quality_score (DCLM's model uses hq)
-    negative_label: str = "__label__cc"  # label given to the negative samples when training
-    threshold: float = 0.5  # documents with P(positive) below this are dropped (reason: classifier)
-    validation_fraction: float = 0.1  # share of each sample file held out to measure accuracy
-    epoch: int = 10  # fastText epoch
-    lr: float = 0.5  # fastText lr
-    word_ngrams: int = 2  # fastText wordNgrams
-    dim: int = 64  # fastText dim
-    min_count: int = 1  # fastText minCount
-    bucket: int = 100_000  # fastText bucket: hashed word n-gram rows; the model holds (words + bucket) x dim floats
-    seed: int = 0  # fastText seed and the seed of the train/validation split
-    threads: int = 1  # fastText thread; more is faster but makes training not repeatable
+    enabled: bool  # false: no classifier, quality_score is null
+    model_path: str | None  # a trained fastText model (.bin); null: train one from positive/negative
+    positive: str | None  # high-quality training samples, one per line
+    negative: str | None  # low-quality training samples, one per line
+    positive_label: str  # label whose probability is quality_score (DCLM's model uses hq)
+    negative_label: str  # label given to the negative samples when training
+    threshold: float  # documents with P(positive) below this are dropped (reason: classifier)
+    validation_fraction: float  # share of each sample file held out to measure accuracy
+    epoch: int  # fastText epoch
+    lr: float  # fastText lr
+    word_ngrams: int  # fastText wordNgrams
+    dim: int  # fastText dim
+    min_count: int  # fastText minCount
+    bucket: int  # fastText bucket: hashed word n-gram rows; the model holds (words + bucket) x dim floats
+    seed: int  # fastText seed and the seed of the train/validation split
+    threads: int  # fastText thread; more is faster but makes training not repeatable
 
     def __post_init__(self) -> None:
+        problems = []
         for key in ("positive_label", "negative_label"):
             label = getattr(self, key)
             if not label.startswith("__label__") or len(label.split()) != 1 or label == "__label__":
-                raise ValueError(f"{key} {label!r} must look like '__label__<name>' (fastText's label prefix)")
+                problems.append((key, f"{label!r} must look like '__label__<name>' (fastText's label prefix)"))
         if self.positive_label == self.negative_label:
-            raise ValueError(f"positive_label and negative_label are both {self.positive_label!r}")
+            problems.append(("", f"positive_label and negative_label are both {self.positive_label!r}"))
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
+            problems.append(("threshold", f"must be a probability in [0, 1], got {self.threshold}"))
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        for key in ("epoch", "word_ngrams", "dim", "bucket", "threads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+            problems.append(("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}"))
+        problems += [(key, f"must be >= 1, got {getattr(self, key)}")
+                     for key in ("epoch", "word_ngrams", "dim", "bucket", "threads") if getattr(self, key) < 1]
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            problems.append(("lr", f"must be > 0, got {self.lr}"))
+        if self.enabled and not self.model_path and not (self.positive and self.negative):
+            problems.append(("", f"set model_path, or both positive and negative sample files (got positive="
+                                 f"{self.positive!r}, negative={self.negative!r}); or turn it off with enabled=false"))
+        Invalid.check(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QualityConfig:
-    gopher: GopherQualityConfig = field(default_factory=GopherQualityConfig)  # Gopher quality filter
-    repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)  # Gopher repetition removal
-    c4: C4Config = field(default_factory=C4Config)  # C4 page rules
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # fastText quality classifier
-    write_dropped: bool = True  # write the dropped documents, with drop_reason, to the dropped artifact
-    workers: int = 2  # processes (execution-only)
+    gopher: GopherQualityConfig  # Gopher quality filter
+    repetition: GopherRepetitionConfig  # Gopher repetition removal
+    c4: C4Config  # C4 page rules
+    classifier: ClassifierConfig  # fastText quality classifier
+    write_dropped: bool  # write the dropped documents, with drop_reason, to the dropped artifact
+    workers: int  # processes (execution-only)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise Invalid("workers", f"must be at least 1, got {self.workers}")
 
 
 def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
@@ -114,7 +120,7 @@ def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
     if not sources:
         ctx.log.warning("dedup.documents at %s holds no Parquet shard", ctx.input("dedup.documents"))
     if cfg.c4.bad_words_file:
-        existing_file(cfg.c4.bad_words_file, f"{CONFIG_KEY}.c4.bad_words_file")
+        existing_file(cfg.c4.bad_words_file, "stage.quality.c4.bad_words_file")
     metrics: dict[str, float] = {}
     if cfg.classifier.enabled:
         metrics.update(prepare_classifier(cfg.classifier, ctx.output_dir, ctx.log))
@@ -125,7 +131,7 @@ def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
         ctx.log_metrics({"docs_in": total.docs_in, "docs_out": total.docs_out}, step=done)
 
     total = map_shards(filter_shard, sources, ctx.output_dir, cfg, workers=cfg.workers, desc="quality",
-                       on_progress=progress)
+                       phase="filter", on_progress=progress)
     metrics = {**total.metrics(timer.seconds), **metrics}
     ctx.log.info("quality: kept %d of %d documents; drops: %s", total.docs_out, total.docs_in,
                  dict(total.drops.most_common()))
@@ -204,7 +210,7 @@ def load_classifier(path: Path, positive_label: str) -> Any:
             raise ClassifierError(f"cannot load fastText model {path}: {exc}") from exc
         if positive_label not in model.labels:
             raise ClassifierError(f"fastText model {path} has no label {positive_label!r} "
-                                  f"(it has {list(model.labels)}); set {CONFIG_KEY}.classifier.positive_label")
+                                  f"(it has {list(model.labels)}); set stage.quality.classifier.positive_label")
         _MODELS[key] = model
     return _MODELS[key]
 
@@ -232,17 +238,14 @@ def prepare_classifier(c: ClassifierConfig, output_dir: Path, log: logging.Logge
     A given ``model_path`` is loaded here too, so a bad file or label fails before any shard runs.
     A trained model is reused when a previous attempt left it (with its report) in the output dir.
     """
-    key = f"{CONFIG_KEY}.classifier"
+    key = "stage.quality.classifier"  # run-time errors name the key to change; config errors come from the schema
     if c.model_path:
         path = existing_file(c.model_path, f"{key}.model_path")
         if c.positive or c.negative:
             log.info("classifier: using %s; %s.positive/negative are ignored", path, key)
         load_classifier(path, c.positive_label)
         return {}
-    if not (c.positive and c.negative):
-        raise MissingPathError(f"{key}: set model_path, or both positive and negative sample files "
-                               f"(got positive={c.positive!r}, negative={c.negative!r}); "
-                               f"or turn it off with {key}.enabled=false")
+    # ClassifierConfig holds either model_path or both sample files.
     model_dir = Path(output_dir) / CLASSIFIER_DIR
     model, report = model_dir / MODEL_FILE, model_dir / TRAIN_REPORT
     if model.is_file() and report.is_file():
@@ -294,8 +297,9 @@ def train_classifier(c: ClassifierConfig, positive: list[str], negative: list[st
         log.info("classifier: held-out accuracy %.3f on %d samples", metrics["classifier_val_accuracy"],
                  metrics["classifier_val_samples"])
     report = {"labels": [c.positive_label, c.negative_label], "metrics": metrics}
-    _atomic_write(model_dir / TRAIN_REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    _atomic_write(model_dir / MODEL_FILE, lambda tmp: model.save_model(str(tmp)))
+    write_json_atomic(model_dir / TRAIN_REPORT, report, indent=2)
+    with atomic_path(model_dir / MODEL_FILE) as tmp:
+        model.save_model(str(tmp))
     return metrics
 
 
@@ -342,12 +346,6 @@ def external_state(cfg: QualityConfig) -> dict[str, str] | None:
     return files or None
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 STAGE = Stage(
     name="quality",
     config=QualityConfig,
@@ -356,7 +354,7 @@ STAGE = Stage(
     outputs=("documents", "dropped"),
     unhashed=frozenset(["workers"]),
     resumable=True,
-    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
+    shard_phases=("filter",),  # on Slurm: one job array over the shards, then the final job
     external=external_state,
     description="Heuristic and fastText quality filtering.",
 )

@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import Stage, StageContext
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from pipeline.files import atomic_path
 from stages.common.shards import list_parquet
 
 MODEL = "model"
@@ -86,65 +86,66 @@ class CalibrationError(QuantizeError):
     """The corpus yields no usable calibration sample."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibrationSettings:
-    samples: int = 128  # calibration sequences (the GPTQ paper: 128 x 2048 tokens)
-    max_tokens: int = 512  # tokens per sequence: documents are packed EOS-separated into sequences this long
-    seed: int = 0  # seeds the order of shards and of documents within a shard
-    batch_size: int = 1  # samples per calibration forward pass (padded when > 1)
+    samples: int  # calibration sequences (the GPTQ paper: 128 x 2048 tokens)
+    max_tokens: int  # tokens per sequence: documents are packed EOS-separated into sequences this long
+    seed: int  # seeds the order of shards and of documents within a shard
+    batch_size: int  # samples per calibration forward pass (padded when > 1)
 
     def __post_init__(self) -> None:
-        key = "stage.quantize.calibration"
-        for name in ("samples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
+        problems = [(name, f"must be at least 1, got {getattr(self, name)}")
+                    for name in ("samples", "batch_size") if getattr(self, name) < 1]
         if self.max_tokens < 2:
-            raise ValueError(f"{key}.max_tokens must be at least 2, got {self.max_tokens}")
+            problems.append(("max_tokens", f"must be at least 2, got {self.max_tokens}"))
+        Invalid.check(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerplexitySettings:
-    max_tokens: int = 16384  # held-out tokens to score (each model); 0: skip the perplexity comparison
-    seq_len: int = 256  # tokens per scored window; at most the model's context
-    batch_size: int = 8  # windows per forward pass (execution-only)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # both models; auto: fp32 on CPU, bf16 on CUDA
+    max_tokens: int  # held-out tokens to score (each model); 0: skip the perplexity comparison
+    seq_len: int  # tokens per scored window; at most the model's context
+    batch_size: int  # windows per forward pass (execution-only)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]  # both models; auto: fp32 on CPU, bf16 on CUDA
 
     def __post_init__(self) -> None:
-        key = "stage.quantize.perplexity"
+        problems = []
         if self.max_tokens < 0:
-            raise ValueError(f"{key}.max_tokens must be >= 0 (0 skips perplexity), got {self.max_tokens}")
+            problems.append(("max_tokens", f"must be >= 0 (0 skips perplexity), got {self.max_tokens}"))
         if self.seq_len < 2:
-            raise ValueError(f"{key}.seq_len must be at least 2, got {self.seq_len}")
+            problems.append(("seq_len", f"must be at least 2, got {self.seq_len}"))
         if self.batch_size < 1:
-            raise ValueError(f"{key}.batch_size must be at least 1, got {self.batch_size}")
+            problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
+        Invalid.check(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
-    bits: int = 4  # weight bits (2, 3, 4 or 8; vLLM's CPU kernel runs 4)
-    group_size: int = 128  # input columns sharing one scale/zero; -1: one group per row
-    sym: bool = True  # symmetric quantization (no zero point offset); vLLM's fast kernels want it
-    desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal (slower kernels)
-    act_group_aware: bool = True  # gptqmodel's group-aware reordering: better error, g_idx stays sequential
-    damp_percent: float = 0.05  # Hessian dampening, a fraction of its mean diagonal
-    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)  # the calibration set
-    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)  # the before/after check
-    cpu_workers: int | None = None  # GPTQMODEL_CPU_WORKERS; null: gptqmodel's default (execution-only)
-    keep_checkpoint: bool = False  # keep gptqmodel's layer checkpoint after success (execution-only)
+    bits: int  # weight bits (2, 3, 4 or 8; vLLM's CPU kernel runs 4)
+    group_size: int  # input columns sharing one scale/zero; -1: one group per row
+    sym: bool  # symmetric quantization (no zero point offset); vLLM's fast kernels want it
+    desc_act: bool  # act-order: quantize columns by decreasing Hessian diagonal (slower kernels)
+    act_group_aware: bool  # gptqmodel's group-aware reordering: better error, g_idx stays sequential
+    damp_percent: float  # Hessian dampening, a fraction of its mean diagonal
+    calibration: CalibrationSettings  # the calibration set
+    perplexity: PerplexitySettings  # the before/after check
+    cpu_workers: int | None  # GPTQMODEL_CPU_WORKERS; null: gptqmodel's default (execution-only)
+    keep_checkpoint: bool  # keep gptqmodel's layer checkpoint after success (execution-only)
 
     def __post_init__(self) -> None:
-        key = "stage.quantize"
+        problems = []
         if self.bits not in GPTQ_BITS:
-            raise ValueError(f"{key}.bits must be one of {GPTQ_BITS}, got {self.bits}")
+            problems.append(("bits", f"must be one of {GPTQ_BITS}, got {self.bits}"))
         if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"{key}.group_size must be positive or -1 (one group per row), got {self.group_size}")
+            problems.append(("group_size", f"must be positive or -1 (one group per row), got {self.group_size}"))
         if not 0.0 < self.damp_percent < 1.0:
-            raise ValueError(f"{key}.damp_percent must be in (0, 1), got {self.damp_percent}")
+            problems.append(("damp_percent", f"must be in (0, 1), got {self.damp_percent}"))
         if self.desc_act and self.act_group_aware:
-            raise ValueError(f"{key}.desc_act and {key}.act_group_aware are both true: they are two column "
-                             f"orders; set act_group_aware: false to use act-order")
+            problems.append(("", "desc_act and act_group_aware are both true: they are two column orders; "
+                                 "set act_group_aware: false to use act-order"))
         if self.cpu_workers is not None and self.cpu_workers < 1:
-            raise ValueError(f"{key}.cpu_workers must be at least 1 or null, got {self.cpu_workers}")
+            problems.append(("cpu_workers", f"must be at least 1 or null, got {self.cpu_workers}"))
+        Invalid.check(problems)
 
 
 # ---------------------------------------------------------------- shape check
@@ -475,12 +476,10 @@ def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path
                         cfg.calibration.samples, cfg.calibration.max_tokens)
     ctx.log.info("calibrating on %d samples, %d tokens from %d documents in %d shards (%d rows without text)",
                  len(cal.samples), cal.tokens, cal.documents, cal.shards_read, cal.skipped_empty)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    seconds = run_gptq(src, tmp, cal, cfg, work, ctx.log)
-    copy_tokenizer(src, tmp)
-    check_output(src, tmp, cfg)
-    shutil.rmtree(dest, ignore_errors=True)  # an attempt that died between this rename and the info file
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:  # replaces the dest of an attempt that died before its info file
+        seconds = run_gptq(src, tmp, cal, cfg, work, ctx.log)
+        copy_tokenizer(src, tmp)
+        check_output(src, tmp, cfg)
     info = {"calibration/samples": len(cal.samples), "calibration/tokens": cal.tokens,
             "calibration/documents": cal.documents, "calibration/skipped_empty": cal.skipped_empty,
             "calibration/shards_read": cal.shards_read, "quantize/seconds": seconds}

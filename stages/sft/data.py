@@ -3,7 +3,7 @@
 Three sources (``stage.sft.data.source``), all ending as lists of chat conversations
 (``[{"role", "content"}, ...]``, see stages/common/chat.py):
 
-``derive_from_corpus`` (the tiny default: no download)
+``corpus`` (the tiny default: no download)
     Instruction pairs made from the cleaned corpus (``pii.documents``). Each document's text is cut
     into sentences (a sentence ends at ``.``, ``!`` or ``?`` followed by whitespace, or at a line
     break); the templates that the document is long enough for are eligible, and a generator seeded
@@ -23,7 +23,7 @@ Three sources (``stage.sft.data.source``), all ending as lists of chat conversat
     seed, not on shard layout or reading order.
 
 ``files``
-    Local JSONL or Parquet files (globs allowed) with a ``messages`` column
+    Local JSONL (.jsonl, .jsonl.gz) or Parquet files (globs allowed) with a ``messages`` column
     (``data.messages_column``).
 
 ``dataset``
@@ -40,7 +40,6 @@ document fall on the same side), the conversation itself for loaded data (duplic
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import heapq
 import json
@@ -51,13 +50,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline.errors import LlmpipeError
+from pipeline.files import atomic_path
+from pipeline.schema import Invalid
 from stages.common.chat import message_problem, normalize_messages
+from stages.common.training import DataSource, TrainingDataError, source_problems
 
 TEMPLATES = ("continue", "continue_dialog", "first_sentence", "title")
-Source = Literal["derive_from_corpus", "files", "dataset"]
 
 # A sentence ends at . ! or ? followed by whitespace, or at a line break (headings, list items).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
@@ -65,50 +65,41 @@ MIN_SENTENCE_CHARS = 3  # shorter fragments ("1.", "a)") are merged into the nex
 TITLE_MAX_CHARS, TITLE_MAX_WORDS = 80, 12
 
 
-class SftDataError(LlmpipeError):
+class SftDataError(TrainingDataError):
     """Instruction data cannot be read (missing file, column, unreadable format) or is empty."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SftDataConfig:
-    source: Source = "derive_from_corpus"  # derive_from_corpus | files | dataset
-    files: tuple[str, ...] = ()  # source=files: JSONL/Parquet paths or globs with a messages column
-    dataset: str | None = None  # source=dataset: a `datasets` name for load_dataset (clusters only)
-    dataset_split: str = "train"  # source=dataset: the split to load
-    messages_column: str = "messages"  # column holding the conversation (list of {role, content})
-    templates: tuple[str, ...] = TEMPLATES  # derive_from_corpus: instruction templates to use
-    examples_per_doc: int = 1  # derive_from_corpus: templates drawn per document (at most)
-    max_prompt_chars: int = 400  # derive_from_corpus: cap on the passage quoted in a prompt (~110 tokens of prose)
-    max_reply_chars: int = 200  # derive_from_corpus: cap on a reply
-    system_prompt: str | None = None  # prepended as a system message to every conversation lacking one
-    max_examples: int | None = None  # keep a seeded subset of at most this many conversations; null: all
-    validation_fraction: float = 0.1  # share of conversations held out for eval loss (by split-key hash)
-    seed: int = 0  # seeds template choice, subsetting and the split
+    source: DataSource  # corpus: conversations derived from pii.documents | files | dataset
+    files: tuple[str, ...]  # source=files: JSONL/Parquet paths or globs with a messages column
+    dataset: str | None  # source=dataset: a `datasets` name for load_dataset (clusters only)
+    dataset_split: str  # source=dataset: the split to load
+    messages_column: str  # column holding the conversation (list of {role, content})
+    templates: tuple[str, ...]  # source=corpus: instruction templates to use
+    examples_per_doc: int  # source=corpus: templates drawn per document (at most)
+    max_prompt_chars: int  # source=corpus: cap on the passage quoted in a prompt (~110 tokens of prose at 400)
+    max_reply_chars: int  # source=corpus: cap on a reply
+    system_prompt: str | None  # prepended as a system message to every conversation lacking one
+    max_examples: int | None  # keep a seeded subset of at most this many conversations; null: all
+    validation_fraction: float  # share of conversations held out for eval loss (by split-key hash)
+    seed: int  # seeds template choice, subsetting and the split
 
     def __post_init__(self) -> None:
-        key = "stage.sft.data"
-        if self.source == "files" and not self.files:
-            raise ValueError(f"{key}.source is 'files' but {key}.files is empty: list JSONL/Parquet paths or globs")
-        if self.source == "dataset" and not self.dataset:
-            raise ValueError(f"{key}.source is 'dataset' but {key}.dataset is null: name a `datasets` dataset")
-        if self.source != "files" and self.files:
-            raise ValueError(f"{key}.files is set but {key}.source is {self.source!r}: set source: files, or "
-                             f"clear files")
-        if self.source != "dataset" and self.dataset:
-            raise ValueError(f"{key}.dataset is set but {key}.source is {self.source!r}: set source: dataset, or "
-                             f"set dataset: null")
+        problems = source_problems(self.source, self.files, self.dataset)
         unknown = [t for t in self.templates if t not in TEMPLATES]
         if unknown:
-            raise ValueError(f"{key}.templates: unknown {unknown}; choose from {list(TEMPLATES)}")
-        if self.source == "derive_from_corpus" and not self.templates:
-            raise ValueError(f"{key}.templates is empty: derive_from_corpus needs at least one template")
+            problems.append(("templates", f"unknown {unknown}; choose from {list(TEMPLATES)}"))
+        if self.source == "corpus" and not self.templates:
+            problems.append(("templates", "is empty: source corpus needs at least one template"))
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"{key}.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+            problems.append(("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}"))
         for name in ("examples_per_doc", "max_prompt_chars", "max_reply_chars"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
+                problems.append((name, f"must be at least 1, got {getattr(self, name)}"))
         if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"{key}.max_examples must be positive or null, got {self.max_examples}")
+            problems.append(("max_examples", f"must be positive or null, got {self.max_examples}"))
+        Invalid.check(problems)
 
 
 @dataclass
@@ -126,7 +117,7 @@ class InstructionData:
 
     train: list[Example]
     validation: list[Example]
-    docs_in: int = 0  # documents read (derive_from_corpus) or records read (files, dataset)
+    docs_in: int = 0  # documents read (corpus) or records read (files, dataset)
     dropped: Counter = field(default_factory=Counter)  # reason -> records skipped
     templates: Counter = field(default_factory=Counter)  # template -> examples derived
 
@@ -302,34 +293,17 @@ def examples_from_corpus(shards: Sequence[Path], cfg: SftDataConfig, data: Instr
 # ---------------------------------------------------------------- loading conversations
 
 
-def expand_files(patterns: Sequence[str]) -> list[Path]:
-    """The files named by paths/globs, in a stable order; a pattern that matches nothing is an error."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] if Path(pattern).exists() else []
-        if not matched:
-            raise SftDataError(f"stage.sft.data.files: {pattern!r} matches no file")
-        files.extend(Path(p) for p in matched)
-    return files
-
-
 def read_records(path: Path, column: str) -> Iterator[Any]:
     """The ``column`` value of every record of a JSONL or Parquet file (markers for broken JSON lines
     and records without the column, which the caller counts)."""
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".jsonl.gz"):
-        import gzip
+    from stages.common.training import INVALID_JSON, file_suffix, jsonl_records
 
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    yield _INVALID_JSON
-                    continue
+    suffix = file_suffix(path)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        for _, record in jsonl_records(path):
+            if record is INVALID_JSON:
+                yield INVALID_JSON
+            else:
                 yield record.get(column, _MISSING_COLUMN) if isinstance(record, dict) else _MISSING_COLUMN
     elif suffix == ".parquet":
         import pyarrow as pa
@@ -349,14 +323,15 @@ def read_records(path: Path, column: str) -> Iterator[Any]:
 
 
 _MISSING_COLUMN = object()  # a record without the messages column
-_INVALID_JSON = object()  # a JSONL line that does not parse
 
 
 def examples_from_records(records: Iterable[Any], data: InstructionData) -> Iterator[Example]:
     """Valid conversations of ``records`` (values of the messages column); the rest counted and skipped."""
+    from stages.common.training import INVALID_JSON
+
     for value in records:
         data.docs_in += 1
-        if value is _MISSING_COLUMN or value is _INVALID_JSON:
+        if value is _MISSING_COLUMN or value is INVALID_JSON:
             data.dropped["missing_messages" if value is _MISSING_COLUMN else "invalid_json"] += 1
             continue
         problem = message_problem(value)
@@ -413,11 +388,13 @@ def _subset_key(seed: int, example: Example) -> tuple[float, str, str]:
 
 def load_instruction_data(cfg: SftDataConfig, corpus_shards: Sequence[Path]) -> InstructionData:
     """Read or derive the conversations and split them (the one entry point of this module)."""
+    from stages.common.training import expand_files
+
     data = InstructionData(train=[], validation=[])
-    if cfg.source == "derive_from_corpus":
+    if cfg.source == "corpus":
         examples = examples_from_corpus(corpus_shards, cfg, data)
     elif cfg.source == "files":
-        files = expand_files(cfg.files)
+        files = expand_files(cfg.files, "stage.sft.data.files")
         examples = examples_from_records((v for f in files for v in read_records(f, cfg.messages_column)), data)
     else:
         examples = examples_from_records(dataset_records(cfg), data)
@@ -430,11 +407,6 @@ def load_instruction_data(cfg: SftDataConfig, corpus_shards: Sequence[Path]) -> 
 
 def write_jsonl(examples: Sequence[Example], path: Path) -> None:
     """The conversations as JSONL (``{"messages": [...]}`` per line), written atomically."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps({"messages": e.messages, "template": e.template}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -35,15 +35,14 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import Stage, StageContext
-from pipeline.errors import LlmpipeError
+from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from pipeline.files import atomic_path, publish, temp_sibling, write_json_atomic
 from stages.common.shards import (
     ShardResult,
     ShardTask,
@@ -72,33 +71,33 @@ class TokenizeInputError(LlmpipeError):
     """An input shard or the configured tokenizer cannot be used (missing column, unreadable file...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
-    tokenizer: str | None = None  # an existing local tokenizer dir to use as is; null: train a byte-level BPE
-    vocab_size: int = 8192  # vocabulary to train (special tokens included); with `tokenizer`, an upper bound check
-    min_frequency: int = 2  # a pair must occur this often to become a BPE merge
-    tokenizer_train_chars: int | None = None  # train the BPE on the first this many characters; null: all
-    seq_len: int = 256  # tokens per packed sequence
-    keep_partial: bool = False  # pad and keep the last incomplete sequence of each split (false: drop it)
-    validation_fraction: float = 0.05  # share of documents held out for validation, chosen by id hash
-    validation_seed: int = 0  # salt of the id hash; change it to draw another held-out set
-    batch_size: int = 1000  # documents per encode_batch call (execution-only)
-    workers: int = 2  # processes (execution-only)
+    tokenizer: str | None  # an existing local tokenizer dir to use as is; null: train a byte-level BPE
+    vocab_size: int  # vocabulary to train (special tokens included); with `tokenizer`, an upper bound check
+    min_frequency: int  # a pair must occur this often to become a BPE merge
+    tokenizer_train_chars: int | None  # train the BPE on the first this many characters; null: all
+    seq_len: int  # tokens per packed sequence
+    keep_partial: bool  # pad and keep the last incomplete sequence of each split (false: drop it)
+    validation_fraction: float  # share of documents held out for validation, chosen by id hash
+    validation_seed: int  # salt of the id hash; change it to draw another held-out set
+    batch_size: int  # documents per encode_batch call (execution-only)
+    workers: int  # processes (execution-only)
 
     def __post_init__(self) -> None:
-        key = "stage.tokenize"
+        problems = []
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"{key}.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+            problems.append(("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}"))
         if self.seq_len < 1:
-            raise ValueError(f"{key}.seq_len must be at least 1, got {self.seq_len}")
+            problems.append(("seq_len", f"must be at least 1, got {self.seq_len}"))
         if self.tokenizer is None and self.vocab_size < BYTE_ALPHABET + len(SPECIAL_TOKENS):
-            raise ValueError(f"{key}.vocab_size {self.vocab_size} is too small for a byte-level BPE: "
-                             f"it needs at least {BYTE_ALPHABET + len(SPECIAL_TOKENS)} (bytes + special tokens)")
-        for name in ("min_frequency", "batch_size", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{key}.{name} must be at least 1, got {getattr(self, name)}")
+            problems.append(("vocab_size", f"{self.vocab_size} is too small for a byte-level BPE: it needs at least "
+                                           f"{BYTE_ALPHABET + len(SPECIAL_TOKENS)} (bytes + special tokens)"))
+        problems += [(name, f"must be at least 1, got {getattr(self, name)}")
+                     for name in ("min_frequency", "batch_size", "workers") if getattr(self, name) < 1]
         if self.tokenizer_train_chars is not None and self.tokenizer_train_chars < 1:
-            raise ValueError(f"{key}.tokenizer_train_chars must be positive or null, got {self.tokenizer_train_chars}")
+            problems.append(("tokenizer_train_chars", f"must be positive or null, got {self.tokenizer_train_chars}"))
+        Invalid.check(problems)
 
 
 # ---------------------------------------------------------------- held-out split
@@ -253,20 +252,19 @@ def save_tokenizer(tok: Any, out: Path, *, portable_class: bool) -> None:
     ``portable_class`` names the class PreTrainedTokenizerFast (known to transformers 4 and 5)
     instead of transformers 5's TokenizersBackend, for tokenizers this stage trained.
     """
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    if portable_class:
-        config_path = tmp / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    special = dict(tok.special_tokens_map)
-    extra = list(getattr(tok, "extra_special_tokens", None) or getattr(tok, "additional_special_tokens", None) or [])
-    if extra:
-        special["additional_special_tokens"] = extra
-    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tok.save_pretrained(str(tmp))
+        if portable_class:
+            config_path = tmp / "tokenizer_config.json"
+            config = json.loads(config_path.read_text())
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        special = dict(tok.special_tokens_map)
+        extra = list(getattr(tok, "extra_special_tokens", None) or getattr(tok, "additional_special_tokens", None)
+                     or [])
+        if extra:
+            special["additional_special_tokens"] = extra
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
 
 def prepare_tokenizer(cfg: TokenizeConfig, shards: Sequence[Path], rule: HeldoutRule, out: Path, log: Any) -> float:
@@ -345,8 +343,7 @@ class PackedWriter:
         import numpy as np
 
         self.path, self.seq_len, self.dtype = path, seq_len, np.dtype(dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.tmp = temp_sibling(path)
         self.file = open(self.tmp, "wb")  # closed by close() or abort()
         self.carry = np.empty(0, dtype=self.dtype)
 
@@ -369,7 +366,7 @@ class PackedWriter:
     def close(self) -> Any:
         """Publish the file; return the tail that did not fill a row."""
         self.file.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         return self.carry
 
     def abort(self) -> None:
@@ -384,11 +381,8 @@ def tail_path(output_dir: Path, split: str, name: str) -> Path:
 def save_npy_atomic(array: Any, path: Path) -> None:
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def tokenize_shard(task: ShardTask) -> ShardResult:
@@ -455,10 +449,8 @@ def pack_tails(output_dir: Path, split: str, names: Sequence[str], job: ShardJob
     if keep_partial and len(rest):
         pad = job.seq_len - len(rest)
         rows = np.concatenate([rows, rest, np.full(pad, pad_id, dtype=job.dtype)])
-    path = output_dir / "tokens" / split / f"{TAIL}.bin"
-    tmp = path.with_name(f".{path.name}.tmp")
-    rows.astype(job.dtype).tofile(tmp)
-    os.replace(tmp, path)
+    with atomic_path(output_dir / "tokens" / split / f"{TAIL}.bin") as tmp:
+        rows.astype(job.dtype).tofile(tmp)
     return pad
 
 
@@ -489,9 +481,7 @@ def write_meta(tokens_dir: Path, job: ShardJob, names: Sequence[str], vocab_size
         }
     meta = {"format": FORMAT_VERSION, "dtype": job.dtype, "seq_len": job.seq_len, "vocab_size": vocab_size,
             "eos_id": job.eos_id, "pad_id": pad_id, "splits": splits}
-    tmp = tokens_dir / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, tokens_dir / META_FILE)
+    write_json_atomic(tokens_dir / META_FILE, meta, indent=2, newline=True)
     return meta
 
 
@@ -558,7 +548,7 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
     clock = Throughput()
     with _serial_tokenizers_in_children(cfg.workers):
         totals = map_shards(tokenize_shard, shards, ctx.output_dir, job, workers=cfg.workers,
-                            desc="tokenize", on_progress=progress)
+                            desc="tokenize", phase="encode", on_progress=progress)
     seconds = clock.seconds
 
     names = [shard_name(i) for i in range(len(shards))]
@@ -599,7 +589,7 @@ STAGE = Stage(
     outputs=("tokenizer", "tokens", "heldout"),
     unhashed=frozenset(["workers", "batch_size"]),
     resumable=True,
-    shard_phases=1,  # on Slurm: one job array over the shards, then the final job
+    shard_phases=("encode",),  # on Slurm: one job array over the shards, then packing in the final job
     external=tokenizer_state,
     description="Train or load a tokenizer; pack token shards; hold out a validation split.",
 )

@@ -17,6 +17,7 @@ import pytest
 
 from llmpipe import corpus
 from llmpipe.corpus import CorpusError, build_corpus, digest, iban_valid, jaccard, luhn_valid, shingles
+from llmpipe.project import stage_config
 from pipeline.stage import StageContext
 from stages.ingest import stage as ingest
 
@@ -39,7 +40,8 @@ def manifest(built):
 def ingested(built, tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest")
     ctx = StageContext(stage="ingest", fingerprint="test", output_dir=out, inputs={})
-    metrics = ingest.run(ingest.IngestConfig(input=(str(built[0] / "*.warc.gz"),), workers=2), ctx)
+    cfg = stage_config("ingest", f"stage.ingest.input={built[0] / '*.warc.gz'}", "stage.ingest.workers=2")
+    metrics = ingest.run(cfg, ctx)
     shards = sorted(ctx.output("documents").glob("*.parquet"))
     docs = {r["url"]: r for f in shards for r in pq.read_table(f).to_pylist()}
     return metrics, docs

@@ -65,6 +65,17 @@ def test_config_errors_exit_2_with_the_key(toy, capsys, monkeypatch):
     assert "stage.upper.sufix: unknown key (did you mean 'suffix'?)" in err
 
 
+def test_typo_without_plus_gets_did_you_mean_not_hydras_advice(toy, capsys, monkeypatch):
+    """Hydra's "To append to your config use +stage.upper.sufix=x" would add the typo."""
+    monkeypatch.chdir(toy.dir)
+    assert cli(toy, "plan", "-c", "toy", "+stage.upper.sufix=x") == 2
+    with_plus = capsys.readouterr().err
+    assert cli(toy, "plan", "-c", "toy", "stage.upper.sufix=x", "stage.upper.nested.c=1") == 2
+    err = capsys.readouterr().err
+    assert with_plus in err and "To append" not in err
+    assert "stage.upper.nested.c: unknown key (valid keys: a, b)" in err
+
+
 def _run_llmpipe(*args, cwd=REPO):
     code = ("import sys; from llmpipe.cli import main; sys.argv = ['llmpipe', *sys.argv[1:]]; rc = main(); "
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; "

@@ -47,6 +47,26 @@ def test_malformed_declarations_fail_at_definition():
         stage("a", outputs=("x", "x"))
 
 
+def test_shard_phases_are_names_of_maps_a_resumable_stage_makes():
+    def sharded(phases, resumable=True):
+        return Stage("a", Empty, lambda cfg, ctx: {}, (), ("out",), resumable=resumable, shard_phases=phases)
+
+    assert sharded(("signatures", "buckets")).shard_phases == ("signatures", "buckets")
+    for bad in (2, ("a b",), ["x"]):
+        with pytest.raises(ValueError, match="tuple of phase names"):
+            sharded(bad)
+    for bad in (("x", "x"), ("final",)):
+        with pytest.raises(ValueError, match="repeat a name or use 'final'"):
+            sharded(bad)
+    with pytest.raises(ValueError, match="needs resumable=True"):
+        sharded(("x",), resumable=False)
+    from llmpipe.project import PROJECT
+
+    assert {s.name: s.shard_phases for s in PROJECT.stages if s.shard_phases} == {
+        "ingest": ("extract",), "dedup": ("signatures", "buckets"), "quality": ("filter",), "pii": ("scrub",),
+        "tokenize": ("encode",)}
+
+
 def test_real_registry_forms_a_dag_with_eleven_stages():
     from llmpipe.project import PROJECT
 

@@ -9,9 +9,15 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.executors import LocalExecutor, Task
 from pipeline.plan import make_plan
+from pipeline.processes import pid_alive
 from pipeline.runner import Runner
+from pipeline.schema import to_plain
 from pipeline.store import Store
+from pipeline.tracking import NullTracker
+from pipeline.worker import read_error
+from tests.pipeline.toy import PROJECT
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,6 +40,7 @@ def test_outputs_are_committed_with_stage_info_and_log(toy):
     assert info["metrics"]["chars"] == 11
     assert {"git_commit", "host", "started_at", "finished_at", "duration_s", "payload"} <= set(info)
     assert not (cfg.root / "upper" / ".partial" / out.name).exists()
+    assert info["executor"] == {"kind": "local"} and info["tracking_key"] is None
 
 
 def test_failure_blocks_descendants_only_and_next_run_resumes(toy):
@@ -59,8 +66,10 @@ def test_failed_upstream_blocks_and_keep_going_false_stops(toy):
     assert statuses(result) == {"source": "failed", "upper": "blocked", "count": "blocked",
                                 "side": "ran", "slow": "blocked"}
     assert result.outcomes["count"].error == "upstream source failed"
-    stop = Runner(toy("stage.source.fail=true", "run.keep_going=false"), toy.project).run()
+    # side (a new value: not cached) is queued behind source, and never starts after source fails.
+    stop = Runner(toy("stage.source.fail=true", "run.keep_going=false", "stage.side.value=8"), toy.project).run()
     assert statuses(stop)["side"] == "blocked"
+    assert stop.outcomes["side"].error == "stopped after a failure (run.keep_going=false)"
 
 
 def _broken(tmp_path):
@@ -71,52 +80,52 @@ def _broken(tmp_path):
     return config.load(BROKEN, conf, "toy", [], project_dir=tmp_path), BROKEN
 
 
-def test_not_implemented_stage_fails_clearly_and_nothing_pretends(tmp_path):
-    cfg, project = _broken(tmp_path)
-    plan = make_plan(cfg, project)
-    assert plan.stages["future"].action == "run"  # plan still shows it
-    result = Runner(cfg, project).run()
-    assert statuses(result)["future"] == "failed"
-    assert "stage 'future' is registered but not implemented yet" in result.outcomes["future"].error
-    assert statuses(result)["after"] == "blocked"
-    assert not list(cfg.root.glob("future/future-*")) and not list(cfg.root.glob("after/after-*"))
-
-
-def test_missing_declared_output_is_a_failure(tmp_path):
+def test_missing_declared_output_is_a_failure_and_nothing_pretends(tmp_path):
     cfg, project = _broken(tmp_path)
     result = Runner(cfg, project).run()
-    assert statuses(result)["lazy"] == "failed"
+    assert statuses(result) == {"lazy": "failed", "after": "blocked"}
     assert "without writing its declared outputs ['data']" in result.outcomes["lazy"].error
-    assert not Store(cfg.root).is_done("lazy", result.outcomes["lazy"].fingerprint)
+    assert result.outcomes["after"].error == "upstream lazy failed"
+    assert not list(cfg.root.glob("lazy/lazy-*")) and not list(cfg.root.glob("after/after-*"))
 
 
-def test_resumable_stage_killed_mid_run_resumes_from_partial_output(toy):
-    """Kill the orchestrator itself (SIGKILL) mid-stage: no _SUCCESS; the next run continues."""
-    cfg = toy("stage.slow.step_s=0.3", "stage.slow.steps=40")
+SLOW = ("stage.slow.step_s=0.3", "stage.slow.steps=40")
+
+
+def _orchestrator_running_slow(toy, steps: int, **popen):
+    """An orchestrator process running the slow stage (40 steps of 0.3 s), once the stage has done
+    ``steps`` steps: (the process, the store, the slow stage's fingerprint, its progress file)."""
+    cfg = toy(*SLOW)
     Runner(toy("run.only=[upper]"), toy.project).run()
     fp = make_plan(cfg, toy.project).stages["slow"].fingerprint
     store = Store(cfg.root)
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
         "from pipeline import config\nfrom pipeline.runner import Runner\nfrom tests.pipeline.toy import PROJECT\n"
-        f"cfg = config.load(PROJECT, {str(toy.conf_dir)!r}, 'toy', ['stage.slow.step_s=0.3', "
-        f"'stage.slow.steps=40'], project_dir={str(toy.dir)!r})\n"
+        f"cfg = config.load(PROJECT, {str(toy.conf_dir)!r}, 'toy', {[*SLOW, 'run.only=[slow]']!r}, "
+        f"project_dir={str(toy.dir)!r})\n"
         "Runner(cfg, PROJECT).run()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, **popen)
     progress = store.partial_dir("slow", fp) / "progress.txt"
     deadline = time.time() + 60
-    while time.time() < deadline and not (progress.exists() and int(progress.read_text() or 0) >= 3):
+    while time.time() < deadline and not (progress.exists() and int(progress.read_text() or 0) >= steps):
         time.sleep(0.1)
     assert progress.exists(), "the slow stage never started"
+    return proc, store, fp, progress
+
+
+def test_resumable_stage_killed_mid_run_resumes_from_partial_output(toy):
+    """Kill the orchestrator itself (SIGKILL) mid-stage: no _SUCCESS; the next run continues."""
+    proc, store, fp, progress = _orchestrator_running_slow(toy, steps=3)
     os.kill(proc.pid, signal.SIGKILL)  # the orchestrator only; its stage child must follow it
     proc.wait()
     stage_pid = int((store.partial_dir("slow", fp) / "pid").read_text())
     for _ in range(100):
-        if not _alive(stage_pid):
+        if not pid_alive(stage_pid):
             break
         time.sleep(0.1)
-    assert not _alive(stage_pid), "the stage process outlived the orchestrator"
+    assert not pid_alive(stage_pid), "the stage process outlived the orchestrator"
     assert not store.is_done("slow", fp)
     done_before = int(progress.read_text())
     assert 3 <= done_before < 40
@@ -125,16 +134,6 @@ def test_resumable_stage_killed_mid_run_resumes_from_partial_output(toy):
     assert statuses(result)["slow"] == "ran"
     assert result.outcomes["slow"].metrics["resumed_from"] == done_before
     assert store.is_done("slow", fp)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie counts as dead
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
 def test_killed_stage_process_is_a_failure_and_non_resumable_restarts_clean(toy):
@@ -183,3 +182,86 @@ def test_lock_waits_for_holder_and_times_out(tmp_path):
         assert proc.returncode != 0 and "LockTimeout" in proc.stderr
         assert LockTimeout.__name__ in proc.stderr
     assert not store.is_locked("a", "f00")
+
+
+class Recorder(NullTracker):
+    """Tracking events in the order the runner sends them."""
+
+    def __init__(self):
+        self.events = []
+
+    def stage_started(self, name, params, tags):
+        self.events.append(("start", name, tags["llmpipe.status"]))
+        return name
+
+    def log_records(self, key, records):
+        self.events.append(("metrics", key, [r["metrics"] for r in records]))
+
+    def stage_finished(self, key, ok, metrics, tags, files):
+        self.events.append(("end", key, tags.get("llmpipe.status")))
+
+
+def test_stage_output_is_echoed_with_its_name_and_metrics_reach_tracking_before_the_end(toy, capfd):
+    tracker = Recorder()
+    result = Runner(toy("run.only=[source]"), toy.project, tracker=tracker).run()
+    assert result.ok
+    err = capfd.readouterr().err
+    assert "[source] ===== source attempt 1 at " in err
+    assert any(line.startswith("[source] ") and "llmpipe.source: committed" in line for line in err.splitlines())
+    progress = [m["progress"] for e in tracker.events if e[:2] == ("metrics", "source") for m in e[2]]
+    assert progress == [0.0, 0.5, 1.0]
+    assert tracker.events.index(("end", "source", "ran")) > max(
+        i for i, e in enumerate(tracker.events) if e[:2] == ("metrics", "source"))
+
+
+def test_independent_stages_run_one_at_a_time_by_default(toy):
+    result = Runner(toy("run.only=[source,side]"), toy.project).run()
+    spans = sorted((json.loads((o.output / "stage_info.json").read_text())["started_at"],
+                    json.loads((o.output / "stage_info.json").read_text())["finished_at"])
+                   for o in result.outcomes.values() if o.status == "ran")
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0]
+
+
+def _task(cfg, plan, runner, name):
+    sp = plan.stages[name]
+    partial, attempt = plan.store.begin_attempt(name, sp.fingerprint, sp.stage.resumable)
+    return Task(project=PROJECT.import_path, stage=name, fingerprint=sp.fingerprint, config=to_plain(sp.config),
+                output_dir=partial, inputs=sp.inputs, attempt=attempt, log_file=partial / "stage.log",
+                metrics_file=partial / "metrics.jsonl", cwd=cfg.project_dir,
+                commit={"root": str(cfg.root), "info": runner.base_info(sp, attempt, None)})
+
+
+def test_local_executor_queues_by_dependency_and_holds_the_dependants_of_a_failure(toy):
+    cfg = toy("stage.source.fail=true")
+    plan, runner = make_plan(cfg, toy.project), Runner(cfg, toy.project)
+    ex = LocalExecutor(cfg.root)
+    jobs = {"source": ex.submit(_task(cfg, plan, runner, "source"), [])}
+    jobs["side"] = ex.submit(_task(cfg, plan, runner, "side"), [])
+    jobs["upper"] = ex.submit(_task(cfg, plan, runner, "upper"), [jobs["source"].final_id])
+    states = ex.poll(jobs)
+    assert {n: (s.state, s.reason.split()[0]) for n, s in states.items()} == {
+        "source": ("RUNNING", "pid"), "side": ("PENDING", "Resources"), "upper": ("PENDING", "Dependency")}
+    deadline = time.time() + 60
+    while not (states := ex.poll(jobs))["side"].finished and time.time() < deadline:
+        time.sleep(0.1)
+    assert states["source"].finished and not states["source"].ok
+    assert states["source"].reason == "stage process exited with status 1"
+    assert states["side"].ok and Store(cfg.root).is_done("side", plan.stages["side"].fingerprint)  # it committed
+    assert (states["upper"].state, states["upper"].reason) == ("PENDING", "DependencyNeverSatisfied")
+    ex.cancel([jobs["upper"]])
+    assert ex.poll(jobs)["upper"].state == "CANCELLED"
+    assert read_error(plan.store.partial_dir("source", plan.stages["source"].fingerprint)) == (
+        "RuntimeError: source asked to fail")
+
+
+def test_ctrl_c_stops_the_running_stage_and_records_the_failure(toy):
+    proc, store, fp, _ = _orchestrator_running_slow(toy, steps=2, stderr=subprocess.PIPE, text=True)
+    stage_pid = int((store.partial_dir("slow", fp) / "pid").read_text())
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the orchestrator; the stage has its own session
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert time.time() - t0 < 15 and not pid_alive(stage_pid)
+    assert "cancelling the jobs of slow" in err
+    assert store.failure("slow", fp)["reason"] == "interrupted: KeyboardInterrupt; jobs cancelled"
+    assert not store.is_done("slow", fp) and not store.is_locked("slow", fp)

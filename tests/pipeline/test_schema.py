@@ -5,7 +5,7 @@ from typing import Literal
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.schema import build, field_paths, to_plain
+from pipeline.schema import Invalid, build, field_paths, one_or_many, to_plain, unknown_key
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,66 @@ def test_all_problems_reported_at_once():
 
 def test_field_paths_cover_nested_and_aliases():
     assert {"lr", "inner", "inner.rank", "inner.targets", "from"} <= field_paths(Outer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Globs:
+    inputs: tuple[str, ...] = one_or_many()  # one pattern or a list of them
+    names: tuple[str, ...]  # an ordinary list
+
+    def __post_init__(self) -> None:
+        Invalid.check([("inputs", "is empty")] if not self.inputs else [])
+
+
+@pytest.mark.parametrize(("value", "expected"), [("a/*.gz", ("a/*.gz",)), (["a", "b"], ("a", "b")), ([], ())])
+def test_one_or_many_takes_a_string_as_a_one_item_list(value, expected):
+    if not expected:
+        with pytest.raises(ConfigError, match=r"^invalid configuration:\n  g\.inputs: is empty$"):
+            build(Globs, {"inputs": value, "names": []}, path="g")
+        return
+    cfg = build(Globs, {"inputs": value, "names": ["x"]})
+    assert cfg.inputs == expected
+    assert to_plain(cfg)["inputs"] == list(expected)  # so a string and its one-item list fingerprint alike
+
+
+def test_lists_without_the_opt_in_still_reject_a_string():
+    with pytest.raises(ConfigError, match=r"g\.names: expected a list, got 'x'"):
+        build(Globs, {"inputs": "a", "names": "x"}, path="g")
+
+
+@dataclass(frozen=True)
+class Block:
+    low: int  # low
+    high: int  # high
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.low < 0:
+            problems.append(("low", f"must be at least 0, got {self.low}"))
+        if self.low > self.high:
+            problems.append(("", "low is above high"))
+        Invalid.check(problems)
+
+
+@pytest.mark.parametrize(("data", "lines"), [
+    ({"low": -1, "high": 0}, ["stage.x.block.low: must be at least 0, got -1"]),
+    ({"low": 3, "high": 0}, ["stage.x.block: low is above high"]),
+    ({"low": -1, "high": -2}, ["stage.x.block.low: must be at least 0, got -1", "stage.x.block: low is above high"]),
+])
+def test_invalid_problems_get_the_block_path_once(data, lines):
+    with pytest.raises(ConfigError) as err:
+        build(Block, data, path="stage.x.block")
+    assert str(err.value).split("\n  ")[1:] == lines
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("lr", None),
+    ("inner.rank", None),
+    ("from", None),
+    ("env.ANYTHING", None),  # a free-form mapping takes any key
+    ("inner.rnak", "stage.sft.inner.rnak: unknown key (did you mean 'rank'?)"),
+    ("innr.rank", "stage.sft.innr: unknown key (did you mean 'inner'?)"),
+    ("lr.x", "stage.sft.lr.x: unknown key (stage.sft.lr is a float value, not a block of keys)"),
+])
+def test_unknown_key_checks_a_dotted_key_against_the_schema(key, expected):
+    assert unknown_key(Outer, key, "stage.sft") == expected

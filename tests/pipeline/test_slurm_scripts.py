@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import config
 from pipeline.errors import ConfigError
-from pipeline.executors import LocalExecutor, Task, make_executor
+from pipeline.executors import Task, make_executor
 from pipeline.executors.slurm import StageJob
 from pipeline.plan import make_plan
 from pipeline.runner import Runner
@@ -60,13 +60,14 @@ def test_a_stage_that_maps_over_shards_becomes_arrays_then_a_committing_job(tmp_
     ex = make_executor(cfg.cluster, cfg.root)
     sp = plan.stages["shout"]
     jobs = ex.render("shout", sp.fingerprint, sp.stage.shard_phases, [ex.placeholder("parts")])
-    assert [(s.label, s.tasks) for s, _ in jobs] == [("split1", 3), ("split2", 3), ("final", None)]
+    assert [(s.label, s.tasks) for s, _ in jobs] == [("shout", 3), ("stamp", 3), ("final", None)]
     (_, split1), (_, split2), (_, final) = jobs
     folder = cfg.root / "shout" / ".slurm" / f"shout-{sp.fingerprint}"
     assert "#SBATCH --array=0-2%2\n" in split1 and "#SBATCH --dependency=afterok:parts_final_jobid\n" in split1
     assert f"#SBATCH --output={folder}/%A_%a_0_log.out\n" in split1
-    assert "#SBATCH --dependency=afterok:shout_split1_jobid\n" in split2
-    assert "#SBATCH --dependency=afterok:shout_split2_jobid\n" in final and "--array" not in final
+    assert "#SBATCH --job-name=llmpipe.shout.shout\n" in split1 and "#SBATCH --job-name=llmpipe.shout\n" in final
+    assert "#SBATCH --dependency=afterok:shout_shout_jobid\n" in split2
+    assert "#SBATCH --dependency=afterok:shout_stamp_jobid\n" in final and "--array" not in final
     for script in (split1, split2, final):
         assert "#SBATCH --partition=debug\n" in script and "#SBATCH --kill-on-invalid-dep=yes\n" in script
         assert "#SBATCH --signal=B:USR2@120\n" in script and "--wckey" not in script and "srun" not in script
@@ -75,7 +76,7 @@ def test_a_stage_that_maps_over_shards_becomes_arrays_then_a_committing_job(tmp_
     # one array per map is optional: array_tasks=1 runs the stage as one job
     single = make_executor(load_sharded(tmp_path, "cluster.executor=slurm", "+cluster.slurm.array_tasks=1").cluster,
                            cfg.root)
-    assert [s.label for s, _ in single.render("shout", sp.fingerprint, 2, [])] == ["final"]
+    assert [s.label for s, _ in single.render("shout", sp.fingerprint, ("shout", "stamp"), [])] == ["final"]
 
 
 def _prepare(cfg, stage_name, runner):
@@ -105,8 +106,8 @@ def _run_jobs(cfg, stage_name, runner, phases, tasks):
     """Run one stage attempt the way its Slurm jobs do, without Slurm: each array's tasks at once
     (threads, each starting the real worker process), then the final job, which commits."""
     store, sp, partial, array_file, final_file = _prepare(cfg, stage_name, runner)
-    for phase in range(1, phases + 1):
-        jobs = [StageJob(str(array_file), str(partial / f"_logs/split{phase}-task{i}.log"),
+    for phase in phases:
+        jobs = [StageJob(str(array_file), str(partial / f"_logs/{phase}-task{i}.log"),
                          ShardSlice(i, tasks, phase).encode(), True, {}, str(cfg.project_dir)) for i in range(tasks)]
         errors: list[Exception] = []
         threads = [threading.Thread(target=_call, args=(j, errors)) for j in jobs]
@@ -132,13 +133,13 @@ def tmp_task(cfg, task, commit):
 
 def test_array_tasks_and_final_job_give_what_a_local_run_gives(tmp_path):
     local_cfg = load_sharded(tmp_path / "local")
-    local = Runner(local_cfg, SHARDED, executor=LocalExecutor()).run()
+    local = Runner(local_cfg, SHARDED).run()
     assert local.ok
 
     cfg = load_sharded(tmp_path / "slurm", "cluster.executor=slurm")
-    runner = Runner(cfg, SHARDED, executor=LocalExecutor(), tracker=NullTracker())
-    Runner(load_sharded(tmp_path / "slurm", "run.only=[parts]"), SHARDED, executor=LocalExecutor()).run()
-    store, sp = _run_jobs(cfg, "shout", runner, phases=2, tasks=3)
+    runner = Runner(cfg, SHARDED, tracker=NullTracker())  # for its stage_info; it submits nothing
+    Runner(load_sharded(tmp_path / "slurm", "run.only=[parts]"), SHARDED).run()
+    store, sp = _run_jobs(cfg, "shout", runner, phases=("shout", "stamp"), tasks=3)
 
     assert sp.fingerprint == local.outcomes["shout"].fingerprint
     out = store.final_dir("shout", sp.fingerprint)
@@ -153,8 +154,8 @@ def test_array_tasks_and_final_job_give_what_a_local_run_gives(tmp_path):
     # Map 1 and map 2 ran in the array tasks (shard i in task i % 3), nothing in the final job.
     up = {p.stem: json.loads(p.read_text())["slice"] for p in (out / "_work" / "up").glob("*.who")}
     stamped = {p.stem: json.loads(p.read_text())["slice"] for p in (out / "_who").glob("*.json")}
-    assert up == {f"{i:05d}": f"{i % 3}/3@1" for i in range(5)}
-    assert stamped == {f"{i:05d}": f"{i % 3}/3@2" for i in range(5)}
+    assert up == {f"{i:05d}": f"{i % 3}/3@shout" for i in range(5)}
+    assert stamped == {f"{i:05d}": f"{i % 3}/3@stamp" for i in range(5)}
     # The preludes ran one at a time (7 of them: 3 + 3 tasks and the final job).
     spans = sorted((r["began"], r["ended"]) for r in map(json.loads, (out / "prelude.jsonl").read_text().splitlines()))
     assert len(spans) == 7 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
@@ -162,23 +163,24 @@ def test_array_tasks_and_final_job_give_what_a_local_run_gives(tmp_path):
     info = json.loads((out / "stage_info.json").read_text())
     assert info["metrics"]["words"] == 30 and info["executor"] == {"kind": "slurm", "slurm_job_id": "4242"}
     assert info["payload"] == local.plan.stages["shout"].payload
-    assert "array task 1 of 3 finished its 2 shard(s) of map 1" in (out / "_logs" / "split1-task1.log").read_text()
+    task_log = (out / "_logs" / "shout-task1.log").read_text()
+    assert "array task 1 of 3 finished its 2 shard(s) of phase 'shout'" in task_log
     # downstream stages see a normal committed output: the local runner takes it as cached
-    rest = Runner(cfg, SHARDED, executor=LocalExecutor()).run()
+    rest = Runner(load_sharded(tmp_path / "slurm"), SHARDED).run()
     assert {n: o.status for n, o in rest.outcomes.items()} == {"parts": "cached", "shout": "cached", "tally": "ran"}
 
 
 def test_an_array_task_whose_stage_never_reaches_its_split_map_fails(tmp_path):
-    """A stage declaring more maps than it makes: the task fails (after running the stage whole,
-    alone under the prelude lock) instead of looking done."""
+    """An array task for a phase the stage never maps: the task fails (after running the stage
+    whole, alone under the prelude lock) instead of looking done."""
     from pipeline.executors.slurm import StageJobFailed
 
     cfg = load_sharded(tmp_path)
-    Runner(load_sharded(tmp_path, "run.only=[parts]"), SHARDED, executor=LocalExecutor()).run()
-    runner = Runner(cfg, SHARDED, executor=LocalExecutor(), tracker=NullTracker())
+    Runner(load_sharded(tmp_path, "run.only=[parts]"), SHARDED).run()
+    runner = Runner(cfg, SHARDED, tracker=NullTracker())
     store, sp, partial, array_file, _ = _prepare(cfg, "shout", runner)
-    job = StageJob(str(array_file), str(partial / "x.log"), "0/2@3", True, {}, str(cfg.project_dir))
-    with pytest.raises(StageJobFailed, match="returned without reaching its map over shards number 3"):
+    job = StageJob(str(array_file), str(partial / "x.log"), "0/2@shine", True, {}, str(cfg.project_dir))
+    with pytest.raises(StageJobFailed, match="returned without reaching its map over shards 'shine'"):
         job()
     assert not store.is_done(sp.name, sp.fingerprint)
 
@@ -256,13 +258,13 @@ def test_log_tail_follows_the_file_through_the_commit_and_never_reads_an_old_out
     """The runner streams a job's log while the job itself renames partial -> final."""
     import os
 
-    from pipeline.runner import _Tail
+    from pipeline.tails import LogTail
 
     partial, final = tmp_path / ".partial" / "s-1", tmp_path / "s-1"
     final.mkdir(parents=True)
     (final / "stage.log").write_text("old output's log\n")  # a forced re-run replaces this output
     os.utime(final / "stage.log", (0, 0))
-    tail = _Tail(partial / "stage.log", final / "stage.log")
+    tail = LogTail(partial / "stage.log", final / "stage.log")
     assert tail.lines() == []  # the old output's log is not this attempt's
     partial.mkdir(parents=True)
     with open(partial / "stage.log", "a") as log:

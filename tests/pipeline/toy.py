@@ -142,18 +142,11 @@ def run_lazy(cfg: NoConfig, ctx: StageContext) -> dict[str, float]:
     return {}  # declares an output it never writes
 
 
-def run_future(cfg: NoConfig, ctx: StageContext) -> dict[str, float]:
-    from pipeline import StageNotImplemented
-
-    raise StageNotImplemented("future")
-
-
 BROKEN = Project(
     name="broken",
     stages=(
         Stage("lazy", NoConfig, run_lazy, (), ("data",)),
-        Stage("future", NoConfig, run_future, (), ("model",)),
-        Stage("after", NoConfig, run_lazy, ("future.model",), ("x",)),
+        Stage("after", NoConfig, run_lazy, ("lazy.data",), ("x",)),
     ),
     import_path="tests.pipeline.toy:BROKEN",
 )
@@ -161,7 +154,7 @@ BROKEN = Project(
 BROKEN_YAML = """\
 run: {root: runs, only: [], from: null, force: [], lock_wait_s: 60, keep_going: true}
 tracking: {enabled: false}
-stage: {lazy: {}, future: {}, after: {}}
+stage: {lazy: {}, after: {}}
 """
 
 
@@ -169,7 +162,7 @@ stage: {lazy: {}, future: {}, after: {}}
 #
 #     parts -> shout (two maps over shards, a global step between them) -> tally
 #
-# shout declares shard_phases=2: on Slurm it runs as two job arrays and a final job.
+# shout declares shard_phases=("shout", "stamp"): on Slurm it runs as two job arrays and a final job.
 
 
 @dataclass(frozen=True)
@@ -238,11 +231,11 @@ def run_shout(cfg: ShoutConfig, ctx: StageContext) -> dict[str, float]:
         f.write(json.dumps({"pid": os.getpid(), "began": began, "ended": time.time()}) + "\n")
     sources = sorted(str(p) for p in ctx.input("parts.parts").glob("*.txt"))
     work = ctx.output_dir / "_work"
-    first = map_shards(shout_shard, sources, work, cfg, workers=cfg.workers, desc="shout")
+    first = map_shards(shout_shard, sources, work, cfg, workers=cfg.workers, desc="shout", phase="shout")
     total = first.docs_in  # the global step between the maps
     upper = sorted(str(p) for p in (work / "up").glob("*.txt"))
     second = map_shards(stamp_shard, upper, ctx.output_dir, StampJob(cfg.suffix, total), workers=cfg.workers,
-                        desc="stamp")
+                        desc="stamp", phase="stamp")
     ctx.log_metric("words", total)
     return {"words": total, "shards": second.docs_out}
 
@@ -262,7 +255,8 @@ SHARDED = Project(
     name="sharded",
     stages=(
         Stage("parts", PartsConfig, run_parts, (), ("parts",)),
-        Stage("shout", ShoutConfig, run_shout, ("parts.parts",), ("shouted",), resumable=True, shard_phases=2,
+        Stage("shout", ShoutConfig, run_shout, ("parts.parts",), ("shouted",), resumable=True,
+              shard_phases=("shout", "stamp"),
               unhashed=frozenset({"workers", "prelude_s"})),
         Stage("tally", TallyConfig, run_tally, ("shout.shouted",), ("tally",)),
     ),

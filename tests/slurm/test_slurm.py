@@ -149,17 +149,18 @@ def test_arrays_and_chained_jobs_give_the_local_outputs_and_slurm_records_them(s
 
     # shout (two maps over shards) ran as two arrays of 2 tasks, then a job that committed.
     shout = jobs_of(root, "shout")
-    assert [(j["label"], j["tasks"]) for j in shout["jobs"]] == [("split1", 2), ("split2", 2), ("final", None)]
+    assert [(j["label"], j["tasks"]) for j in shout["jobs"]] == [("shout", 2), ("stamp", 2), ("final", None)]
     arrays = [j["id"] for j in shout["jobs"][:2]]
     [folder] = (root / "shout").glob("shout-*")
     info = json.loads((folder / "stage_info.json").read_text())
     assert info["executor"]["kind"] == "slurm" and info["executor"]["array_job_ids"] == arrays
     assert info["executor"]["slurm_job_id"] == shout["jobs"][-1]["id"] and info["metrics"]["words"] == 30
     who = {json.loads(p.read_text())["slice"] for p in (folder / "_who").glob("*.json")}
-    assert who == {"0/2@2", "1/2@2"}
-    assert "array task 1 of 2 finished its 2 shard(s) of map 1" in (folder / "_logs" / "split1-task1.log").read_text()
+    assert who == {"0/2@stamp", "1/2@stamp"}
+    task_log = (folder / "_logs" / "shout-task1.log").read_text()
+    assert "array task 1 of 2 finished its 2 shard(s) of phase 'shout'" in task_log
     assert f"committed {folder}" in (folder / "stage.log").read_text()
-    assert "[shout#2.1]" in out and "[tally]" in out
+    assert "[shout#stamp.1]" in out and "[tally]" in out
 
     # Slurm's own records: every job and every array task COMPLETED.
     ids = [j["id"] for stage in ("parts", "shout", "tally") for j in jobs_of(root, stage)["jobs"]]
@@ -295,7 +296,7 @@ def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, ti
     assert plan.count("#SBATCH --array=0-1%2") == 6  # dedup splits two maps, the four others one
     out = ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
                   "cluster.slurm.poll_s=0.5", root=slurm_root, corpus=corpus))
-    assert "[tokenize#1.1]" in out
+    assert "[tokenize#encode.1]" in out
 
     # Same fingerprints as the local run (cluster settings are not part of them), same bytes for the data.
     slurm_out, local_out = outputs(slurm_root), outputs(local_root)
@@ -312,10 +313,11 @@ def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, ti
     assert trained["executor"]["kind"] == "slurm" and (info.parent / "model" / "config.json").is_file()
 
     ids, arrays = [], []
+    phases = {"ingest": ["extract"], "dedup": ["signatures", "buckets"], "quality": ["filter"], "pii": ["scrub"],
+              "tokenize": ["encode"]}
     for stage in ("ingest", "dedup", "quality", "pii", "tokenize"):
         jobs = jobs_of(slurm_root, stage)["jobs"]
-        labels = ["split1", "split2", "final"] if stage == "dedup" else ["split1", "final"]
-        assert [j["label"] for j in jobs] == labels
+        assert [j["label"] for j in jobs] == [*phases[stage], "final"]
         ids += [j["id"] for j in jobs]
         arrays += [j["id"] for j in jobs if j["tasks"]]
         [info] = (slurm_root / stage).glob(f"{stage}-*/stage_info.json")

@@ -1,11 +1,15 @@
 """A tiny Llama + tokenizer that GPTQ and vLLM's CPU backend accept, built here with no download.
 
-Shared by the model-stage tests (quantize, serve, evaluate); import it read-only::
+Shared by the model-stage tests (sft, align, quantize, serve, evaluate); import it read-only::
 
     from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
 
     model_dir = build_tiny_model(tmp_path / "model", train_steps=40)   # an HF model dir
     docs_dir = write_documents(tmp_path / "docs", corpus_texts(200))    # Parquet id,url,text
+
+    @pytest.fixture(scope="module", autouse=True)                       # tiny models: one torch thread
+    def one_torch_thread():
+        yield from torch_threads(1)
 
 Shape constraints it respects (vLLM CPU and GPTQ): head_dim = hidden / heads >= 32, every linear
 size a multiple of 32 and of the GPTQ group size (hidden 128 and intermediate 256 fit groups of
@@ -19,6 +23,7 @@ for a few seconds so that perplexities and generations are not those of pure noi
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from stages.common.chat import MARKERS, apply_chat_format
@@ -121,3 +126,20 @@ def _fit(model, tok, texts: list[str], steps: int, seed: int, window: int = 64, 
         opt.step()
         opt.zero_grad()
     model.eval()
+
+
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads, then restore the number (the body of a fixture).
+
+    The test models are tiny (hidden 64): a second thread barely helps them, and on a busy machine
+    (CI jobs side by side) it costs a lot: measured under load 3-7 on 2 cores, the sft tests took
+    ~4 min with torch's 2 threads and ~50 s with 1.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -3,15 +3,16 @@ node, 4 nodes x 8 GPUs over ssh and inside a Slurm allocation; hostlist parsing;
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.schema import build
+from pipeline.schema import build, to_plain
 from stages.common.launch import (
     REPO_ROOT,
     Cluster,
@@ -24,7 +25,6 @@ from stages.common.launch import (
     plan_launch,
     run_launch,
     slurm_gpus_per_node,
-    terminate_tree,
 )
 
 PY = "/venv/bin/python"
@@ -35,49 +35,61 @@ SLURM_4x8 = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-09],gpu12", "
              "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "8"}
 
 
+@functools.cache
+def shipped() -> LaunchConfig:
+    """The launch settings the tiny config ships (conf/stage/pretrain/default.yaml)."""
+    from llmpipe.project import stage_config
+
+    return stage_config("pretrain").launch
+
+
+def launch_cfg(**changes) -> LaunchConfig:
+    return dataclasses.replace(shipped(), **changes)
+
+
 def plan(cfg: LaunchConfig, cuda_devices: int = 0, environ: dict | None = None) -> LaunchPlan:
     return plan_launch(cfg, MODULE, ARGS, cuda_devices=cuda_devices, environ=environ or {},
                        hostfile="/runs/pretrain/hostfile", port=40123, python=PY)
 
 
 def test_cpu_command_runs_two_gloo_ranks_with_one_thread_each():
-    p = plan(LaunchConfig())
+    p = plan(launch_cfg())
     assert p.mode == "cpu" and p.accelerator == "cpu" and p.world_size == 2 and p.hostfile is None
     assert list(p.argv) == [*RUNNER, "--num_gpus", "2", "--master_port", "40123", *SCRIPT]
     assert p.env["DS_ACCELERATOR"] == "cpu" and p.env["OMP_NUM_THREADS"] == "1"
     assert p.env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
     # A GPU machine can still be told to train on CPU; a fixed port wins over the free one.
-    p = plan(LaunchConfig(accelerator="cpu", cpu_ranks=4, cpu_threads_per_rank=2, master_port=29600), cuda_devices=8)
+    p = plan(launch_cfg(accelerator="cpu", cpu_ranks=4, cpu_threads_per_rank=2, master_port=29600), cuda_devices=8)
     assert list(p.argv) == [*RUNNER, "--num_gpus", "4", "--master_port", "29600", *SCRIPT]
     assert p.env["OMP_NUM_THREADS"] == "2" and p.world_size == 4
 
 
 def test_single_node_gpu_command():
-    every = plan(LaunchConfig(), cuda_devices=4)
+    every = plan(launch_cfg(), cuda_devices=4)
     assert every.mode == "local" and every.world_size == 4 and "DS_ACCELERATOR" not in every.env
     assert list(every.argv) == [*RUNNER, "--master_port", "40123", *SCRIPT]  # the runner honours CUDA_VISIBLE_DEVICES
-    two = plan(LaunchConfig(gpus_per_node=2), cuda_devices=4)
+    two = plan(launch_cfg(gpus_per_node=2), cuda_devices=4)
     assert list(two.argv) == [*RUNNER, "--num_gpus", "2", "--master_port", "40123", *SCRIPT] and two.world_size == 2
     with pytest.raises(LaunchError, match="gpus_per_node=8 but only 4 GPUs are visible"):
-        plan(LaunchConfig(gpus_per_node=8), cuda_devices=4)
+        plan(launch_cfg(gpus_per_node=8), cuda_devices=4)
     with pytest.raises(LaunchError, match="accelerator=cuda but no CUDA device is visible"):
-        plan(LaunchConfig(accelerator="cuda"))
+        plan(launch_cfg(accelerator="cuda"))
 
 
 def test_four_nodes_of_eight_gpus_over_ssh_from_a_cluster_description():
     hosts = ("node0", "node1", "node2", "node3")
-    p = plan(LaunchConfig(hosts=hosts, gpus_per_node=8))  # from a login node without GPUs
+    p = plan(launch_cfg(hosts=hosts, gpus_per_node=8))  # from a login node without GPUs
     assert p.mode == "pdsh" and p.world_size == 32 and p.accelerator == "cuda"
     assert list(p.argv) == [*RUNNER, "--hostfile", "/runs/pretrain/hostfile", "--launcher", "pdsh",
                             "--num_nodes", "4", "--num_gpus", "8", "--master_addr", "node0",
                             "--master_port", "29500", *SCRIPT]
     assert p.hostfile == "node0 slots=8\nnode1 slots=8\nnode2 slots=8\nnode3 slots=8\n"
     with pytest.raises(LaunchError, match="set launch.gpus_per_node"):
-        plan(LaunchConfig(hosts=hosts))
+        plan(launch_cfg(hosts=hosts))
 
 
 def test_four_nodes_of_eight_gpus_from_the_slurm_allocation():
-    p = plan(LaunchConfig(), cuda_devices=8, environ=SLURM_4x8)
+    p = plan(launch_cfg(), cuda_devices=8, environ=SLURM_4x8)
     assert p.mode == "srun" and p.world_size == 32
     assert p.cluster == Cluster(("gpu07", "gpu08", "gpu09", "gpu12"), 8, 29500)
     assert p.hostfile == "gpu07 slots=8\ngpu08 slots=8\ngpu09 slots=8\ngpu12 slots=8\n"
@@ -95,7 +107,7 @@ def test_the_srun_line_gives_each_node_its_own_rank_through_the_shell(tmp_path):
     printer.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     printer.chmod(0o755)
     env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "gpu:h100:4"}
-    p = plan_launch(LaunchConfig(), MODULE, ["--job", "/my runs/job.json"], cuda_devices=4, environ=env,
+    p = plan_launch(launch_cfg(), MODULE, ["--job", "/my runs/job.json"], cuda_devices=4, environ=env,
                     hostfile="/my runs/hostfile", python=str(printer))
     for node in ("0", "1"):
         out = subprocess.run(p.argv[-3:], env={"PATH": os.environ["PATH"], "SLURM_NODEID": node},
@@ -107,9 +119,9 @@ def test_the_srun_line_gives_each_node_its_own_rank_through_the_shell(tmp_path):
 
 def test_slurm_single_node_or_opted_out_stays_local():
     one = {**SLURM_4x8, "SLURM_JOB_NODELIST": "gpu07", "SLURM_NNODES": "1"}
-    assert plan(LaunchConfig(), cuda_devices=8, environ=one).mode == "local"
-    assert plan(LaunchConfig(use_slurm=False), cuda_devices=8, environ=SLURM_4x8).mode == "local"
-    assert plan(LaunchConfig(), cuda_devices=0, environ=SLURM_4x8).mode == "cpu"
+    assert plan(launch_cfg(), cuda_devices=8, environ=one).mode == "local"
+    assert plan(launch_cfg(use_slurm=False), cuda_devices=8, environ=SLURM_4x8).mode == "local"
+    assert plan(launch_cfg(), cuda_devices=0, environ=SLURM_4x8).mode == "cpu"
 
 
 @pytest.mark.parametrize("spec, hosts", [
@@ -140,12 +152,13 @@ def test_bad_slurm_environment_is_a_named_error():
 
 
 def test_launch_config_is_validated():
-    with pytest.raises(ConfigError, match="launch.gpus_per_node must be at least 1"):
-        build(LaunchConfig, {"gpus_per_node": 0}, path="launch")
-    with pytest.raises(ConfigError, match="is not a TCP port"):
-        build(LaunchConfig, {"master_port": 70000}, path="launch")
+    base = to_plain(shipped())
+    with pytest.raises(ConfigError, match=r"stage\.pretrain\.launch\.gpus_per_node: must be at least 1, got 0"):
+        build(LaunchConfig, {**base, "gpus_per_node": 0}, path="stage.pretrain.launch")
+    with pytest.raises(ConfigError, match=r"launch\.master_port: 70000 is not a TCP port"):
+        build(LaunchConfig, {**base, "master_port": 70000}, path="launch")
     with pytest.raises(ConfigError, match="'auto', 'cuda', 'cpu'"):
-        build(LaunchConfig, {"accelerator": "tpu"}, path="launch")
+        build(LaunchConfig, {**base, "accelerator": "tpu"}, path="launch")
 
 
 def test_run_launch_writes_the_hostfile_and_returns_the_exit_status(tmp_path):
@@ -154,18 +167,3 @@ def test_run_launch_writes_the_hostfile_and_returns_the_exit_status(tmp_path):
     p = LaunchPlan("pdsh", (sys.executable, "-c", code, str(hostfile)), {"MARK": "here"}, 8, "a slots=8\n")
     assert run_launch(p, hostfile) == 3
     assert hostfile.read_text() == "a slots=8\n"
-
-
-def test_terminate_tree_stops_a_process_and_its_children():
-    import psutil
-
-    parent = subprocess.Popen(["bash", "-c", "sleep 300 & sleep 300 & wait"])
-    deadline = time.time() + 10
-    while len(psutil.Process(parent.pid).children()) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    children = psutil.Process(parent.pid).children(recursive=True)
-    assert len(children) == 2
-    terminate_tree(parent.pid, grace_s=5)
-    parent.wait(timeout=5)
-    gone, alive = psutil.wait_procs(children, timeout=5)
-    assert not alive

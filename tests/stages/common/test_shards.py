@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from stages.common.shards import ShardResult, ShardTask, done_marker, map_shards, shard_name
 
 
@@ -43,3 +45,25 @@ def test_resume_redoes_only_unfinished_shards_and_rates_count_only_new_work(tmp_
     assert (tmp_path / "out" / "00001.txt").exists()
     assert total.docs_in == 40  # everything, restored or redone
     assert total.metrics(seconds=1.0)["docs_per_s"] == 8  # only shard 1 (8 docs) was processed now
+
+
+def test_in_an_array_task_only_the_named_phase_is_split(tmp_path, monkeypatch):
+    """LLMPIPE_SHARD_SLICE=1/2@count: the map of phase 'count' takes shards 1 and 3 and ends the stage run;
+    a map of another phase, or of none, runs over every shard."""
+    from pipeline import sharding
+
+    def folder(name):
+        (tmp_path / name).mkdir()
+        return tmp_path / name, _inputs(tmp_path / name)
+
+    monkeypatch.setenv(sharding.ENV, "1/2@count")
+    out, sources = folder("other")
+    whole = map_shards(count_shard, sources, out, None, workers=1, desc="t", phase="other")
+    assert whole.docs_in == 40 and sorted(p.stem for p in (out / "_shards").iterdir()) == [
+        "00000", "00001", "00002", "00003"]
+    out, sources = folder("none")
+    assert map_shards(count_shard, sources, out, None, workers=1, desc="t").docs_in == 40
+    out, sources = folder("count")
+    with pytest.raises(sharding.SliceDone, match="array task 1 of 2 finished its 2 shard"):
+        map_shards(count_shard, sources, out, None, workers=1, desc="t", phase="count")
+    assert sorted(p.stem for p in (out / "_shards").iterdir()) == ["00001", "00003"]

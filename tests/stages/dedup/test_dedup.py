@@ -3,6 +3,7 @@ survivor rule, determinism across workers and sharding, empty shards, resume, an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -12,17 +13,23 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.schema import build
+from llmpipe.project import stage_config
+from pipeline.schema import Invalid, build
 from pipeline.stage import StageContext
 from stages.dedup.lsh import DedupInputError, normalize, shingles
-from stages.dedup.stage import STAGE, DedupConfig, DedupConfigError, lsh_params, run
+from stages.dedup.stage import STAGE, DedupConfig, lsh_params, run
 from tests.stages.dedup.fixtures import make_corpus, norm, true_removed, write_shards
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
+def config(**changes) -> DedupConfig:
+    """The shipped config (conf/stage/dedup/default.yaml) with ``changes``."""
+    return dataclasses.replace(stage_config("dedup"), **changes)
+
+
 def run_stage(inputs: Path, out: Path, **overrides) -> dict[str, float]:
-    cfg = DedupConfig(**{"workers": 1, **overrides})
+    cfg = config(**{"workers": 1, **overrides})
     ctx = StageContext(stage="dedup", fingerprint="test", output_dir=out, inputs={"ingest.documents": inputs},
                        log=logging.getLogger("test.dedup"))
     return run(cfg, ctx)
@@ -44,9 +51,9 @@ def score(removed: set[str], truth: set[str]) -> tuple[float, float]:
 # ------------------------------------------------------------------------- config and helpers
 
 
-def test_shipped_yaml_builds_and_matches_the_dataclass_defaults():
+def test_shipped_yaml_builds_and_is_what_the_tiny_pipeline_runs():
     data = yaml.safe_load((ROOT / "conf/stage/dedup/default.yaml").read_text())
-    assert build(DedupConfig, data, path="stage.dedup") == DedupConfig()
+    assert build(DedupConfig, data, path="stage.dedup") == stage_config("dedup")
 
 
 def test_stage_declaration():
@@ -65,15 +72,15 @@ def test_stage_declaration():
     ({"verify_margin": 0.9}, "verify_margin"),
 ])
 def test_bad_settings_name_the_key(kwargs, key):
-    with pytest.raises(DedupConfigError, match=key):
-        DedupConfig(**kwargs)
+    with pytest.raises(Invalid, match=key):
+        config(**kwargs)
 
 
 def test_lsh_params_default_to_datasketch_optimum_and_obey_explicit_bands():
     from datasketch.lsh import _optimal_param
 
-    assert lsh_params(DedupConfig()) == _optimal_param(0.8, 256, 0.05, 0.95)
-    assert lsh_params(DedupConfig(bands=10, rows=12)) == (10, 12)
+    assert lsh_params(config()) == _optimal_param(0.8, 256, 0.05, 0.95)
+    assert lsh_params(config(bands=10, rows=12)) == (10, 12)
 
 
 def test_normalize_and_shingles():

@@ -9,10 +9,13 @@ import csv
 import json
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from llmpipe.project import stage_config
+from pipeline.schema import Invalid
 from pipeline.stage import StageContext
 from stages.evaluate.stage import (
     STAGE,
@@ -30,13 +33,17 @@ from stages.evaluate.tasks import (
     MC_TASK,
     PPL_TASK,
     HeldoutDataError,
-    HeldoutTasksConfig,
     build_local_tasks,
     cut_at_word,
 )
 from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
 
-SMALL = HeldoutTasksConfig(docs=8, max_chars=400, context_words=12, continuation_words=4, choices=4, seed=0)
+SHIPPED = stage_config("evaluate")  # conf/stage/evaluate/default.yaml, as the tiny pipeline runs it
+SMALL = replace(SHIPPED.heldout, docs=8, max_chars=400, context_words=12, continuation_words=4, choices=4, seed=0)
+
+
+def shipped(**changes) -> EvaluateConfig:
+    return replace(SHIPPED, **changes)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -111,7 +118,7 @@ def test_local_tasks_are_deterministic_and_independent_of_layout(tmp_path):
         first = (a.include_path / f"{name}.jsonl").read_bytes()
         assert first == (b.include_path / f"{name}.jsonl").read_bytes()
         assert first == (again.include_path / f"{name}.jsonl").read_bytes()
-    reseeded = HeldoutTasksConfig(**{**SMALL.__dict__, "seed": 1})
+    reseeded = replace(SMALL, seed=1)
     other = build_local_tasks(tmp_path / "a", tmp_path / "td", reseeded)
     assert (other.include_path / f"{MC_TASK}.jsonl").read_bytes() != (a.include_path / f"{MC_TASK}.jsonl").read_bytes()
 
@@ -144,14 +151,14 @@ def test_cut_at_word():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="unknown model"):
-        EvaluateConfig(models=("pretrain", "gpt4"))
-    with pytest.raises(ValueError, match="repeat"):
-        EvaluateConfig(tasks=("heldout_ppl", "heldout_ppl"))
-    with pytest.raises(ValueError, match="choices must be at least 2"):
-        HeldoutTasksConfig(choices=1)
-    with pytest.raises(ValueError, match="docs=2 must be at least"):
-        HeldoutTasksConfig(docs=2, choices=4)
+    with pytest.raises(Invalid, match=r"models: unknown model\(s\) \['gpt4'\]"):
+        shipped(models=("pretrain", "gpt4"))
+    with pytest.raises(Invalid, match="tasks: repeats a name"):
+        shipped(tasks=("heldout_ppl", "heldout_ppl"))
+    with pytest.raises(Invalid, match="choices: must be at least 2"):
+        replace(SMALL, choices=1)
+    with pytest.raises(Invalid, match=r"docs: 2 must be at least choices \(4\)"):
+        replace(SMALL, docs=2, choices=4)
     assert STAGE.resumable and "batch_size" in STAGE.unhashed and "tokenize.heldout" in STAGE.inputs
 
 
@@ -162,7 +169,7 @@ def test_shipped_configs_build():
 
     conf = Path(__file__).resolve().parents[3] / "conf" / "stage" / "evaluate"
     default = yaml.safe_load((conf / "default.yaml").read_text())
-    assert build(EvaluateConfig, default, path="stage.evaluate") == EvaluateConfig()
+    assert build(EvaluateConfig, default, path="stage.evaluate") == SHIPPED
     big = {**default, **{k: v for k, v in yaml.safe_load((conf / "llama-7b.yaml").read_text()).items()
                          if k != "defaults"}}
     big["heldout"] = {**default["heldout"], **big["heldout"]}
@@ -175,10 +182,10 @@ def test_unknown_task_names_are_named(tmp_path):
     from stages.evaluate.stage import UnknownTaskError
 
     built = build_local_tasks(write_documents(tmp_path / "d", varied_texts(10)), tmp_path / "t", SMALL)
-    manager = task_manager(EvaluateConfig(), built.include_path)
+    manager = task_manager(shipped(), built.include_path)
     assert {PPL_TASK, MC_TASK} <= set(manager.all_tasks)
     with pytest.raises(UnknownTaskError, match=r"does not know \['heldout_ppl', 'heldout_mc'\]; local"):
-        task_manager(EvaluateConfig(), None)  # no include_path: the local tasks were never built
+        task_manager(shipped(), None)  # no include_path: the local tasks were never built
     with pytest.raises(HeldoutDataError, match="unknown local task"):
         build_local_tasks(tmp_path / "d", tmp_path / "t", SMALL, tasks=("heldout_pll",))
 
@@ -253,7 +260,7 @@ def make_ctx(out: Path, models: dict, attempt: int = 1) -> StageContext:
 
 def test_hf_backend_on_local_tasks(tmp_path, tiny_models):
     built = build_local_tasks(tiny_models["heldout"], tmp_path / "tasks", SMALL)
-    cfg = EvaluateConfig(heldout=SMALL, bootstrap_iters=0)
+    cfg = shipped(heldout=SMALL, bootstrap_iters=0)
     manager = task_manager(cfg, built.include_path)
     results = evaluate_model(ModelSpec("pretrain", tiny_models["trained"], "hf"), cfg, manager, tmp_path,
                              logging.getLogger("test"))
@@ -269,7 +276,7 @@ def test_hf_backend_on_local_tasks(tmp_path, tiny_models):
 def test_stage_end_to_end_trained_beats_untrained_and_resumes(tmp_path, tiny_models):
     out = tmp_path / "out"
     out.mkdir()
-    cfg = EvaluateConfig(models=("untrained", "pretrain", "sft"), heldout=SMALL, bootstrap_iters=0)
+    cfg = shipped(models=("untrained", "pretrain", "sft"), heldout=SMALL, bootstrap_iters=0)
     metrics = run(cfg, make_ctx(out, tiny_models))
 
     # The trained model's perplexity is far below that of the same architecture with random weights,
@@ -308,7 +315,7 @@ def test_missing_model_dir_is_named(tmp_path, tiny_models):
     out.mkdir()
     models = {**tiny_models, "trained": tmp_path / "nowhere"}
     with pytest.raises(EvalInputError, match="nowhere"):
-        run(EvaluateConfig(models=("pretrain",), heldout=SMALL), make_ctx(out, models))
+        run(shipped(models=("pretrain",), heldout=SMALL), make_ctx(out, models))
 
 
 # ---------------------------------------------------------------- integration: vLLM and GPU
@@ -320,7 +327,7 @@ def test_quantize_path_through_vllm_server_matches_hf(tmp_path, tiny_models):
     the two perplexities agree to bf16 precision."""
     out = tmp_path / "out"
     out.mkdir()
-    cfg = EvaluateConfig(models=("pretrain", "quantize"), heldout=SMALL, bootstrap_iters=0)
+    cfg = shipped(models=("pretrain", "quantize"), heldout=SMALL, bootstrap_iters=0)
     metrics = run(cfg, make_ctx(out, tiny_models))
     hf, api = metrics["pretrain.heldout_ppl.word_perplexity"], metrics["quantize.heldout_ppl.word_perplexity"]
     assert api == pytest.approx(hf, rel=0.03)
@@ -337,9 +344,9 @@ def test_gpu_hf_backend_uses_bf16_and_agrees_with_cpu(tmp_path, tiny_models):
     built = build_local_tasks(tiny_models["heldout"], tmp_path / "tasks", SMALL)
     log = logging.getLogger("test")
     spec = ModelSpec("pretrain", tiny_models["trained"], "hf")
-    gpu_cfg = EvaluateConfig(heldout=SMALL, bootstrap_iters=0)  # device/dtype auto: cuda, bfloat16
+    gpu_cfg = shipped(heldout=SMALL, bootstrap_iters=0)  # device/dtype auto: cuda, bfloat16
     gpu = evaluate_model(spec, gpu_cfg, task_manager(gpu_cfg, built.include_path), tmp_path, log)
-    cpu_cfg = EvaluateConfig(heldout=SMALL, bootstrap_iters=0, device="cpu")
+    cpu_cfg = shipped(heldout=SMALL, bootstrap_iters=0, device="cpu")
     cpu = evaluate_model(spec, cpu_cfg, task_manager(cpu_cfg, built.include_path), tmp_path, log)
     assert gpu["config"]["model_args"]["dtype"] == "bfloat16" and gpu["config"]["model_args"]["device"] == "cuda"
     assert gpu["results"][PPL_TASK]["word_perplexity,none"] == pytest.approx(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -14,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
-from pipeline.schema import build
+from pipeline.schema import build, to_plain
 from pipeline.stage import StageContext
 from stages.common.shards import ShardResult, done_marker
 from stages.ingest import stage as ingest
@@ -46,10 +48,15 @@ def fx(tmp_path):
     return build_fixture_set(tmp_path / "warcs")
 
 
+def config(*inputs: str | Path, **changes) -> IngestConfig:
+    """The shipped config (conf/stage/ingest/default.yaml) reading ``inputs``, with ``changes``."""
+    return dataclasses.replace(stage_config("ingest"), input=tuple(str(i) for i in inputs), **changes)
+
+
 def run_stage(tmp_path: Path, *inputs: str | Path, out: str = "out", **overrides) -> tuple[dict, StageContext]:
     ctx = StageContext(stage="ingest", fingerprint="test", output_dir=tmp_path / out, inputs={},
                        metrics_file=tmp_path / f"{out}-metrics.jsonl")
-    cfg = IngestConfig(input=tuple(str(i) for i in inputs), **{"workers": 1, **overrides})
+    cfg = config(*inputs, **{"workers": 1, **overrides})
     return ingest.run(cfg, ctx), ctx
 
 
@@ -139,7 +146,7 @@ def test_a_glob_matching_nothing_is_a_named_error(tmp_path, fx):
     with pytest.raises(InputNotFoundError, match="missing.warc"):
         run_stage(tmp_path, fx.folder / "missing.warc")
     # planning must still work: the missing pattern shows up in the fingerprinted state
-    assert [pattern, "missing"] in input_state(IngestConfig(input=(pattern,)))
+    assert [pattern, "missing"] in input_state(config(pattern))
 
 
 def test_relative_inputs_resolve_against_the_working_directory(tmp_path, fx, monkeypatch):
@@ -164,7 +171,7 @@ def test_fsspec_urls_are_read(tmp_path, fx):
 
 
 def test_external_state_follows_the_files(tmp_path, fx):
-    cfg = IngestConfig(input=(str(fx.folder / "crawl" / "*.warc.gz"), "s3://bucket/crawl/*.warc.gz"))
+    cfg = config(fx.folder / "crawl" / "*.warc.gz", "s3://bucket/crawl/*.warc.gz")
     before = input_state(cfg)
     assert ["s3://bucket/crawl/*.warc.gz"] in before  # URLs: the URL only, no network
     assert [str(fx.mixed), fx.mixed.stat().st_size, fx.mixed.stat().st_mtime_ns] in before
@@ -278,14 +285,22 @@ def test_a_fasttext_language_model_is_used_when_configured(tmp_path, fx):
 
 
 def test_config_is_checked():
-    with pytest.raises(ConfigError, match="extractor"):
-        build(IngestConfig, {"input": ["x.warc.gz"], "extractor": "lynx"})
-    with pytest.raises(ConfigError, match="input is empty"):
-        build(IngestConfig, {"input": []})
-    with pytest.raises(ConfigError, match="unknown key"):
-        build(IngestConfig, {"input": ["x.warc.gz"], "extractr": "resiliparse"})
-    cfg = build(IngestConfig, {"input": ["x.warc.gz"]})
+    shipped = to_plain(stage_config("ingest"))
+    with pytest.raises(ConfigError, match=r"stage\.ingest\.extractor: 'lynx' is not one of"):
+        build(IngestConfig, {**shipped, "extractor": "lynx"}, path="stage.ingest")
+    with pytest.raises(ConfigError, match=r"stage\.ingest\.input: is empty: give at least one WARC path"):
+        build(IngestConfig, {**shipped, "input": []}, path="stage.ingest")
+    with pytest.raises(ConfigError, match=r"stage\.ingest\.extractr: unknown key \(did you mean 'extractor'\?\)"):
+        build(IngestConfig, {**shipped, "extractr": "resiliparse"}, path="stage.ingest")
+    cfg = stage_config("ingest")
     assert cfg.extractor == "resiliparse" and cfg.language_model is None
+
+
+def test_input_takes_one_path_glob_or_url_as_well_as_a_list():
+    shipped = to_plain(stage_config("ingest"))
+    one = build(IngestConfig, {**shipped, "input": "s3://bucket/crawl/*.warc.gz"})
+    assert one.input == ("s3://bucket/crawl/*.warc.gz",)
+    assert one == build(IngestConfig, {**shipped, "input": ["s3://bucket/crawl/*.warc.gz"]})
 
 
 def test_stage_declaration():

@@ -15,17 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
-from pipeline.schema import build
+from pipeline.schema import Invalid, build
 from pipeline.stage import StageContext
 from stages.common.shards import DONE_DIR
 from stages.pii import stage as pii
 from stages.pii.detectors import (
     IBAN_LENGTHS,
-    EmailConfig,
-    IpConfig,
-    PhoneConfig,
-    SecretConfig,
     iban_checksum_valid,
     is_card_number,
     luhn_valid,
@@ -33,13 +30,18 @@ from stages.pii.detectors import (
 from stages.pii.stage import PiiConfig, ShardSchemaError, scrubber_for
 
 REPO = Path(__file__).resolve().parents[3]
-DEFAULT = PiiConfig()
+DEFAULT = stage_config("pii")  # conf/stage/pii/default.yaml, as the tiny pipeline runs it
 PLACEHOLDER = {"email": "<EMAIL>", "phone": "<PHONE>", "ip_address": "<IP_ADDRESS>",
                "credit_card": "<CREDIT_CARD>", "iban": "<IBAN>", "secret": "<SECRET>"}
 
 
 def scrub(text: str, cfg: PiiConfig = DEFAULT) -> str:
     return scrubber_for(cfg).scrub(text)[0]
+
+
+def section(name: str, **changes):
+    """One detector's block of the shipped config (email, phone, ip_address, secret...) with ``changes``."""
+    return dataclasses.replace(getattr(DEFAULT, name), **changes)
 
 
 # --- planted PII, generated with a seeded generator -------------------------------------------------
@@ -155,7 +157,7 @@ def test_recall_on_planted_values(kind, seed):
 
 def test_recall_on_phones_with_national_formats_of_more_regions():
     regions = ("US", "GB", "DE", "FR", "IN", "JP", "BR", "AU", "ES", "IT", "NL", "CA")
-    cfg = dataclasses.replace(DEFAULT, phone=PhoneConfig(regions=regions))
+    cfg = dataclasses.replace(DEFAULT, phone=section("phone", regions=regions))
     rate, misses = recall(planted("phone", 300, seed=7, national_regions=regions), cfg)
     assert rate >= 0.99, f"phone recall {rate:.3f}; misses:\n" + "\n".join(misses[:20])
 
@@ -189,14 +191,14 @@ def test_phone_extensions_and_bare_digits():
     assert scrub("tel: +1 415-555-0132 ext. 1234.") == "tel: <PHONE>."
     assert scrub("used=8186245120, free=2181107712") == "used=8186245120, free=2181107712"
     assert scrub("Phone: 4155550132") == "Phone: <PHONE>"
-    cfg = dataclasses.replace(DEFAULT, phone=PhoneConfig(bare_digits_need_context=False))
+    cfg = dataclasses.replace(DEFAULT, phone=section("phone", bare_digits_need_context=False))
     assert scrub("id 4155550132", cfg) == "id <PHONE>"
 
 
 def test_national_format_needs_its_region():
     text = "Ruf an: 030 901820."
     assert scrub(text) == text  # Berlin's national format is not read with the default regions (US, GB)
-    cfg = dataclasses.replace(DEFAULT, phone=PhoneConfig(regions=("US", "GB", "DE")))
+    cfg = dataclasses.replace(DEFAULT, phone=section("phone", regions=("US", "GB", "DE")))
     assert scrub(text, cfg) == "Ruf an: <PHONE>."
 
 
@@ -316,7 +318,7 @@ def test_accounts_in_urls_and_git_remotes_are_not_emails():
 def test_reserved_email_domains_are_kept_unless_configured():
     text = "Write to jane@example.com or ops@mail.example.org, not jane@gmail.com."
     assert scrub(text) == "Write to jane@example.com or ops@mail.example.org, not <EMAIL>."
-    cfg = dataclasses.replace(DEFAULT, email=EmailConfig(keep_reserved_domains=False))
+    cfg = dataclasses.replace(DEFAULT, email=section("email", keep_reserved_domains=False))
     assert scrub(text, cfg) == "Write to <EMAIL> or <EMAIL>, not <EMAIL>."
 
 
@@ -326,7 +328,7 @@ def test_reserved_email_domains_are_kept_unless_configured():
 def test_non_public_ips_are_kept_by_default(addr):
     text = f"host {addr} is up"
     assert scrub(text) == text
-    cfg = dataclasses.replace(DEFAULT, ip_address=IpConfig(keep_non_public=False))
+    cfg = dataclasses.replace(DEFAULT, ip_address=section("ip_address", keep_non_public=False))
     assert scrub(text, cfg) == "host <IP_ADDRESS> is up"
 
 
@@ -334,7 +336,7 @@ def test_version_context_keeps_version_numbers_only():
     kept = ('version 1.2.3.4, Version: 8.8.4.4, build 10.0.0.1, sections "1.2.3.4", Chrome/120.1.2.3, '
             'pkg==1.2.3.4')
     assert scrub(kept) == kept
-    cfg = dataclasses.replace(DEFAULT, ip_address=IpConfig(version_context=False))
+    cfg = dataclasses.replace(DEFAULT, ip_address=section("ip_address", version_context=False))
     assert scrub(kept, cfg).count("<IP_ADDRESS>") == 5  # 10.0.0.1 is private, kept anyway
     assert scrub("resolver 8.8.4.4 and ip = 1.2.3.4") == "resolver <IP_ADDRESS> and ip = <IP_ADDRESS>"
     text = "versions after 1.11.1.1; update DNS to 9.9.9.9"
@@ -349,7 +351,7 @@ def test_ip_addresses_in_urls_and_with_ports():
 
 
 def test_ipv6_can_be_turned_off():
-    cfg = dataclasses.replace(DEFAULT, ip_address=IpConfig(ipv6=False))
+    cfg = dataclasses.replace(DEFAULT, ip_address=section("ip_address", ipv6=False))
     assert scrub("8.8.8.8 and 2606:4700:4700::1111", cfg) == "<IP_ADDRESS> and 2606:4700:4700::1111"
 
 
@@ -464,7 +466,7 @@ def test_truncated_private_key_block_is_replaced_to_the_end_of_its_body():
 ])
 def test_credentials_in_assignments(line, expected):
     assert scrub(line) == expected
-    cfg = dataclasses.replace(DEFAULT, secret=SecretConfig(assignments=False))
+    cfg = dataclasses.replace(DEFAULT, secret=section("secret", assignments=False))
     assert scrub(line, cfg) == line
 
 
@@ -493,10 +495,10 @@ def test_each_type_can_be_disabled_and_renamed():
 
 def test_a_kept_match_is_not_taken_by_a_later_detector():
     """192.168.1.254 is a valid Indian phone number; as a private IP it is kept, not replaced as a phone."""
-    phone = PhoneConfig(regions=("IN",), leniency="valid")
+    phone = section("phone", regions=("IN",), leniency="valid")
     text = "gateway 192.168.1.254 up"
     assert scrub(text, dataclasses.replace(DEFAULT, phone=phone)) == text
-    no_ip = dataclasses.replace(DEFAULT, phone=phone, ip_address=IpConfig(enabled=False))
+    no_ip = dataclasses.replace(DEFAULT, phone=phone, ip_address=section("ip_address", enabled=False))
     assert scrub(text, no_ip) == "gateway <PHONE> up"  # what would happen without the IP detector
 
 
@@ -504,18 +506,18 @@ def test_default_yaml_matches_the_schema_defaults():
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(OmegaConf.load(REPO / "conf/stage/pii/default.yaml"))
-    assert build(PiiConfig, data, path="stage.pii") == PiiConfig()
+    assert build(PiiConfig, data, path="stage.pii") == DEFAULT
 
 
 def test_config_errors_name_the_key_and_value():
-    with pytest.raises(ConfigError, match=r"stage\.pii\.phone.*'XX' is not a region"):
-        build(PiiConfig, {"phone": {"regions": ["US", "XX"]}}, path="stage.pii")
-    with pytest.raises(ConfigError, match=r"stage\.pii\.phone\.leniency"):
-        build(PiiConfig, {"phone": {"leniency": "loose"}}, path="stage.pii")
+    with pytest.raises(ConfigError, match=r"stage\.pii\.phone\.regions: 'XX' is not a region"):
+        stage_config("pii", "stage.pii.phone.regions=[US,XX]")
+    with pytest.raises(ConfigError, match=r"stage\.pii\.phone\.leniency: 'loose' is not one of"):
+        stage_config("pii", "stage.pii.phone.leniency=loose")
     with pytest.raises(ConfigError, match=r"stage\.pii\.emial: unknown key \(did you mean 'email'"):
-        build(PiiConfig, {"emial": {}}, path="stage.pii")
-    with pytest.raises(ValueError, match="min_entropy"):
-        SecretConfig(min_entropy=-1)
+        stage_config("pii", "+stage.pii.emial={}")
+    with pytest.raises(Invalid, match="min_entropy: must be >= 0, got -1"):
+        section("secret", min_entropy=-1)
 
 
 # --- pathological inputs: every pattern stays linear ------------------------------------------------
@@ -626,8 +628,8 @@ def test_stage_end_to_end_and_resume(corpus, tmp_path):
 
 def test_disabled_types_get_no_column(corpus, tmp_path):
     source, _, _ = corpus
-    cfg = dataclasses.replace(DEFAULT, workers=1, phone=PhoneConfig(enabled=False),
-                              secret=SecretConfig(enabled=False))
+    cfg = dataclasses.replace(DEFAULT, workers=1, phone=section("phone", enabled=False),
+                              secret=section("secret", enabled=False))
     metrics = pii.run(cfg, make_ctx(tmp_path, source))
     assert "pii_phone" not in metrics and "pii_secret" not in metrics and metrics["pii_iban"] == 0
     table = pq.read_table(tmp_path / "pii-out" / "documents" / "00000.parquet")
@@ -704,7 +706,7 @@ def test_a_document_a_detector_fails_on_is_dropped_not_passed_on(tmp_path, monke
     def fragile(text):
         if "BOOM" in text:
             raise RuntimeError("detector bug")
-        return email_finder(EmailConfig())(text)
+        return email_finder(section("email"))(text)
 
     monkeypatch.setattr(pii, "scrubber_for", lambda cfg: Scrubber([("email", "<EMAIL>", fragile)]))
     write_shard(tmp_path / "quality" / "a.parquet", ["mail bob@gmail.com", "BOOM bob@gmail.com", "nothing"], "a")

@@ -1,6 +1,9 @@
 """The pretrain stage: config checks, DeepSpeed config, data order and schedule arithmetic (fast), and
 real training under the DeepSpeed launcher with 2 CPU ranks (integration): loss falls, the exported
-model loads and generates, a killed run resumes from its checkpoint."""
+model loads and generates, a killed run resumes from its checkpoint.
+
+Configs come from the shipped YAML (``stage_config``) with test-sized values; the curves carry the
+names every training stage uses (stages/common/training.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
-from pipeline.schema import build
 from pipeline.stage import StageContext
-from stages.common.config import ModelConfig
 from stages.common.modeling import VocabSizeError, llama_config, matmul_params, peak_tflops, train_flops_per_token
 from stages.pretrain.loop import (
     MARKER,
@@ -45,8 +47,9 @@ from stages.pretrain.stage import (
 REPO = Path(__file__).resolve().parents[3]
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CHAT = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-SMALL_MODEL = ModelConfig(name="test-llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                          num_kv_heads=2, vocab_size=512, max_seq_len=64)
+TINY = stage_config("pretrain")  # the shipped tiny config: the base of every test config
+SMALL_MODEL = replace(TINY.model, name="test-llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, vocab_size=512, max_seq_len=64)
 
 # ---------------------------------------------------------------- fixtures: a tokenizer and token shards
 
@@ -126,8 +129,9 @@ def corpus(tmp_path_factory):
 
 def small_cfg(**overrides) -> PretrainConfig:
     base = dict(model=SMALL_MODEL, seed=0, global_batch_size=8, micro_batch_size=2, max_steps=20, lr=3e-3,
-                warmup_steps=3, eval_every=10, eval_sequences=16, checkpoint_every=10, log_every=1, zero_stage=2)
-    return PretrainConfig(**{**base, **overrides})
+                warmup_steps=3, eval_every=10, eval_sequences=16, checkpoint_every=10, keep_checkpoints=2,
+                log_every=1, zero_stage=2)
+    return replace(TINY, **{**base, **overrides})
 
 
 def context(out: Path, tokenizer_dir: Path, tokens_dir: Path, attempt: int = 1) -> StageContext:
@@ -144,16 +148,9 @@ def records(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- config and declaration
 
 
-def load_conf(*overrides: str):
-    from llmpipe.project import PROJECT
-    from pipeline import config
-
-    return config.load(PROJECT, REPO / "conf", "tiny", list(overrides))
-
-
 def test_shipped_configs_compose_into_the_typed_config():
-    tiny = load_conf().stages["pretrain"]
-    big = load_conf("model=llama-7b", "stage/pretrain=llama-7b").stages["pretrain"]
+    tiny = TINY
+    big = stage_config("pretrain", "model=llama-7b", "stage/pretrain=llama-7b")
     assert isinstance(tiny, PretrainConfig) and tiny.model.hidden_size == 256 and tiny.zero_stage == 2
     assert big.zero_stage == 3 and big.precision == "bf16" and big.gradient_checkpointing
     assert big.max_tokens == 140_000_000_000 and big.launch.gpus_per_node == 8
@@ -164,23 +161,23 @@ def test_shipped_configs_compose_into_the_typed_config():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"zero_stage": 4}, "zero_stage must be 0, 1, 2 or 3"),
-    ({"offload_param": "cpu"}, "offload_param=cpu needs zero_stage 3"),
-    ({"zero_stage": 0, "offload_optimizer": "cpu"}, "needs zero_stage >= 1"),
-    ({"zero_stage": 3, "offload_optimizer": "nvme"}, "nvme_path"),
-    ({"micro_batch_size": 0}, "micro_batch_size must be at least 1"),
-    ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in [0, 1]"),
-    ({"launch": {"cpu_ranks": 0}}, "launch.cpu_ranks must be at least 1"),
-    ({"launch": {"hosts": ["a", "a"]}}, "names a host twice"),
-    ({"zero_stage": "3"}, "expected an integer"),
-    ({"max_step": 3}, "did you mean 'max_steps'"),
+    (["zero_stage=4"], "stage.pretrain.zero_stage: must be 0, 1, 2 or 3, got 4"),
+    (["offload_param=cpu"], "stage.pretrain.offload_param: cpu needs zero_stage 3"),
+    (["zero_stage=0", "offload_optimizer=cpu"], "stage.pretrain.offload_optimizer: cpu needs zero_stage >= 1"),
+    (["zero_stage=3", "offload_optimizer=nvme"], "stage.pretrain.nvme_path: nvme offload needs nvme_path"),
+    (["micro_batch_size=0"], "stage.pretrain.micro_batch_size: must be at least 1, got 0"),
+    (["min_lr_ratio=1.5"], "stage.pretrain.min_lr_ratio: must be in [0, 1], got 1.5"),
+    (["lr=0"], "stage.pretrain.lr: must be positive"),
+    (["launch.cpu_ranks=0"], "stage.pretrain.launch.cpu_ranks: must be at least 1, got 0"),
+    (["launch.hosts=[a,a]"], "stage.pretrain.launch.hosts: ['a', 'a'] names a host twice"),
+    (['zero_stage="3"'], "stage.pretrain.zero_stage: expected an integer"),
+    (["+stage.pretrain.max_step=3"], "did you mean 'max_steps'"),
 ])
 def test_bad_config_is_a_named_error(overrides, message):
-    from pipeline.schema import to_plain
-
-    data = {**to_plain(small_cfg()), **overrides}
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        build(PretrainConfig, data, path="stage.pretrain")
+    overrides = [o if o.startswith("+") else f"stage.pretrain.{o}" for o in overrides]
+    with pytest.raises(ConfigError) as err:
+        stage_config("pretrain", *overrides)
+    assert message in str(err.value)
 
 
 def test_layout_fields_are_execution_only_and_training_fields_are_not():
@@ -371,46 +368,13 @@ def assert_loads_and_generates(model_dir: Path) -> None:
     assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).strip()
 
 
-@pytest.mark.integration
-def test_training_learns_logs_every_step_and_exports_a_loadable_model(corpus, tmp_path):
-    tokenizer_dir, tokens_dir = corpus
-    out = tmp_path / "out"
-    cfg = small_cfg()
-    metrics = run(cfg, context(out, tokenizer_dir, tokens_dir))
-
-    assert metrics["steps"] == 20 and metrics["tokens"] == 20 * 8 * 64 and metrics["resumed_from_step"] == 0
-    assert metrics["world_size"] == 2 and metrics["tokens_per_s"] > 0
-    assert metrics["final_eval_loss"] < metrics["initial_eval_loss"] - 1.5, metrics
-    assert metrics["final_perplexity"] == pytest.approx(np.exp(metrics["final_eval_loss"]))
-
-    recs = records(out / "metrics.jsonl")
-    train = {r["step"]: r["metrics"] for r in recs if "loss" in r["metrics"]}
-    assert sorted(train) == list(range(1, 21))
-    assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(m) for m in train.values())
-    assert train[20]["loss"] < train[1]["loss"] - 1.5
-    assert train[3]["lr"] == pytest.approx(cfg.lr)  # the lr for the step after warmup's last
-    evals = {r["step"]: r["metrics"] for r in recs if "eval_loss" in r["metrics"]}
-    assert sorted(evals) == [0, 10, 20] and evals[0]["eval_loss"] == metrics["initial_eval_loss"]
-
-    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000010", "step00000020"]
-    assert_loads_and_generates(out / "model")
-    # The export holds the trained weights: plain transformers gets the loss the ranks measured.
-    assert exported_val_loss(out / "model", tokens_dir, cfg.eval_sequences) == pytest.approx(
-        metrics["final_eval_loss"], abs=1e-3)
-    # A finished output is reused by a later attempt, not trained again.
-    started = time.time()
-    assert run(cfg, context(out, tokenizer_dir, tokens_dir, attempt=2)) == metrics
-    assert time.time() - started < 30
-
-
 STAGE_IN_SUBPROCESS = """
 import json, sys
 from pathlib import Path
 from pipeline.schema import build
 from pipeline.stage import StageContext
 from stages.pretrain.stage import PretrainConfig, run
-cfg = build(PretrainConfig, json.loads(sys.argv[1]))
+cfg = build(PretrainConfig, json.loads(sys.argv[1]), path="stage.pretrain")
 out, tokenizer, tokens = map(Path, sys.argv[2:5])
 run(cfg, StageContext(stage="pretrain", fingerprint="test", output_dir=out, attempt=1,
                       inputs={"tokenize.tokenizer": tokenizer, "tokenize.tokens": tokens},
@@ -432,7 +396,10 @@ def processes_mentioning(text: str) -> list:
 
 
 @pytest.mark.integration
-def test_a_stopped_run_resumes_from_its_last_checkpoint_under_zero3(corpus, tmp_path):
+def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(corpus, tmp_path):
+    """The one real DeepSpeed run of this module (the whole tiny pipeline test trains ZeRO-2 end to end):
+    attempt 1 is stopped after its first checkpoint, attempt 2 resumes, learns and exports, attempt 3
+    finds the finished output and trains nothing."""
     from pipeline.schema import to_plain
 
     tokenizer_dir, tokens_dir = corpus
@@ -457,21 +424,37 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint_under_zero3(corpus, tmp_
     assert not processes_mentioning(str(out))
     assert not (out / "model").exists()
     first = records(out / "metrics.jsonl")
-    trained_before = max(r["step"] for r in first if "loss" in r["metrics"])
+    trained_before = max(r["step"] for r in first if "train_loss" in r["metrics"])
 
     metrics = run(cfg, context(out, tokenizer_dir, tokens_dir, attempt=2))
 
     resumed = int(metrics["resumed_from_step"])
     assert 5 <= resumed <= trained_before and resumed % 5 == 0 and metrics["steps"] == 40
-    second = [r for r in records(out / "metrics.jsonl") if r["attempt"] == 2]
-    assert second[0] == {**second[0], "step": resumed, "metrics": {"resumed_from_step": resumed}}
-    assert min(r["step"] for r in second if "loss" in r["metrics"]) == resumed + 1
+    assert metrics["tokens"] == 40 * 8 * 64 and metrics["world_size"] == 2 and metrics["mean_tokens_per_s"] > 0
+    recs = records(out / "metrics.jsonl")
+    second = [r for r in recs if r["attempt"] == 2]
+    assert second[0] == {**second[0], "step": resumed, "metrics": {"resume_step": resumed}}
+    assert min(r["step"] for r in second if "train_loss" in r["metrics"]) == resumed + 1
+    # A record per step (log_every 1), under the curve names of every training stage (stages/common/training.py).
+    train = {r["step"]: r["metrics"] for r in recs if "train_loss" in r["metrics"]}
+    assert set(train) == set(range(1, 41))
+    assert all({"train_loss", "lr", "tokens_per_s", "grad_norm"} <= set(m) for m in train.values())
+    assert train[3]["lr"] == pytest.approx(cfg.lr)  # the lr for the step after warmup's last
+    assert train[40]["train_loss"] < train[1]["train_loss"] - 1.5
+    assert sorted(r["step"] for r in recs if "eval_loss" in r["metrics"]) == [0, 20, 40]
     assert metrics["initial_eval_loss"] == next(r["metrics"]["eval_loss"] for r in first if r["step"] == 0)
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"] - 1.5
-    # ZeRO-3 shards were consolidated into a whole model.
+    assert metrics["final_perplexity"] == pytest.approx(np.exp(metrics["final_eval_loss"]))
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000035", "step00000040"]
+    # ZeRO-3 shards were consolidated into a whole model: plain transformers gets the loss the ranks measured.
     assert_loads_and_generates(out / "model")
     assert exported_val_loss(out / "model", tokens_dir, cfg.eval_sequences) == pytest.approx(
         metrics["final_eval_loss"], abs=1e-3)
+    # A finished output is reused by a later attempt, not trained again.
+    started = time.time()
+    assert run(cfg, context(out, tokenizer_dir, tokens_dir, attempt=3)) == metrics
+    assert time.time() - started < 30
 
 
 def _cuda() -> bool:
@@ -483,15 +466,14 @@ def _cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 def test_bf16_training_on_one_gpu_reports_memory_and_mfu(corpus, tmp_path):
-    from stages.common.launch import LaunchConfig
-
     tokenizer_dir, tokens_dir = corpus
     out = tmp_path / "out"
     cfg = small_cfg(micro_batch_size=8, zero_stage=3, gradient_checkpointing=True, peak_tflops=100.0,
-                    launch=LaunchConfig(accelerator="cuda", gpus_per_node=1))
+                    launch=replace(TINY.launch, accelerator="cuda", gpus_per_node=1))
     metrics = run(cfg, context(out, tokenizer_dir, tokens_dir))
     assert json.loads((out / "ds_config.json").read_text())["bf16"] == {"enabled": True}
-    assert metrics["gpu_mem_gb"] > 0 and metrics["final_eval_loss"] < metrics["initial_eval_loss"] - 1.0
-    steps = [r["metrics"] for r in records(out / "metrics.jsonl") if "loss" in r["metrics"]]
+    assert metrics["peak_gpu_mem_gb"] > 0 and metrics["final_eval_loss"] < metrics["initial_eval_loss"] - 1.0
+    assert 0 < metrics["mean_mfu"] < 1
+    steps = [r["metrics"] for r in records(out / "metrics.jsonl") if "train_loss" in r["metrics"]]
     assert all(0 < m["mfu"] < 1 and m["gpu_mem_gb"] > 0 for m in steps)
     assert_loads_and_generates(out / "model")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from llmpipe.project import stage_config
+from pipeline.errors import ConfigError
+from pipeline.schema import Invalid
 from pipeline.stage import StageContext
 from stages.quality import stage as quality
 from stages.quality.rules import (
     REASONS,
-    C4Config,
-    GopherQualityConfig,
-    GopherRepetitionConfig,
     Rules,
     duplicate_ngram_chars,
     repeated_ngrams,
@@ -56,8 +56,19 @@ def prose_line(rng: random.Random, n_words: int = 12, end: str = ".") -> str:
     return " ".join(words).capitalize() + end
 
 
+def shipped(**changes) -> QualityConfig:
+    """conf/stage/quality/default.yaml, the published thresholds (tiny.yaml relaxes three for the embedded
+    corpus, so this is base's composition), with ``changes``."""
+    return dataclasses.replace(stage_config("quality", conf="base"), **changes)
+
+
+def block(name: str, **changes):
+    """One block of the shipped config (gopher, repetition, c4, classifier) with ``changes``."""
+    return dataclasses.replace(getattr(shipped(), name), **changes)
+
+
 def rules(**overrides) -> Rules:
-    groups = {"gopher": GopherQualityConfig(), "repetition": GopherRepetitionConfig(), "c4": C4Config()}
+    groups = {name: block(name) for name in ("gopher", "repetition", "c4")}
     for key, value in overrides.items():
         group, _, name = key.partition("__")
         groups[group] = dataclasses.replace(groups[group], **{name: value})
@@ -170,23 +181,26 @@ def test_every_reason_is_named_once():
 
 
 def test_config_checks_name_the_key():
-    with pytest.raises(ValueError, match="min_words .* greater than max_words"):
-        GopherQualityConfig(min_words=10, max_words=5)
-    with pytest.raises(ValueError, match="min_alpha_words_ratio"):
-        GopherQualityConfig(min_alpha_words_ratio=1.5)
-    with pytest.raises(ValueError, match="threshold"):
-        ClassifierConfig(threshold=1.5)
-    with pytest.raises(ValueError, match="positive_label"):
-        ClassifierConfig(positive_label="hq")
+    with pytest.raises(Invalid, match="min_words: 10 is greater than max_words"):
+        block("gopher", min_words=10, max_words=5)
+    with pytest.raises(Invalid, match="min_alpha_words_ratio: must be a fraction"):
+        block("gopher", min_alpha_words_ratio=1.5)
+    with pytest.raises(Invalid, match="threshold: must be a probability"):
+        block("classifier", threshold=1.5)
+    with pytest.raises(Invalid, match="positive_label: 'hq' must look like"):
+        block("classifier", positive_label="hq")
+    with pytest.raises(ConfigError, match=r"stage\.quality\.repetition\.max_top_ngram_ratio: \[2, 1\.5\] needs"):
+        stage_config("quality", "stage.quality.repetition.max_top_ngram_ratio=[[2,1.5]]")
 
 
-def test_default_yaml_matches_the_schema_defaults():
+def test_default_yaml_builds_with_the_published_values():
     from omegaconf import OmegaConf
 
     from pipeline.schema import build
 
     data = OmegaConf.to_container(OmegaConf.load(REPO / "conf/stage/quality/default.yaml"))
-    assert build(QualityConfig, data, path="stage.quality") == QualityConfig()
+    assert build(QualityConfig, data, path="stage.quality") == shipped()
+    assert shipped().gopher.min_words == 50 and shipped().c4.min_sentences == 3
 
 
 # --- classifier -----------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def samples(tmp_path):
 
 def trained_config(samples, **overrides) -> ClassifierConfig:
     pos, neg = samples
-    return ClassifierConfig(positive=str(pos), negative=str(neg), **overrides)
+    return block("classifier", positive=str(pos), negative=str(neg), **overrides)
 
 
 def test_trained_classifier_separates_held_out_samples(samples, tmp_path):
@@ -295,11 +309,10 @@ def test_missing_classifier_file_names_key_and_path(samples, tmp_path, key):
         quality.prepare_classifier(c, tmp_path / "out", logging.getLogger("test"))
 
 
-def test_no_model_and_no_samples_is_a_clear_error(tmp_path):
-    import logging
-
-    with pytest.raises(MissingPathError, match="set model_path, or both positive and negative"):
-        quality.prepare_classifier(ClassifierConfig(positive=None), tmp_path, logging.getLogger("test"))
+def test_no_model_and_no_samples_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"stage\.quality\.classifier: set model_path, or both positive and negative"):
+        stage_config("quality", "stage.quality.classifier.positive=null")
+    stage_config("quality", "stage.quality.classifier.positive=null", "stage.quality.classifier.enabled=false")
 
 
 def test_empty_sample_file_is_a_clear_error(samples, tmp_path):
@@ -308,7 +321,7 @@ def test_empty_sample_file_is_a_clear_error(samples, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(ClassifierError, match="classifier.negative: .*empty.txt holds no sample"):
-        quality.prepare_classifier(ClassifierConfig(positive=str(samples[0]), negative=str(empty)), tmp_path / "o",
+        quality.prepare_classifier(block("classifier", positive=str(samples[0]), negative=str(empty)), tmp_path / "o",
                                    logging.getLogger("test"))
 
 
@@ -369,7 +382,7 @@ def read_dir(path: Path):
 
 
 def test_stage_end_to_end(samples, corpus, tmp_path):
-    cfg = QualityConfig(classifier=trained_config(samples), workers=2)
+    cfg = shipped(classifier=trained_config(samples), workers=2)
     ctx = make_ctx(tmp_path, corpus)
     metrics = quality.STAGE.run(cfg, ctx)
 
@@ -406,8 +419,8 @@ def test_given_model_path_is_loaded_and_used(corpus, tmp_path):
     model = fasttext.train_supervised(input=str(train), epoch=10, lr=0.5, wordNgrams=2, bucket=10_000, seed=0,
                                       thread=1, verbose=0)
     model.save_model(str(tmp_path / "given.bin"))
-    c = ClassifierConfig(model_path=str(tmp_path / "given.bin"), positive_label="__label__good", threshold=0.5)
-    cfg = QualityConfig(classifier=c, workers=1)
+    c = block("classifier", model_path=str(tmp_path / "given.bin"), positive_label="__label__good", threshold=0.5)
+    cfg = shipped(classifier=c, workers=1)
     ctx = make_ctx(tmp_path, corpus)
     metrics = quality.run(cfg, ctx)
     assert not (ctx.output_dir / "classifier").exists()  # nothing trained
@@ -423,20 +436,20 @@ def test_given_model_without_the_label_is_a_clear_error(samples, corpus, tmp_pat
     import logging
 
     quality.prepare_classifier(trained_config(samples), tmp_path / "t", logging.getLogger("test"))
-    c = ClassifierConfig(model_path=str(tmp_path / "t" / "classifier" / "model.bin"), positive_label="__label__edu")
+    c = block("classifier", model_path=str(tmp_path / "t" / "classifier" / "model.bin"), positive_label="__label__edu")
     with pytest.raises(ClassifierError, match=r"no label '__label__edu' \(it has .*__label__hq"):
-        quality.run(QualityConfig(classifier=c, workers=1), make_ctx(tmp_path, corpus))
+        quality.run(shipped(classifier=c, workers=1), make_ctx(tmp_path, corpus))
 
 
 def test_missing_bad_words_file_names_the_key(corpus, tmp_path):
-    cfg = QualityConfig(c4=C4Config(bad_words_file=str(tmp_path / "words.txt")),
-                        classifier=ClassifierConfig(enabled=False), workers=1)
+    cfg = shipped(c4=block("c4", bad_words_file=str(tmp_path / "words.txt")),
+                  classifier=block("classifier", enabled=False), workers=1)
     with pytest.raises(MissingPathError, match=r"stage\.quality\.c4\.bad_words_file: file not found"):
         quality.run(cfg, make_ctx(tmp_path, corpus))
 
 
 def test_without_classifier_and_without_dropped(corpus, tmp_path):
-    cfg = QualityConfig(classifier=ClassifierConfig(enabled=False), write_dropped=False, workers=1)
+    cfg = shipped(classifier=block("classifier", enabled=False), write_dropped=False, workers=1)
     ctx = make_ctx(tmp_path, corpus)
     metrics = quality.run(cfg, ctx)
     assert metrics["docs_out"] == 16 and "dropped_classifier" not in metrics
@@ -450,7 +463,7 @@ def test_shard_without_text_column_is_a_named_error(tmp_path):
 
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["x"], "body": ["hello"]}), tmp_path / "in" / "a.parquet")
-    cfg = QualityConfig(classifier=ClassifierConfig(enabled=False), workers=1)
+    cfg = shipped(classifier=block("classifier", enabled=False), workers=1)
     with pytest.raises(ShardSchemaError, match=r"a\.parquet has no 'text' column"):
         quality.run(cfg, make_ctx(tmp_path, tmp_path / "in"))
 
@@ -458,7 +471,7 @@ def test_shard_without_text_column_is_a_named_error(tmp_path):
 def test_resume_skips_done_shards_and_reuses_the_model(samples, corpus, tmp_path):
     import pyarrow.parquet as pq
 
-    cfg = QualityConfig(classifier=trained_config(samples), workers=1)
+    cfg = shipped(classifier=trained_config(samples), workers=1)
     ctx = make_ctx(tmp_path, corpus)
     first = quality.run(cfg, ctx)
     model = ctx.output_dir / "classifier" / "model.bin"
@@ -478,16 +491,16 @@ def test_resume_skips_done_shards_and_reuses_the_model(samples, corpus, tmp_path
 
 
 def test_external_state_follows_file_contents(samples, tmp_path):
-    cfg = QualityConfig(classifier=trained_config(samples))
+    cfg = shipped(classifier=trained_config(samples))
     before = quality.external_state(cfg)
     assert set(before) == {"classifier.positive", "classifier.negative"}
     assert before["classifier.positive"].startswith("sha256:")
     samples[0].write_text("something else\n")
     assert quality.external_state(cfg)["classifier.positive"] != before["classifier.positive"]
     assert quality.external_state(cfg) != before
-    missing = QualityConfig(classifier=ClassifierConfig(positive=str(tmp_path / "none.txt")))
+    missing = shipped(classifier=block("classifier", positive=str(tmp_path / "none.txt")))
     assert quality.external_state(missing)["classifier.positive"] == "missing"
-    assert quality.external_state(QualityConfig(classifier=ClassifierConfig(enabled=False))) is None
+    assert quality.external_state(shipped(classifier=block("classifier", enabled=False))) is None
 
 
 def test_stage_declaration():

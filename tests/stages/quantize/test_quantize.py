@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
 from pipeline.schema import build
 from pipeline.stage import StageContext
@@ -18,8 +19,6 @@ from stages.quantize.stage import (
     INFO_FILE,
     STAGE,
     CalibrationError,
-    CalibrationSettings,
-    PerplexitySettings,
     QuantizeConfig,
     QuantizeError,
     QuantizeShapeError,
@@ -31,12 +30,10 @@ from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_do
 
 REPO = Path(__file__).resolve().parents[3]
 GROUP = 64
-CFG = QuantizeConfig(
-    bits=4, group_size=GROUP,
-    calibration=CalibrationSettings(samples=32, max_tokens=128),
-    perplexity=PerplexitySettings(max_tokens=2048, seq_len=128, batch_size=8),
-    cpu_workers=2,
-)
+SHIPPED = stage_config("quantize")  # conf/stage/quantize/default.yaml, as the tiny pipeline runs it
+CFG = replace(SHIPPED, bits=4, group_size=GROUP, cpu_workers=2,
+              calibration=replace(SHIPPED.calibration, samples=32, max_tokens=128),
+              perplexity=replace(SHIPPED.perplexity, max_tokens=2048, seq_len=128, batch_size=8))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +195,7 @@ def test_calibration_packs_documents_seeded_and_bounded(tmp_path):
     texts = corpus_texts(60)
     shards = sorted(write_documents(tmp_path / "docs", texts + ["", "   "], shards=3).glob("*.parquet"))
     docs = [tok(t)["input_ids"] for t in texts]
-    settings = CalibrationSettings(samples=1000, max_tokens=32, seed=1)
+    settings = replace(SHIPPED.calibration, samples=1000, max_tokens=32, seed=1)
     full = build_calibration(shards, tok, settings)
     assert (full.documents, full.skipped_empty, full.shards_read) == (60, 2, 3)
     lengths = [len(s["input_ids"]) for s in full.samples]
@@ -240,17 +237,17 @@ def test_heldout_windows_are_eos_separated_and_bounded(tmp_path):
     assert flat[:len(first) + 1] == [*first, tok.eos_token_id]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"bits": 5}, "bits must be one of"),
-    ({"group_size": 0}, "group_size must be positive or -1"),
-    ({"desc_act": True}, "act_group_aware are both true"),
-    ({"damp_percent": 1.5}, "damp_percent must be in"),
-    ({"calibration": {"max_tokens": 1}}, "calibration.max_tokens must be at least 2"),
-    ({"perplexity": {"dtype": "int8"}}, "dtype"),
+@pytest.mark.parametrize("override, message", [
+    ("bits=5", r"stage\.quantize\.bits: must be one of"),
+    ("group_size=0", r"stage\.quantize\.group_size: must be positive or -1"),
+    ("desc_act=true", r"stage\.quantize: desc_act and act_group_aware are both true"),
+    ("damp_percent=1.5", r"stage\.quantize\.damp_percent: must be in"),
+    ("calibration.max_tokens=1", r"stage\.quantize\.calibration\.max_tokens: must be at least 2"),
+    ("perplexity.dtype=int8", r"stage\.quantize\.perplexity\.dtype: 'int8' is not one of"),
 ])
-def test_bad_config_names_the_key(data, message):
+def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        build(QuantizeConfig, data, path="stage.quantize")
+        stage_config("quantize", f"stage.quantize.{override}")
 
 
 @pytest.mark.parametrize("top, overrides", [("tiny", []), ("llama-7b", []), ("llama-7b", ["stage/quantize=llama-7b"])])

@@ -1,5 +1,12 @@
-"""The sft stage end to end on CPU: a tiny random Llama, a BPE tokenizer trained here, a generated
-corpus; real TRL training (LoRA, QLoRA with bitsandbytes, full), real merging, real loading."""
+"""The sft stage on CPU: a tiny random Llama and its BPE tokenizer (tests/stages/model_fixtures.py), a
+generated corpus; real TRL training (LoRA, QLoRA with bitsandbytes, full), real merging, real loading.
+
+Configs come from the shipped YAML (``stage_config``) with test-sized overrides. What the whole tiny
+pipeline test already shows (the shipped config trains and its model generates) is not repeated here;
+these tests cover what it does not run: resume, QLoRA, full fine-tuning with packing, the adapter
+output, the failures that must name their flag. The shared toolkit has its own tests
+(tests/stages/common/test_training.py).
+"""
 
 from __future__ import annotations
 
@@ -12,37 +19,45 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
-from pipeline.schema import build
 from pipeline.stage import StageContext
-from stages.common.chat import CHAT_TEMPLATE, END, MARKERS, parse_chat
-from stages.sft.data import (
-    Example,
-    SftDataConfig,
-    SftDataError,
-    derive_conversations,
-    load_instruction_data,
-    sentence_spans,
-)
+from stages.common.chat import CHAT_TEMPLATE, END, parse_chat
+from stages.common.training import TrainingDataError, TrainingError, load_tokenizer
+from stages.sft.data import Example, SftDataError, derive_conversations, load_instruction_data, sentence_spans
 from stages.sft.stage import (
     ADAPTER_INFO,
     CHECKPOINTS,
-    LoraSettings,
-    QuantSettings,
     SftConfig,
-    SftError,
     count_too_long,
     keep_4bit_layers_trainable_on_cpu,
-    load_tokenizer,
     run,
 )
-from tests.stages.common.test_chat import EOS, PAD
+from tests.stages.model_fixtures import EOS, build_tiny_model, torch_threads
 
-REPO = Path(__file__).resolve().parents[3]
 SUBJECTS = ["The pipeline", "A shard", "The tokenizer", "Each model", "The adapter", "The trainer", "A document"]
 VERBS = ["reads", "writes", "merges", "packs", "splits", "loads", "saves"]
 OBJECTS = ["the data", "many tokens", "a checkpoint", "the weights", "every shard", "the corpus", "a new file"]
 TOPICS = ["Training notes", "Data handling", "Model export", "Shard layout", "Evaluation", "Serving"]
+
+# Test-sized: 12 steps of 8 conversations on a hidden-64 model, short derived prompts, a rank-8 adapter.
+OVERRIDES = ("stage.sft.data.max_examples=160", "stage.sft.data.max_prompt_chars=200",
+             "stage.sft.data.max_reply_chars=160", "stage.sft.lora.r=8", "stage.sft.lora.alpha=16",
+             "stage.sft.lora.dropout=0.0", "stage.sft.train.max_steps=12", "stage.sft.train.max_length=128",
+             "stage.sft.train.warmup=0", "stage.sft.train.lr_scheduler=constant", "stage.sft.train.eval_steps=5",
+             "stage.sft.train.logging_steps=2", "stage.sft.train.save_steps=6", "stage.sft.sample_max_new_tokens=8")
+
+
+def sft_config(*extra: str) -> SftConfig:
+    return stage_config("sft", *OVERRIDES, *extra)
+
+
+def with_train(cfg: SftConfig, **changes) -> SftConfig:
+    return replace(cfg, train=replace(cfg.train, **changes))
+
+
+CFG = sft_config()
+DATA = CFG.data
 
 
 def make_docs(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -58,6 +73,7 @@ def make_docs(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def write_corpus(directory: Path, shards: list[list[dict[str, str]]]) -> Path:
+    """A documents artifact with the given documents per shard (the shard layout is what some tests vary)."""
     directory.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([("id", pa.string()), ("url", pa.string()), ("text", pa.string())])
     for i, docs in enumerate(shards):
@@ -65,45 +81,9 @@ def write_corpus(directory: Path, shards: list[list[dict[str, str]]]) -> Path:
     return directory
 
 
-def build_base_model(directory: Path, texts: list[str]) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) and a byte-level BPE trained on ``texts``, saved as
-    an HF model dir the way the pretrain stage hands it on (tokenizer files next to the weights)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=512, min_frequency=2, special_tokens=[EOS, PAD, *MARKERS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD,
-                                     additional_special_tokens=list(MARKERS), model_max_length=256,
-                                     clean_up_tokenization_spaces=False)
-    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                         pad_token_id=hf_tok.pad_token_id, initializer_range=0.2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(str(directory))
-    hf_tok.save_pretrained(str(directory))
-    return directory
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """The test models are tiny (hidden 64): a second intra-op thread barely helps them, and on a
-    busy machine (CI jobs side by side) it costs a lot: measured here under load 3-7 on 2 cores,
-    this module took ~4 min with torch's 2 threads and ~50 s with 1."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from torch_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +91,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sft")
     docs = make_docs(160)
     corpus = write_corpus(root / "documents", [docs[:70], docs[70:]])
-    base = build_base_model(root / "base", [d["text"] for d in docs])
+    # The model as the pretrain stage hands it on: tokenizer files next to the weights.
+    base = build_tiny_model(root / "base", hidden=64, intermediate=128, layers=2, heads=4, vocab_size=512,
+                            texts=[d["text"] for d in docs])
     return {"root": root, "corpus": corpus, "base": base}
-
-
-DATA = SftDataConfig(max_examples=160, validation_fraction=0.1, max_prompt_chars=200, max_reply_chars=160)
-CFG = SftConfig(
-    method="lora", data=DATA, lora=LoraSettings(rank=8, alpha=16, dropout=0.0), lr=5e-3, max_steps=12,
-    batch_size=8, max_length=128, warmup_steps=0, lr_scheduler="constant", eval_steps=5, eval_batch_size=16,
-    logging_steps=2, save_steps=6, sample_max_new_tokens=8,
-)
 
 
 def run_stage(world: dict[str, Path], cfg: SftConfig, name: str) -> tuple[dict[str, float], StageContext]:
@@ -161,12 +135,12 @@ def assert_trained_and_usable(metrics: dict[str, float], ctx: StageContext, chec
     assert len(losses) >= 3
     assert losses[-1][1] < losses[0][1] - 0.1, losses
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
-    assert metrics["steps"] == CFG.max_steps
+    assert metrics["steps"] == CFG.train.max_steps
     for key in ("lr", "grad_norm", "tokens_per_s", "eval_loss"):
         assert curve(ctx, key), f"no {key} curve"
     evals = curve(ctx, "eval_loss")
     # measured before the first step, every eval_steps, and after the last step (12 is no multiple of 5)
-    assert [step for step, _ in evals] == [0, 5, 10, CFG.max_steps]
+    assert [step for step, _ in evals] == [0, 5, 10, CFG.train.max_steps]
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"]
     assert metrics["train_examples"] > 0 and metrics["validation_examples"] > 0
     assert metrics["truncated_examples"] == 0  # the test's derived prompts fit max_length
@@ -195,7 +169,7 @@ def assert_trained_and_usable(metrics: dict[str, float], ctx: StageContext, chec
 
 @pytest.fixture(scope="module")
 def lora_run(world):
-    return run_stage(world, replace(CFG, keep_checkpoints=True), "lora")
+    return run_stage(world, with_train(CFG, keep_checkpoints=True), "lora")
 
 
 def test_lora_trains_merges_and_chats(lora_run):
@@ -235,25 +209,25 @@ def attempt(first: StageContext, number: int) -> StageContext:
 def test_lora_resumes_mid_training_then_skips_finished_training(world, lora_run, caplog):
     _, first = lora_run
     checkpoints = first.output_dir / CHECKPOINTS
-    half = CFG.max_steps // 2
+    half = CFG.train.max_steps // 2
     kept = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
-    assert kept == [f"checkpoint-{CFG.max_steps}", f"checkpoint-{half}"]
+    assert kept == [f"checkpoint-{CFG.train.max_steps}", f"checkpoint-{half}"]
     # An attempt that died while saving its last step: that checkpoint has weights but no trainer state.
-    (checkpoints / f"checkpoint-{CFG.max_steps}" / "trainer_state.json").unlink()
+    (checkpoints / f"checkpoint-{CFG.train.max_steps}" / "trainer_state.json").unlink()
     evals_before = len(curve(first, "eval_loss"))
     with caplog.at_level("INFO", logger="llmpipe.stage"):
-        metrics = run(replace(CFG, keep_checkpoints=True), attempt(first, 2))
+        metrics = run(with_train(CFG, keep_checkpoints=True), attempt(first, 2))
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("removing incomplete checkpoint") and f"checkpoint-{CFG.max_steps}" in m
+    assert any(m.startswith("removing incomplete checkpoint") and f"checkpoint-{CFG.train.max_steps}" in m
                for m in messages)
     assert any(f"resuming from {checkpoints / f'checkpoint-{half}'}" in m for m in messages)
     assert metrics["resumed_from_step"] == half
-    assert metrics["steps"] == CFG.max_steps
+    assert metrics["steps"] == CFG.train.max_steps
     assert curve(first, "resume_step") == [(half, half)]  # the resume is a point on the MLflow curves
     # the resumed attempt trained steps half+1..max_steps (train-loss points logged past `half` again)
     attempt2 = [json.loads(line) for line in first.metrics_file.read_text().splitlines()]
     steps2 = [r["step"] for r in attempt2 if r["attempt"] == 2 and "train_loss" in r["metrics"]]
-    assert steps2 and min(steps2) > half and max(steps2) == CFG.max_steps
+    assert steps2 and min(steps2) > half and max(steps2) == CFG.train.max_steps
     # no eval before the first resumed step; the evals after it: step 10 and the final one
     assert len(curve(first, "eval_loss")) == evals_before + 2
     assert metrics["first_train_loss"] == pytest.approx(lora_run[0]["first_train_loss"])  # history spans attempts
@@ -261,7 +235,7 @@ def test_lora_resumes_mid_training_then_skips_finished_training(world, lora_run,
     caplog.clear()
     with caplog.at_level("INFO", logger="llmpipe.stage"):
         metrics = run(CFG, attempt(first, 3))
-    assert metrics["steps"] == CFG.max_steps and metrics["train_s"] == 0.0
+    assert metrics["steps"] == CFG.train.max_steps and metrics["train_s"] == 0.0
     assert any("training finished in an earlier attempt" in r.getMessage() for r in caplog.records)
     assert not checkpoints.exists()
     text, _ = chat_generate(first.output("model"))
@@ -273,7 +247,8 @@ def test_lora_resumes_mid_training_then_skips_finished_training(world, lora_run,
 
 def test_full_finetune_with_packing_trains_and_writes_no_adapter(world):
     # packing rides along here: BFD-packed rows, padding-free, with the assistant-only labels kept
-    metrics, ctx = run_stage(world, replace(CFG, method="full", lr=2e-3, packing=True), "full")
+    cfg = replace(with_train(sft_config("stage/sft=full"), lr=2e-3), packing=True)
+    metrics, ctx = run_stage(world, cfg, "full")
     assert_trained_and_usable(metrics, ctx)
     assert metrics["trainable_params"] == metrics["total_params"]
     adapter = ctx.output("adapter")
@@ -290,7 +265,7 @@ def test_qlora_trains_and_merges_into_the_full_precision_base(world, lora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    metrics, ctx = run_stage(world, replace(CFG, method="qlora"), "qlora")
+    metrics, ctx = run_stage(world, sft_config("stage/sft=qlora"), "qlora")
     assert_trained_and_usable(metrics, ctx)
     # 4-bit weights are counted as weights, not as packed bytes: the same model and adapter as LoRA's
     assert (metrics["trainable_params"], metrics["total_params"]) == (lora_run[0]["trainable_params"],
@@ -329,31 +304,31 @@ def test_4bit_layers_stay_trainable_after_an_eval_pass(world):
 # ---------------------------------------------------------------- bad combinations fail fast
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"method": "full", "quant": {"quant_type": "fp4"}}, "stage.sft.quant is set but stage.sft.method is 'full'"),
-    ({"data": {"source": "files"}}, "stage.sft.data.source is 'files' but stage.sft.data.files is empty"),
-    ({"data": {"files": ["x.jsonl"]}}, "stage.sft.data.files is set but stage.sft.data.source is"),
-    ({"data": {"source": "dataset"}}, "stage.sft.data.dataset is null"),
-    ({"data": {"templates": ["poem"]}}, "unknown ['poem']"),
-    ({"lora": {"rank": 0}}, "stage.sft.lora.rank must be at least 1"),
-    ({"max_steps": 0}, "stage.sft.max_steps must be positive"),
-    ({"method": "dpo"}, "'dpo' is not one of 'lora', 'qlora', 'full'"),
-    ({"lora_rank": 8}, "unknown key"),
+@pytest.mark.parametrize("overrides, message", [
+    (["stage/sft=qlora", "stage.sft.method=full"], "stage.sft.quant: is set but method is 'full'"),
+    (["stage.sft.method=qlora"], "stage.sft.quant: is null but method is 'qlora'"),
+    (["stage.sft.data.source=files"], "stage.sft.data.files: is empty but source is 'files'"),
+    (["stage.sft.data.files=[x.jsonl]"], "stage.sft.data.files: is set but source is 'corpus'"),
+    (["stage.sft.data.source=dataset"], "stage.sft.data.dataset: is null but source is 'dataset'"),
+    (["stage.sft.data.templates=[poem]"], "stage.sft.data.templates: unknown ['poem']"),
+    (["stage.sft.train.max_steps=0"], "stage.sft.train.max_steps: must be positive"),
+    (["stage.sft.method=dpo"], "stage.sft.method: 'dpo' is not one of 'lora', 'qlora', 'full'"),
+    (["+stage.sft.lora_rank=8"], "stage.sft.lora_rank: unknown key"),
 ])
-def test_bad_config_names_the_flag(data, message):
+def test_bad_config_names_the_flag(overrides, message):
     with pytest.raises(ConfigError) as err:
-        build(SftConfig, data, path="stage.sft")
+        stage_config("sft", *overrides)
     assert message in str(err.value)
 
 
 def test_unknown_lora_target_fails_before_training(world):
-    cfg = replace(CFG, lora=LoraSettings(target_modules=("q_proj", "qkv_proj")))
-    with pytest.raises(SftError, match=r"stage.sft.lora.target_modules: \['qkv_proj'\] match no linear layer"):
+    cfg = replace(CFG, lora=replace(CFG.lora, target_modules=("q_proj", "qkv_proj")))
+    with pytest.raises(TrainingError, match=r"stage.sft.lora.target_modules: \['qkv_proj'\] match no linear layer"):
         run_stage(world, cfg, "bad-target")
 
 
 def test_conversations_longer_than_max_length_are_counted(world):
-    tok = load_tokenizer(world["base"])
+    tok = load_tokenizer(world["base"], "input pretrain.model")
     short = Example([{"role": "user", "content": "Go on."}, {"role": "assistant", "content": "The adapter."}], "a")
     long = Example([{"role": "user", "content": "Continue this text:\n\n" + "The pipeline reads the data. " * 30},
                     {"role": "assistant", "content": "A shard."}], "b")
@@ -362,13 +337,13 @@ def test_conversations_longer_than_max_length_are_counted(world):
 
 
 def test_context_longer_than_the_model_fails(world):
-    with pytest.raises(SftError, match="stage.sft.max_length=512 exceeds the model's context of 256"):
-        run_stage(world, replace(CFG, max_length=512), "bad-length")
+    with pytest.raises(TrainingError, match="stage.sft.train.max_length=512 exceeds the model's context of 256"):
+        run_stage(world, with_train(CFG, max_length=512), "bad-length")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusal")
 def test_bf16_without_a_gpu_fails(world):
-    with pytest.raises(SftError, match="stage.sft.precision is 'bf16'"):
+    with pytest.raises(TrainingError, match="stage.sft.precision is 'bf16'"):
         run_stage(world, replace(CFG, precision="bf16"), "bad-bf16")
 
 
@@ -403,7 +378,7 @@ def test_derived_data_is_deterministic_and_independent_of_sharding(tmp_path):
 
 def test_derived_answers_come_from_the_document():
     doc = make_docs(1, seed=5)[0]
-    cfg = SftDataConfig(examples_per_doc=4, max_prompt_chars=1000, max_reply_chars=1000)
+    cfg = replace(DATA, examples_per_doc=4, max_prompt_chars=1000, max_reply_chars=1000)
     derived = dict(derive_conversations(doc["text"], doc["id"], cfg))
     assert set(derived) == {"continue", "continue_dialog", "first_sentence", "title"}
     text = doc["text"]
@@ -442,8 +417,8 @@ def test_files_source_reads_jsonl_and_parquet_and_counts_bad_records(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"p{i}"}, {"role": "assistant", "content": f"r{i}"}]}
             for i in range(9)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
-    cfg = SftDataConfig(source="files", files=(str(tmp_path / "a.jsonl"), str(tmp_path / "*.parquet")),
-                        validation_fraction=0.2, system_prompt="Be brief.")
+    cfg = replace(DATA, source="files", files=(str(tmp_path / "a.jsonl"), str(tmp_path / "*.parquet")),
+                  validation_fraction=0.2, system_prompt="Be brief.", max_examples=None)
     data = load_instruction_data(cfg, [])
     assert data.docs_in == 14
     assert dict(data.dropped) == {"invalid_json": 1, "missing_messages": 1, "no_assistant_reply": 1,
@@ -453,14 +428,17 @@ def test_files_source_reads_jsonl_and_parquet_and_counts_bad_records(tmp_path):
 
 
 def test_files_source_errors_name_the_file(tmp_path):
-    with pytest.raises(SftDataError, match="matches no file"):
-        load_instruction_data(SftDataConfig(source="files", files=(str(tmp_path / "none*.jsonl"),)), [])
+    def files(*paths: Path):
+        return replace(DATA, source="files", files=tuple(map(str, paths)))
+
+    with pytest.raises(TrainingDataError, match=r"stage.sft.data.files: '.*none\*.jsonl' matches no file"):
+        load_instruction_data(files(tmp_path / "none*.jsonl"), [])
     pq.write_table(pa.Table.from_pylist([{"text": "x"}]), tmp_path / "c.parquet")
     with pytest.raises(SftDataError, match=r"c.parquet: no column 'messages'"):
-        load_instruction_data(SftDataConfig(source="files", files=(str(tmp_path / "c.parquet"),)), [])
+        load_instruction_data(files(tmp_path / "c.parquet"), [])
     (tmp_path / "d.json").write_text("[]")
     with pytest.raises(SftDataError, match=r"d.json: unsupported file type '.json'"):
-        load_instruction_data(SftDataConfig(source="files", files=(str(tmp_path / "d.json"),)), [])
+        load_instruction_data(files(tmp_path / "d.json"), [])
 
 
 def test_a_corpus_with_nothing_usable_is_an_error(tmp_path):
@@ -472,15 +450,8 @@ def test_a_corpus_with_nothing_usable_is_an_error(tmp_path):
 # ---------------------------------------------------------------- shipped configs
 
 
-@pytest.mark.parametrize("overrides", [[], ["stage/sft=qlora"], ["stage/sft=full"], ["stage/sft=llama-7b"]])
-def test_shipped_configs_compose_and_validate(overrides):
-    from pipeline.config import compose
-
-    for top in ("tiny", "llama-7b"):
-        data = compose(REPO / "conf", top, overrides)
-        cfg = build(SftConfig, data["stage"]["sft"], path="stage.sft")
-        assert cfg.method in ("lora", "qlora", "full")
-
-
-def test_quant_settings_default_is_nf4_double_quant():
-    assert QuantSettings() == QuantSettings(quant_type="nf4", double_quant=True, compute_dtype="auto")
+@pytest.mark.parametrize("conf, variant, method", [("tiny", "default", "lora"), ("tiny", "qlora", "qlora"),
+                                                   ("tiny", "full", "full"), ("llama-7b", "llama-7b", "qlora")])
+def test_shipped_configs_compose_and_validate(conf, variant, method):
+    cfg = stage_config("sft", f"stage/sft={variant}", conf=conf)
+    assert cfg.method == method and (cfg.quant is not None) == (method == "qlora")

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
-from pipeline.schema import build
 from pipeline.stage import StageContext
 from stages.common.shards import done_marker
 from stages.common.token_shards import TokenDataset, TokenShardError, open_split, read_meta, token_dtype
@@ -32,7 +32,8 @@ from stages.tokenize.stage import (
 
 WORDS = ["data", "model", "token", "the", "of", "and", "pipeline", "train", "shard", "packing", "café", "naïve",
          "über", "日本語", "Ελληνικά", "emoji🙂", "π", "zürich", "résumé", "x=1;"]
-CFG = TokenizeConfig(vocab_size=600, seq_len=32, validation_fraction=0.1, batch_size=16, workers=1)
+# The shipped config (conf/stage/tokenize/default.yaml), small enough for test corpora.
+CFG = replace(stage_config("tokenize"), vocab_size=600, seq_len=32, validation_fraction=0.1, batch_size=16, workers=1)
 
 
 def make_docs(n: int, seed: int = 0, prefix: str = "d") -> list[dict[str, str]]:
@@ -368,8 +369,9 @@ def test_shard_without_text_column_is_a_named_error(tmp_path):
 
 
 def test_config_rejects_bad_values_by_key():
-    with pytest.raises(ConfigError, match="validation_fraction"):
-        build(TokenizeConfig, {"validation_fraction": 1.0}, path="stage.tokenize")
-    with pytest.raises(ConfigError, match="vocab_size"):
-        build(TokenizeConfig, {"vocab_size": 100}, path="stage.tokenize")
-    assert build(TokenizeConfig, {"vocab_size": 100, "tokenizer": "some/dir"}).vocab_size == 100
+    with pytest.raises(ConfigError, match=r"stage\.tokenize\.validation_fraction: must be in \[0, 1\), got 1\.0"):
+        stage_config("tokenize", "stage.tokenize.validation_fraction=1.0")
+    with pytest.raises(ConfigError, match=r"stage\.tokenize\.vocab_size: 100 is too small for a byte-level BPE"):
+        stage_config("tokenize", "stage.tokenize.vocab_size=100")
+    given = stage_config("tokenize", "stage.tokenize.vocab_size=100", "stage.tokenize.tokenizer=some/dir")
+    assert given.vocab_size == 100  # an upper bound for a given tokenizer, not a BPE to train

@@ -1,0 +1,393 @@
+"""The training toolkit that sft and align share (stages/common/training.py), without training anything:
+checkpoint selection and resume, atomic saves, metric names, config blocks and their messages, one
+vocabulary in both stages' YAML. The real Trainer runs are in tests/stages/{sft,align}."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llmpipe.project import CONFIG_DIR, REPO, stage_config
+from pipeline.errors import ConfigError
+from pipeline.schema import to_plain
+from pipeline.stage import StageContext
+from stages.common import training
+from stages.common.chat import CHAT_TEMPLATE, END
+from stages.common.training import (
+    LoraSettings,
+    Resume,
+    TrainingDataError,
+    TrainingError,
+    TrainSettings,
+    history_metrics,
+    latest_checkpoint,
+    rename_logs,
+    train_or_resume,
+    write_model,
+)
+
+# ---------------------------------------------------------------- fakes
+
+
+def write_checkpoint(root: Path, step: int, max_steps: int, history: list[dict] | None = None,
+                     complete: bool = True) -> Path:
+    """A checkpoint dir as the Trainer leaves it: weights first, trainer_state.json last (absent: interrupted)."""
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        state = {"global_step": step, "max_steps": max_steps, "log_history": history or []}
+        (path / "trainer_state.json").write_text(json.dumps(state))
+    return path
+
+
+def context(tmp_path: Path, attempt: int = 1) -> StageContext:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return StageContext(stage="sft", fingerprint="test", output_dir=out, inputs={}, attempt=attempt,
+                        metrics_file=tmp_path / "metrics.jsonl")
+
+
+def records(ctx: StageContext) -> list[dict]:
+    if not ctx.metrics_file.exists():
+        return []
+    return [json.loads(line) for line in ctx.metrics_file.read_text().splitlines()]
+
+
+class FakeTrainer:
+    """What train_or_resume uses of a Trainer: args.output_dir, model.parameters(), add_callback, train()."""
+
+    def __init__(self, checkpoints: Path, steps: int, history: list[dict]):
+        self.args = SimpleNamespace(output_dir=str(checkpoints))
+        param = SimpleNamespace(requires_grad=True, numel=lambda: 10)
+        frozen = SimpleNamespace(requires_grad=False, numel=lambda: 30)
+        self.model = SimpleNamespace(parameters=lambda: [param, frozen])
+        self.checkpoints, self.steps, self.history = checkpoints, steps, history
+        self.callbacks: list = []
+        self.resumed_from: str | None = None
+
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def train(self, resume_from_checkpoint: str | None = None) -> None:
+        self.resumed_from = resume_from_checkpoint
+        write_checkpoint(self.checkpoints, self.steps, self.steps, self.history)
+
+
+HISTORY = [{"eval_loss": 3.0, "eval_runtime": 0.1, "step": 0}, {"loss": 2.5, "learning_rate": 1e-3, "step": 1},
+           {"loss": 1.5, "learning_rate": 5e-4, "step": 4},
+           {"eval_loss": 1.25, "eval_rewards/accuracies": 0.75, "eval_runtime": 0.1, "epoch": 1.0, "step": 4},
+           {"train_loss": 2.0, "train_runtime": 3.0, "step": 4}]
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def test_newest_complete_checkpoint_is_picked_and_incomplete_ones_are_dropped(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(root) == (None, False)
+    write_checkpoint(root, 5, 20)
+    write_checkpoint(root, 10, 20)
+    write_checkpoint(root, 15, 20, complete=False)  # a crash while saving
+    (root / "checkpoint-x").mkdir()  # not a checkpoint: left alone
+    with caplog.at_level(logging.WARNING):
+        found = latest_checkpoint(root, logging.getLogger("test"))
+    assert found == (root / "checkpoint-10", False)
+    assert not (root / "checkpoint-15").exists() and (root / "checkpoint-x").exists()
+    assert any("removing incomplete checkpoint" in r.getMessage() and "checkpoint-15" in r.getMessage()
+               for r in caplog.records)
+    write_checkpoint(root, 20, 20)
+    assert latest_checkpoint(root) == (root / "checkpoint-20", True)  # the last step: training is done
+
+
+def test_a_phase_trains_from_its_newest_checkpoint_and_reports_under_its_prefix(tmp_path):
+    ctx = context(tmp_path)
+    checkpoints = ctx.output_dir / "checkpoints" / "reward_model"
+    write_checkpoint(checkpoints, 2, 4)
+    built: list[Resume] = []
+
+    def build(resume: Resume) -> FakeTrainer:
+        built.append(resume)
+        return FakeTrainer(checkpoints, 4, HISTORY)
+
+    final, metrics = train_or_resume(build, checkpoints, ctx, prefix="reward_model/")
+    assert final == checkpoints / "checkpoint-4"
+    assert built == [Resume(checkpoints / "checkpoint-2", False)] and built[0].step == 2
+    assert metrics["reward_model/resumed_from_step"] == 2 and metrics["reward_model/steps"] == 4
+    assert metrics["reward_model/first_train_loss"] == 2.5 and metrics["reward_model/final_train_loss"] == 1.5
+    assert metrics["reward_model/initial_eval_loss"] == 3.0 and metrics["reward_model/final_eval_loss"] == 1.25
+    assert metrics["reward_model/final_eval_rewards/accuracies"] == 0.75
+    assert (metrics["reward_model/trainable_params"], metrics["reward_model/total_params"]) == (10, 40)
+    assert [r["metrics"] for r in records(ctx)] == [{"reward_model/resume_step": 2.0}]
+
+
+def test_a_finished_phase_is_not_trained_again(tmp_path, caplog):
+    ctx = context(tmp_path, attempt=3)
+    checkpoints = ctx.output_dir / "checkpoints"
+    write_checkpoint(checkpoints, 4, 4, HISTORY)
+
+    def build(resume: Resume) -> FakeTrainer:
+        raise AssertionError("a finished phase must not load its model again")
+
+    with caplog.at_level(logging.INFO, logger="llmpipe.stage"):
+        final, metrics = train_or_resume(build, checkpoints, ctx)
+    assert final == checkpoints / "checkpoint-4"
+    assert metrics["train_s"] == 0.0 and metrics["resumed_from_step"] == 4 and metrics["final_eval_loss"] == 1.25
+    assert any("training finished in an earlier attempt" in r.getMessage() for r in caplog.records)
+
+
+def test_training_that_ends_without_a_last_checkpoint_is_an_error(tmp_path):
+    ctx = context(tmp_path)
+    checkpoints = ctx.output_dir / "checkpoints"
+
+    class NoSave(FakeTrainer):
+        def train(self, resume_from_checkpoint=None):
+            write_checkpoint(self.checkpoints, 2, 4)
+
+    with pytest.raises(TrainingError, match="without a checkpoint of its last step"):
+        train_or_resume(lambda resume: NoSave(checkpoints, 4, []), checkpoints, ctx)
+
+
+def test_history_metrics_skip_an_initial_eval_loss_that_was_not_measured_at_step_0(tmp_path):
+    ckpt = write_checkpoint(tmp_path, 4, 4, HISTORY[1:])
+    metrics = history_metrics(ckpt)
+    assert "initial_eval_loss" not in metrics and metrics["final_eval_loss"] == 1.25
+    assert not any("runtime" in k or k == "final_epoch" for k in metrics)
+
+
+# ---------------------------------------------------------------- metric names
+
+
+def test_the_shared_quantities_get_one_name_and_the_rest_keep_trls():
+    logs = {"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 0.5, "eval_loss": 1.0, "rewards/margins": 0.2,
+            "eval_rewards/accuracies": 0.7, "kl": 0.01, "epoch": 0.5, "eval_runtime": 1.0,
+            "eval_samples_per_second": 9.0, "train_loss": 1.8, "train_runtime": 9.0, "total_flos": 1e9,
+            "note": "text", "flag": True}
+    assert rename_logs(logs) == {"train_loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "eval_loss": 1.0,
+                                 "rewards/margins": 0.2, "eval_rewards/accuracies": 0.7, "kl": 0.01, "epoch": 0.5}
+    assert set(rename_logs({"loss": 1.0, "grad_norm": 0.1}, "reward_model/")) == {
+        "reward_model/train_loss", "reward_model/grad_norm"}
+
+
+def test_metrics_callback_logs_curves_and_tokens_per_s_on_the_main_process_only(tmp_path, monkeypatch):
+    ctx = context(tmp_path)
+    callback = training.metrics_callback(ctx)
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    main, other = SimpleNamespace(is_world_process_zero=True, global_step=5, max_steps=10), \
+        SimpleNamespace(is_world_process_zero=False, global_step=5, max_steps=10)
+    callback.on_log(None, main, None, logs={"loss": 2.0, "learning_rate": 1e-3, "num_tokens": 1000.0})
+    callback.on_log(None, other, None, logs={"loss": 9.0})
+    main.global_step = 10
+    callback.on_log(None, main, None, logs={"loss": 1.0, "learning_rate": 5e-4, "num_tokens": 3000.0})
+    assert [(r["step"], r["metrics"]) for r in records(ctx)] == [
+        (5, {"train_loss": 2.0, "lr": 1e-3, "num_tokens": 1000.0}),
+        (10, {"train_loss": 1.0, "lr": 5e-4, "num_tokens": 3000.0, "tokens_per_s": 1000.0})]
+    assert callback.tokens == 3000.0
+    # An evaluation is asked for after the last step, so the final checkpoint holds it.
+    control = SimpleNamespace(should_evaluate=False)
+    assert callback.on_step_end(None, main, control).should_evaluate
+    quiet = training.metrics_callback(ctx, evaluate_last_step=False)
+    assert not quiet.on_step_end(None, main, SimpleNamespace(should_evaluate=False)).should_evaluate
+
+
+def test_pretrain_logs_the_shared_names():
+    from stages.pretrain import loop
+
+    assert (loop.TRAIN_LOSS, loop.EVAL_LOSS, loop.LR, loop.GRAD_NORM, loop.TOKENS_PER_S) == (
+        "train_loss", "eval_loss", "lr", "grad_norm", "tokens_per_s")
+
+
+# ---------------------------------------------------------------- atomic saves
+
+
+class FakeModel:
+    def __init__(self, fail: bool = False, generates: bool = True):
+        self.config = SimpleNamespace(use_cache=False, pad_token_id=None)
+        self.generation_config = SimpleNamespace(eos_token_id=None, pad_token_id=None, bos_token_id=None)
+        self.fail, self.generates = fail, generates
+
+    def can_generate(self) -> bool:
+        return self.generates
+
+    def save_pretrained(self, path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_text("new")
+        (Path(path) / "generation.json").write_text(json.dumps(vars(self.generation_config)))
+        if self.fail:
+            raise OSError("disk full")
+
+
+class FakeTokenizer:
+    eos_token_id, pad_token_id, bos_token_id = 0, 1, 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return {END: 5}[token]
+
+    def save_pretrained(self, path: str) -> None:
+        (Path(path) / "tokenizer.json").write_text("{}")
+
+
+def test_write_model_publishes_a_whole_dir_or_leaves_the_old_one(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        write_model(FakeModel(fail=True), FakeTokenizer(), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
+    assert (out / "model.safetensors").read_text() == "old"
+
+    model = FakeModel()
+    write_model(model, FakeTokenizer(), out)
+    assert (out / "model.safetensors").read_text() == "new" and (out / "tokenizer.json").exists()
+    assert json.loads((out / "generation.json").read_text()) == {"eos_token_id": [5, 0], "pad_token_id": 1,
+                                                                  "bos_token_id": 0}  # stops on <|end|>, then EOS
+    assert model.config.use_cache and model.config.pad_token_id == 1
+
+
+def test_a_full_checkpoint_is_loaded_as_is_and_an_adapter_needs_its_base(tmp_path):
+    full = write_checkpoint(tmp_path / "full", 4, 4)
+    loaded: list[Path] = []
+    assert training.merged_model(full, tmp_path / "base", lambda p: loaded.append(p) or "model") == "model"
+    assert loaded == [full]
+
+
+# ---------------------------------------------------------------- config blocks, through the shipped YAML
+
+
+@pytest.mark.parametrize("stage", ["sft", "align"])
+@pytest.mark.parametrize("override, message", [
+    ("lora.r=0", "lora.r: must be at least 1, got 0"),
+    ("lora.alpha=0", "lora.alpha: must be positive, got 0.0"),
+    ("lora.dropout=1.0", "lora.dropout: must be in [0, 1), got 1.0"),
+    ("lora.target_modules=[]", "lora.target_modules: is empty"),
+    ("train.lr=0", "train.lr: must be positive, got 0.0"),
+    ("train.max_steps=-2", "train.max_steps: must be positive, or -1"),
+    ("train.save_total_limit=0", "train.save_total_limit: must be at least 1, got 0"),
+    ("train.warmup=-1", "train.warmup: must be >= 0"),
+    ("train.lr_scheduler=cosin", "train.lr_scheduler: 'cosin' is not one of"),
+])
+def test_lora_and_train_messages_carry_the_full_key_once(stage, override, message):
+    with pytest.raises(ConfigError) as err:
+        stage_config(stage, f"stage.{stage}.{override}")
+    text = str(err.value)
+    assert f"stage.{stage}.{message}" in text
+    key = message.split(":")[0]
+    assert text.count(f"stage.{stage}.{key}") == 1, text  # never "stage.sft.lora: stage.sft.lora.r ..."
+
+
+def test_sft_and_align_share_one_vocabulary():
+    from omegaconf import OmegaConf
+
+    sft, align = stage_config("sft"), stage_config("align")
+    hints = {cls: typing.get_type_hints(cls) for cls in (type(sft), type(align))}
+    for block, cls in (("lora", LoraSettings), ("train", TrainSettings)):
+        assert hints[type(sft)][block] is cls and hints[type(align)][block] is cls
+    for key in ("precision", "attn_implementation", "sample_max_new_tokens"):
+        assert hints[type(sft)][key] == hints[type(align)][key], key
+    assert typing.get_type_hints(type(sft.data))["source"] == typing.get_type_hints(type(align.data))["source"]
+    assert sft.data.source == align.data.source == "corpus"
+    # The shipped YAML spells the same keys, in the same order.
+    yaml = {name: OmegaConf.load(CONFIG_DIR / "stage" / name / "default.yaml") for name in ("sft", "align")}
+    for block in ("lora", "train"):
+        assert list(yaml["sft"][block]) == list(yaml["align"][block]) == list(to_plain(sft)[block]), block
+
+
+def test_execution_only_train_fields_are_unhashed_in_both_stages():
+    from llmpipe.project import PROJECT
+
+    for name in ("sft", "align"):
+        assert set(training.UNHASHED_TRAIN) <= PROJECT.stage(name).unhashed, name
+
+
+# ---------------------------------------------------------------- runtime, tokenizer, trainer arguments
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusals")
+def test_runtime_on_cpu_is_fp32_and_refuses_what_needs_a_gpu():
+    import torch
+
+    rt = training.resolve_runtime("align", "auto", "sdpa", frozen_base=True)
+    assert rt.use_cpu and not rt.bf16 and rt.dtype == torch.float32 and rt.export_dtype == torch.float32
+    with pytest.raises(TrainingError, match="stage.sft.precision is 'bf16'"):
+        training.resolve_runtime("sft", "bf16", "sdpa", frozen_base=True)
+    with pytest.raises(TrainingError, match="stage.align.attn_implementation is 'flash_attention_2'"):
+        training.resolve_runtime("align", "auto", "flash_attention_2", frozen_base=True)
+
+
+def test_tokenizer_gets_the_chat_template_and_a_pad_token(tmp_path):
+    from tests.stages.common.test_chat import EOS, MARKERS, build_tokenizer
+
+    plain = build_tokenizer(special=[EOS, *MARKERS])
+    plain.pad_token = None
+    plain.save_pretrained(str(tmp_path / "ok"))
+    tok = training.load_tokenizer(tmp_path / "ok", "input pretrain.model", padding_side="left")
+    assert tok.chat_template == CHAT_TEMPLATE and tok.pad_token == EOS and tok.padding_side == "left"
+
+    build_tokenizer(special=[EOS, "<|pad|>"]).save_pretrained(str(tmp_path / "no_markers"))
+    with pytest.raises(TrainingError, match=r"input sft.model .*no_markers: .*lacks the chat markers"):
+        training.load_tokenizer(tmp_path / "no_markers", "input sft.model")
+
+
+def test_trainer_arguments_come_from_the_train_block():
+    train = stage_config("align").train
+    rt = training.Runtime(cuda=False, bf16=False, dtype=None, attn_implementation="sdpa")
+    args = training.training_args(dict, train, rt, Path("/ckpt"), eval_on_start=True, beta=0.1, save_total_limit=9)
+    assert (args["learning_rate"], args["max_steps"], args["warmup_steps"]) == (train.lr, train.max_steps, train.warmup)
+    assert args["per_device_eval_batch_size"] == train.eval_batch_size and args["seed"] == args["data_seed"]
+    assert args["use_cpu"] and not args["bf16"] and args["report_to"] == "none" and args["eval_on_start"]
+    assert args["beta"] == 0.1 and args["save_total_limit"] == 9  # the method's own settings win
+    no_eval = training.training_args(dict, train, rt, Path("/ckpt"), has_eval=False, eval_on_start=True)
+    assert no_eval["eval_strategy"] == "no" and not no_eval["eval_on_start"]
+
+
+# ---------------------------------------------------------------- data sources
+
+
+def test_source_selection_problems_and_file_patterns(tmp_path):
+    assert training.source_problems("corpus", (), None) == []
+    assert [k for k, _ in training.source_problems("files", (), "x")] == ["files", "dataset"]
+    (tmp_path / "b.jsonl").write_text('{"a": 1}\n\nnot json\n')
+    (tmp_path / "a.jsonl").write_text("")
+    assert training.expand_files([str(tmp_path / "*.jsonl")], "k") == [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    with pytest.raises(TrainingDataError, match=r"stage.x.data.files: '.*none.jsonl' matches no file"):
+        training.expand_files([str(tmp_path / "none.jsonl")], "stage.x.data.files")
+    assert list(training.jsonl_records(tmp_path / "b.jsonl")) == [(0, {"a": 1}), (2, training.INVALID_JSON)]
+
+
+def test_stage_modules_import_no_heavy_library():
+    """``llmpipe plan`` imports every stage module: the training stages and their toolkit must stay light."""
+    code = ("import sys, stages.common.training, stages.sft.stage, stages.sft.data, stages.align.stage, "
+            "stages.align.rl, stages.align.data, stages.align.config, stages.pretrain.stage; "
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'pyarrow', 'deepspeed') "
+            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_config_blocks_carry_no_defaults():
+    """The shipped YAML is the only source of values (issue 10): no dataclass default can disagree with it."""
+    from stages.align.config import AlignConfig
+    from stages.pretrain.stage import PretrainConfig
+    from stages.sft.stage import SftConfig
+
+    seen, todo = set(), [SftConfig, AlignConfig, PretrainConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (cls, f.name)
+        hints = typing.get_type_hints(cls)
+        todo += [t for name in hints for t in (hints[name], *typing.get_args(hints[name]))
+                 if dataclasses.is_dataclass(t)]
+    assert LoraSettings in seen and TrainSettings in seen
