@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import ConfigError
-from pipeline.schema import build, field_paths, suggest, unknown_key
+from pipeline.schema import Invalid, build, field_paths, suggest, unknown_key
 from pipeline.stage import Project
 
 
@@ -56,14 +56,21 @@ class SlurmResources:
     sbatch: Mapping[str, str | int | bool] = field(default_factory=dict)  # extra sbatch options, over cluster.slurm's
 
     def __post_init__(self) -> None:
-        for name in ("time_min", "nodes", "cpus_per_task", "array_tasks"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.gpus_per_node is not None and self.gpus_per_node < 0:
-            raise ValueError(f"gpus_per_node must be 0 or more, got {self.gpus_per_node}")
-        if self.mem_gb is not None and self.mem_gb <= 0:
-            raise ValueError(f"mem_gb must be positive, got {self.mem_gb}")
+        Invalid.check(_resource_problems(self))
+
+
+def _resource_problems(res: SlurmResources | SlurmConfig) -> list[tuple[str, str]]:
+    """Bad values among the resource fields SlurmResources and SlurmConfig share (None: not set)."""
+    problems = []
+    for name in ("time_min", "nodes", "cpus_per_task", "array_tasks"):
+        value = getattr(res, name)
+        if value is not None and value < 1:
+            problems.append((name, f"must be at least 1, got {value}"))
+    if res.gpus_per_node is not None and res.gpus_per_node < 0:
+        problems.append(("gpus_per_node", f"must be 0 or more, got {res.gpus_per_node}"))
+    if res.mem_gb is not None and res.mem_gb <= 0:
+        problems.append(("mem_gb", f"must be positive, got {res.mem_gb}"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,14 @@ class SlurmConfig:
     stages: Mapping[str, SlurmResources] = field(default_factory=dict)  # per-stage overrides, by stage name
 
     def __post_init__(self) -> None:
-        SlurmResources(time_min=self.time_min, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
-                       cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, array_tasks=self.array_tasks)
-        if self.array_parallelism < 1 or self.requeue_timeouts < 0 or self.poll_s <= 0:
-            raise ValueError("array_parallelism must be at least 1, requeue_timeouts 0 or more, poll_s positive")
+        problems = _resource_problems(self)
+        if self.array_parallelism < 1:
+            problems.append(("array_parallelism", f"must be at least 1, got {self.array_parallelism}"))
+        if self.requeue_timeouts < 0:
+            problems.append(("requeue_timeouts", f"must be 0 or more, got {self.requeue_timeouts}"))
+        if self.poll_s <= 0:
+            problems.append(("poll_s", f"must be positive, got {self.poll_s}"))
+        Invalid.check(problems)
 
     def for_stage(self, name: str) -> SlurmResources:
         """The effective settings of one stage: its overrides over the cluster-wide values."""

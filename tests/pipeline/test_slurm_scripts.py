@@ -45,7 +45,7 @@ def test_bad_slurm_settings_are_named_errors():
 
     with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.pretrian: unknown stage \(did you mean 'pretrain'"):
         config.load(PROJECT, CONF, "tiny", ["cluster=slurm", "+cluster.slurm.stages.pretrian.nodes=2"])
-    with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.pretrain: nodes must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.pretrain\.nodes: must be at least 1, got 0"):
         config.load(PROJECT, CONF, "tiny", ["cluster=slurm", "+cluster.slurm.stages.pretrain.nodes=0"])
     with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.pretrain\.gpus: unknown key"):
         config.load(PROJECT, CONF, "tiny", ["cluster=slurm", "+cluster.slurm.stages.pretrain.gpus=8"])
