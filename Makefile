@@ -14,7 +14,7 @@ STAMP := $(VENV)/.setup-done
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
 
-.PHONY: help setup corpus pipeline stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data lint lock clean
+.PHONY: help setup corpus pipeline stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults lint lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -39,7 +39,7 @@ stage: setup corpus  ## run one stage and what it needs: make stage STAGE=tokeni
 	@test -n "$(STAGE)" || { echo "usage: make stage STAGE=<name>"; exit 2; }
 	$(LLMPIPE) run --config-name $(CONF) "run.only=[$(STAGE)]" $(ARGS)
 
-plan: setup  ## show what would run and why
+plan: setup corpus  ## show what would run and why
 	$(LLMPIPE) plan --config-name $(CONF) $(ARGS)
 
 why: setup  ## what changed for a stage since its last success: make why STAGE=sft
@@ -75,6 +75,9 @@ bench: setup corpus  ## benchmarks (print figures and ratios against named basel
 bench-data: setup corpus  ## data stages vs DataTrove (baselines in their own .venv-bench)
 	bash bench/setup_baselines.sh
 	$(PY) bench/data.py $(BENCH_ARGS)
+
+bench-faults: setup  ## kill -9 matrix over the tiny pipeline's stages: kill, rerun, compare (BENCH_ARGS="--stages ingest,tokenize")
+	$(PY) bench/faults.py $(BENCH_ARGS)
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check pipeline stages tests bench

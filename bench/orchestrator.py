@@ -63,8 +63,9 @@ def main() -> int:
         root = Path(tmp)
         rows.append(("llmpipe plan (tiny)", wall([llmpipe, "plan", "-c", "tiny", f"run.root={root / 'real'}"],
                                                  REPO, args.repeat)))
-        rows.append(("llmpipe plan (llama-7b)", wall([llmpipe, "plan", "-c", "llama-7b",
-                                                      f"run.root={root / 'real'}"], REPO, args.repeat)))
+        # plan checks that the inputs exist: the recipe's crawl (/data/crawl) is pointed at the embedded one
+        rows.append(("llmpipe plan (llama-7b)", wall([llmpipe, "plan", "-c", "llama-7b", f"run.root={root / 'real'}",
+                                                      "data.warc=data/embedded/*.warc.gz"], REPO, args.repeat)))
 
         from bench.chain_project import YAML
 

@@ -6,8 +6,9 @@ What a stage may use (the public API; everything else is the orchestrator's own 
 
 - this module: :class:`Stage`, :class:`StageContext`, :class:`Project`, the named errors, and for
   config dataclasses :class:`Invalid`, :func:`one_or_many`, :func:`to_plain`;
-- ``pipeline.errors`` (the same errors), ``pipeline.files`` (atomic writes),
-  ``pipeline.processes`` (process groups, die-with-parent, the child environment);
+- ``pipeline.errors`` (the same errors), ``pipeline.files`` (atomic writes, manifests of checkpoints),
+  ``pipeline.processes`` (process groups, die-with-parent, the child environment),
+  ``pipeline.inputs`` (plan-time checks of outside input files, for ``Stage.preflight``);
 - ``pipeline.sharding``, through ``stages.common.shards.map_shards(..., phase=...)``.
 
 Stages never import ``pipeline.plan``, ``pipeline.config``, the runner or the executors.

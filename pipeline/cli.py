@@ -8,6 +8,7 @@ config loading and error handling as the built-in ones.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import LlmpipeError
+from pipeline.secrets import redact_text
 
 log = logging.getLogger("llmpipe")
 
@@ -82,6 +84,7 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     setup_logging()
+    cfg = None
     try:
         from pipeline import config as config_mod
 
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
         handler = commands[args.command].run if args.command in commands else COMMANDS[args.command]
         return handler(args, cfg, project)
     except LlmpipeError as exc:
-        print(f"llmpipe: error: {exc}", file=sys.stderr)
+        print(f"llmpipe: error: {redact_text(str(exc))}", file=sys.stderr)  # a Hydra error may quote an override
         return 2
     except KeyboardInterrupt:
         print("llmpipe: interrupted", file=sys.stderr)
@@ -102,6 +105,15 @@ def main(argv: Sequence[str] | None = None, *, project_path: str, default_config
     except BrokenPipeError:  # `llmpipe plan | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a full disk under the run root or the tracking journal: said as such, no traceback
+        from pipeline.store import disk_full
+
+        where = exc.filename if isinstance(exc.filename, str) else (cfg.root if cfg is not None else ".")
+        full = disk_full(where, exc) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+        if full is None:
+            raise
+        print(f"llmpipe: error: {full} ({exc})", file=sys.stderr)
+        return 2
 
 
 def _find_config_dir(default: Path) -> Path:
@@ -110,9 +122,10 @@ def _find_config_dir(default: Path) -> Path:
 
 
 def cmd_plan(args, cfg, project) -> int:
-    from pipeline.plan import make_plan
+    from pipeline.plan import check_inputs, make_plan
 
     plan = make_plan(cfg, project)
+    check_inputs(plan)  # a missing or wrong input file: InputError, exit 2 (main)
     print(f"plan for config '{cfg.name}' (root {cfg.root})")
     print(f"{'stage':<10} {'fingerprint':<13} {'action':<9} reason")
     for sp in plan.stages.values():
@@ -125,6 +138,7 @@ def cmd_plan(args, cfg, project) -> int:
 def print_job_scripts(cfg, plan) -> None:
     """Every job script a run would submit, in submission order (job ids are known only once submitted)."""
     from pipeline.executors import make_executor
+    from pipeline.secrets import redact_text
 
     executor = make_executor(cfg.cluster, cfg.root)
     to_run = plan.to_run()
@@ -136,34 +150,44 @@ def print_job_scripts(cfg, plan) -> None:
         for spec, script in executor.render(sp.name, sp.fingerprint, sp.stage.shard_phases, after):
             kind = f"array of {spec.tasks} tasks, phase '{spec.phase}'" if spec.tasks else "commits the output"
             print(f"\n# ===== {sp.name}: {spec.label} job ({kind}) =====")
-            print(script.rstrip("\n"))
+            print(redact_text(script.rstrip("\n")))  # setup lines may export a token
 
 
 def cmd_run(args, cfg, project) -> int:
     import signal
 
+    from pipeline.plan import check_inputs, make_plan
     from pipeline.runner import Runner
+    from pipeline.secrets import redact_text
 
     def stop(signum, frame):  # SIGTERM (kill, a scheduler) stops the run like Ctrl-C: its stages and jobs too
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    result = Runner(cfg, project).run()
-    print(result.summary())
+    plan = make_plan(cfg, project)
+    check_inputs(plan)  # before the run root, locks or tracking exist: InputError, exit 2 (main)
+    result = Runner(cfg, project).run(plan)
+    print(redact_text(result.summary()))  # errors quote what the stages raised
     tracker = result.tracker
     if tracker is not None and tracker.journal is not None:
         if args.wait_tracking:
             tracker.wait()
+        for warning in tracker.warnings():  # a failed sync: the run's outcome stands, its tracking waits
+            print(f"llmpipe: warning: {warning}", file=sys.stderr)
         print(f"MLflow: run llmpipe.run_key={tracker.key} (syncing from {tracker.journal}); `make ui` to browse")
     return 0 if result.ok else 1
 
 
 def cmd_sync(args, cfg, project) -> int:
     from pipeline.mlflow_sync import sync_pending
+    from pipeline.tracking import tracking_locations
 
-    n = sync_pending(cfg.root)
+    # The journals keep the tracking URI with *** for its credentials: the config gives them back.
+    n, failed = sync_pending(cfg.root, tracking_locations(cfg))
     print(f"applied {n} tracking journal(s) under {cfg.root}")
-    return 0
+    for journal, error in failed.items():
+        print(f"llmpipe: error: tracking journal {journal} did not reach MLflow: {error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_why(args, cfg, project) -> int:
@@ -175,6 +199,7 @@ def cmd_why(args, cfg, project) -> int:
 
 def cmd_status(args, cfg, project) -> int:
     from pipeline.plan import make_plan
+    from pipeline.tracking import sync_summary
 
     plan = make_plan(cfg, project)
     store = plan.store
@@ -191,14 +216,18 @@ def cmd_status(args, cfg, project) -> int:
             state = f"done     {info.get('finished_at_iso', '')} {store.final_dir(sp.name, fp)}"
         elif executor is not None and (handle := executor.active(sp.name, fp)) is not None:
             state = f"queued   jobs {' '.join(handle.job_ids)} (attempt {handle.attempt})"
-        elif store.is_locked(sp.name, fp):
+        elif store.is_running(sp.name, fp):
             state = f"running  {store.partial_dir(sp.name, fp)}"
         elif failure := store.failure(sp.name, fp):
             state = f"failed   attempt {failure['attempt']}: {failure['reason']} ({store.partial_dir(sp.name, fp)})"
+        elif interrupted := store.interrupted(sp.name, fp):  # began, never ended: its run was killed or lost
+            state = f"interrupted (attempt {interrupted}) {store.partial_dir(sp.name, fp)}"
         else:
             older = store.successes(sp.name)
             state = "missing" + (f"  (an older output: {older[-1]['fingerprint']})" if older else "")
         print(f"{sp.name:<10} {fp:<13} {state}")
+    if (tracking := sync_summary(cfg.root)) is not None:
+        print(tracking)
     return 0
 
 
@@ -231,7 +260,7 @@ def cmd_ui(args, cfg, project) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", cfg.tracking.ui_host, "--port", str(cfg.tracking.ui_port),
            "--workers", str(cfg.tracking.ui_workers)]
-    print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({uri}); Ctrl-C stops it")
+    print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({redact_text(uri)}); Ctrl-C stops it")
     import signal
 
     from pipeline.processes import die_with_parent, terminate_group

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline import secrets
 from pipeline.errors import ConfigError
 from pipeline.schema import Invalid, build, field_paths, suggest, unknown_key
 from pipeline.stage import Project
@@ -123,7 +124,7 @@ class SlurmConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     executor: Literal["local", "slurm"] = "local"  # where stages run: processes here, or Slurm jobs
-    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for stage processes
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for stage processes; all values secret
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used with executor=slurm (conf/cluster/slurm.yaml)
 
 
@@ -210,6 +211,7 @@ def validate(
 
     if problems:
         raise ConfigError("\n  ".join([f"invalid configuration in {source}:", *problems]))
+    secrets.register_config(data)  # from now on, log lines and printouts of this process mask them
     return PipelineConfig(
         name=name,
         project_dir=Path(project_dir).resolve(),

@@ -29,6 +29,15 @@ class OutputNotBuilt(LlmpipeError):
     """A stage output that a command needs has not been committed for the current config yet."""
 
 
+class InputError(LlmpipeError):
+    """Outside inputs that stages would read are missing, unreadable or not of the expected kind, found
+    by ``plan``/``run`` before anything ran; ``problems`` holds one "<key>: <what is wrong>" per problem."""
+
+    def __init__(self, header: str, problems: list[str]):
+        super().__init__("\n  ".join([header, *problems]))
+        self.problems = problems
+
+
 class StageFailed(LlmpipeError):
     """A stage ran and failed; its partial output is kept for the next attempt."""
 

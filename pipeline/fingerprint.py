@@ -5,6 +5,10 @@ stage's execution-only fields, external source state and upstream fingerprints)[
 
 Every config field counts unless the stage names it as execution-only: forgetting to exclude a
 field costs a re-run, forgetting to include one would silently reuse a stale output.
+
+Secrets never enter verbatim (pipeline/secrets.py): a value under a secret-looking key counts as its
+sha256, and credentials inside URIs are left out. The payload is also what stage_info.json keeps and
+`llmpipe why` diffs, so neither shows them either.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.secrets import for_fingerprint
 
 FINGERPRINT_LENGTH = 12
 
@@ -73,9 +78,9 @@ def fingerprint_payload(
     inputs: Mapping[str, str],
     external: Any = None,
 ) -> dict[str, Any]:
-    payload = {"stage": stage, "version": version, "config": dict(config), "inputs": dict(inputs)}
+    payload = {"stage": stage, "version": version, "config": for_fingerprint(config), "inputs": dict(inputs)}
     if external is not None:
-        payload["external"] = external
+        payload["external"] = for_fingerprint(external)
     return payload
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import Dag, build_dag
-from pipeline.errors import OutputNotBuilt
+from pipeline.errors import InputError, OutputNotBuilt
 from pipeline.fingerprint import fingerprint, fingerprint_payload, without
 from pipeline.schema import to_plain
 from pipeline.stage import Project, Stage
@@ -105,11 +105,28 @@ def make_plan(cfg: PipelineConfig, project: Project) -> Plan:
             if failure:
                 plan.reason = (f"retry: attempt {failure['attempt']} failed"
                                + (", resuming its partial output" if stage.resumable else ""))
+            elif interrupted := store.interrupted(name, fp):  # its orchestrator was killed, its machine lost
+                plan.reason = (f"{'resuming' if stage.resumable else 'retry'} after an interrupted attempt "
+                               f"(attempt {interrupted})")
             elif plan.changes:
                 plan.reason = summarize(plan.changes)
             else:
                 plan.reason = "never ran"
     return Plan(cfg, dag, store, plans)
+
+
+def check_inputs(plan: Plan) -> None:
+    """Run the ``preflight`` check of every stage the plan would run; raise InputError listing every
+    problem (``stage.<name>.<key>: ...``). Cached and unselected stages read nothing and are not
+    checked. Creates nothing: ``plan`` and ``run`` call it before the run root is touched."""
+    problems = []
+    for sp in plan.to_run():
+        if sp.stage.preflight is not None:
+            problems += [f"stage.{sp.name}{'.' + key if key else ''}: {message}"
+                         for key, message in sp.stage.preflight(sp.config)]
+    if problems:
+        raise InputError(f"inputs of config '{plan.config.name}' cannot be used; nothing was run "
+                         f"(relative paths are read from {Path.cwd()}):", problems)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -11,7 +11,13 @@ cancels what a failure makes pointless, and cancels everything it submitted when
 A stage's output lock is taken when it is submitted and held until its jobs have ended, so a
 second run waits for them instead of producing the same output twice, then finds it committed.
 A run that finds an output's jobs still queued from an earlier, vanished run (Slurm) follows
-those jobs instead of submitting new ones.
+those jobs instead of submitting new ones. Otherwise it also waits for the output's job lock before
+a new attempt begins: the stage's worker holds it until its last process is gone (pipeline/worker.py),
+so no attempt writes beside the processes of an earlier one whose run was killed.
+
+A full disk does not take the orchestrator down: a failure that cannot be recorded, a log line or
+a tracking event that cannot be written is logged instead, and the stage's error names the full
+disk (pipeline/store.py: disk_full).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from pipeline.executors import Executor, Handle, JobState, Task, make_executor
 from pipeline.plan import EXCLUDED, SKIP, Plan, StagePlan, make_plan
 from pipeline.provenance import git_commit
 from pipeline.schema import to_plain
+from pipeline.secrets import redact, redact_overrides
 from pipeline.stage import ARTIFACTS_FILE, Project
-from pipeline.store import LOG_FILE, METRICS_FILE, STAGE_INFO
+from pipeline.store import LOG_FILE, METRICS_FILE, STAGE_INFO, DiskFull, disk_full
 from pipeline.tails import LogTail, MetricsTail
 from pipeline.tracking import NullTracker, make_tracker
 from pipeline.worker import clear_error, read_error
@@ -78,6 +85,12 @@ class RunResult:
         return "\n".join(rows)
 
 
+def _named(stage: str, path: Path, exc: OSError, what: str) -> BaseException:
+    """``exc`` as a DiskFull that names the stage and the path when the disk is full; else ``exc``."""
+    full = disk_full(path, exc)
+    return DiskFull(f"stage '{stage}': {what}: {full} ({exc})") if full else exc
+
+
 def _requested_artifacts(output: Path) -> list[Path]:
     listing = output / ARTIFACTS_FILE
     return [output / name for name in json.loads(listing.read_text())] if listing.is_file() else []
@@ -109,6 +122,48 @@ class _Followed:
         sys.stderr.flush()
 
 
+class _Tracking:
+    """The tracker as the runner calls it: a journal that cannot be written (a full disk) is logged,
+    once, and the run goes on; the events stay buffered and reach the journal when space is back.
+    Tracking never fails a run, as a tracking server that does not answer never does either."""
+
+    def __init__(self, tracker: NullTracker):
+        self.tracker = tracker
+        self.failed = False
+        self.root = Path(".")  # the run root, once started: where the journal lives
+
+    def __getattr__(self, name: str) -> Any:  # key, journal...: the tracker's own
+        return getattr(self.tracker, name)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.tracker, method)(*args)
+        except OSError as exc:
+            if not self.failed:
+                full = disk_full(self.tracker.journal or self.root, exc)
+                log.error("tracking: cannot write the journal %s (%s); the run goes on", self.tracker.journal,
+                          full or exc)
+            self.failed = True
+            return None
+
+    def start(self, cfg: PipelineConfig, tags: dict[str, str]) -> None:
+        self.root = cfg.root
+        self._call("start", cfg, tags)
+
+    def stage_started(self, name: str, params: Any, tags: dict[str, str]) -> str | None:
+        return self._call("stage_started", name, params, tags)
+
+    def log_records(self, key: str | None, records: list[dict[str, Any]]) -> None:
+        self._call("log_records", key, records)
+
+    def stage_finished(self, key: str | None, ok: bool, metrics: dict[str, float], tags: dict[str, str],
+                       files: list[Path]) -> None:
+        self._call("stage_finished", key, ok, metrics, tags, files)
+
+    def end(self, ok: bool) -> None:
+        self._call("end", ok)
+
+
 class Runner:
     """Runs plans of one config through one executor (see the module doc). One run at a time."""
 
@@ -117,7 +172,7 @@ class Runner:
         self.cfg = cfg
         self.project = project
         self.executor = executor or make_executor(cfg.cluster, cfg.root)
-        self.tracker = tracker if tracker is not None else make_tracker(cfg)
+        self.tracker = _Tracking(tracker if tracker is not None else make_tracker(cfg))
         self.commit = git_commit(cfg.project_dir)
 
     def run(self, plan: Plan | None = None) -> RunResult:
@@ -132,7 +187,7 @@ class Runner:
         except BaseException:
             self.tracker.end(False)
             raise
-        result = RunResult(self.plan, {name: self.outcomes[name] for name in self.plan.stages}, self.tracker)
+        result = RunResult(self.plan, {name: self.outcomes[name] for name in self.plan.stages}, self.tracker.tracker)
         self.tracker.end(result.ok)
         return result
 
@@ -177,11 +232,12 @@ class Runner:
         """stage_info.json without what only the end of the attempt knows (timings, metrics, host)."""
         return {
             "stage": sp.name, "fingerprint": sp.fingerprint, "version": sp.stage.version,
-            "payload": sp.payload, "config": to_plain(sp.config),
+            # Secrets masked (pipeline/secrets.py); the payload holds them hashed already (fingerprint.py).
+            "payload": sp.payload, "config": redact(to_plain(sp.config), f"stage.{sp.name}"),
             "input_fingerprints": sp.input_fingerprints, "inputs": {k: str(v) for k, v in sp.inputs.items()},
             "outputs": list(sp.stage.outputs), "git_commit": self.commit, "attempt": attempt,
             "tracking_key": run_id, "pipeline_tracking_key": self.tracker.key,
-            "pipeline_config": self.cfg.name, "overrides": list(self.cfg.overrides),
+            "pipeline_config": self.cfg.name, "overrides": redact_overrides(self.cfg.overrides),
             "executor": {"kind": self.cfg.cluster.executor},
         }
 
@@ -196,13 +252,20 @@ class Runner:
             lock.close()
             raise
 
-    def _submit_locked(self, sp: StagePlan, lock: contextlib.ExitStack) -> None:
-        store, cfg = self.plan.store, self.cfg
-        info = store.info(sp.name, sp.fingerprint)
+    def _produced_meanwhile(self, sp: StagePlan, lock: contextlib.ExitStack) -> bool:
+        """Whether another run (or an earlier attempt's processes) committed the output since the plan:
+        then it is cached, and its lock released."""
+        info = self.plan.store.info(sp.name, sp.fingerprint)
         if info and (not sp.reason.startswith("forced") or info.get("finished_at", 0) > self.started):
             log.info("%s: produced meanwhile by another run", sp.name)
             lock.close()
             self.outcomes[sp.name] = self._cached(sp)
+            return True
+        return False
+
+    def _submit_locked(self, sp: StagePlan, lock: contextlib.ExitStack) -> None:
+        store, cfg = self.plan.store, self.cfg
+        if self._produced_meanwhile(sp, lock):
             return
         after = [self.followed[p].handle.final_id for p in self.plan.dag.parents[sp.name] if p in self.followed]
         tags = {**self._tags(sp, store.final_dir(sp.name, sp.fingerprint)),
@@ -214,20 +277,35 @@ class Runner:
                                                 {**tags, "llmpipe.attempt": str(attempt), "llmpipe.adopted": "true"})
             log.info("%s: following jobs %s, still queued from an earlier run", sp.name, " ".join(handle.job_ids))
         else:
-            partial, attempt = store.begin_attempt(sp.name, sp.fingerprint, sp.stage.resumable)
-            clear_error(partial)  # an earlier attempt's, not this one's
+            # Processes of an earlier attempt (a killed run's stage, still stopping; a job the scheduler
+            # has not ended) may still write into the partial dir: wait for them, then look again.
+            store.wait_for_jobs(sp.name, sp.fingerprint, cfg.run.lock_wait_s)
+            if self._produced_meanwhile(sp, lock):
+                return
+            try:
+                partial, attempt = store.begin_attempt(sp.name, sp.fingerprint, sp.stage.resumable)
+                clear_error(partial)  # an earlier attempt's, not this one's
+            except OSError as exc:
+                error = _named(sp.name, store.partial_dir(sp.name, sp.fingerprint), exc, "cannot begin an attempt")
+                if error is exc:
+                    raise
+                raise error from exc
             run_id = self.tracker.stage_started(sp.name, to_plain(sp.config), {**tags, "llmpipe.attempt": str(attempt)})
             task = Task(project=self.project.import_path, stage=sp.name, fingerprint=sp.fingerprint,
                         config=to_plain(sp.config), output_dir=partial, inputs=sp.inputs, attempt=attempt,
                         log_file=partial / LOG_FILE, metrics_file=partial / METRICS_FILE,
                         commit={"root": str(store.root), "info": self.base_info(sp, attempt, run_id)},
-                        env=dict(cfg.cluster.env), cwd=cfg.project_dir)
+                        env=dict(cfg.cluster.env), cwd=cfg.project_dir,
+                        job_lock=store.job_lock_path(sp.name, sp.fingerprint))
             try:
                 handle = self.executor.submit(task, after, phases=sp.stage.shard_phases, resumable=sp.stage.resumable)
             except BaseException as exc:
-                store.record_failure(sp.name, sp.fingerprint, f"not submitted: {exc}", attempt)
+                error = _named(sp.name, partial, exc, "not submitted") if isinstance(exc, OSError) else exc
+                store.record_failure(sp.name, sp.fingerprint, f"not submitted: {error}", attempt)
                 self.tracker.stage_finished(run_id, False, {}, {"llmpipe.status": FAILED,
-                                                               "llmpipe.error": str(exc)[:5000]}, [])
+                                                               "llmpipe.error": str(error)[:5000]}, [])
+                if error is not exc:
+                    raise error from exc
                 raise
             log.info("%s: submitted job%s %s (%s), attempt %d, fingerprint %s", sp.name,
                      "s" if len(handle.job_ids) > 1 else "", " ".join(handle.job_ids), sp.reason, attempt,
@@ -323,6 +401,9 @@ class Runner:
         else:
             scheduler = state.reason or state.state
         own = read_error(f.partial)
+        if own is None:  # the stage could not even report (a full disk?): say what the disk says
+            full = disk_full(f.partial)
+            own = f"{DiskFull.__name__}: {full}; stage '{f.sp.name}' left no error report" if full else None
         return f"{own} ({scheduler})" if own else scheduler
 
     def _record_failure(self, f: _Followed, error: str, state: JobState | None) -> None:
@@ -331,12 +412,15 @@ class Runner:
         sp, store = f.sp, self.plan.store
         if store.is_done(sp.name, sp.fingerprint):  # committed after all (cancelled while finishing)
             return
-        store.record_failure(sp.name, sp.fingerprint, error, f.attempt)
+        store.record_failure(sp.name, sp.fingerprint, error, f.attempt)  # logs instead where it cannot write
         tail = self.executor.job_output(f.handle, state.failed_job if state else None)
-        with open(f.partial / LOG_FILE, "a", encoding="utf-8") as out:
-            out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} scheduler: {error} =====\n")
-            if tail:
-                out.write(f"----- end of the scheduler's output of the job -----\n{tail}\n")
+        try:
+            with open(f.partial / LOG_FILE, "a", encoding="utf-8") as out:
+                out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} scheduler: {error} =====\n")
+                if tail:
+                    out.write(f"----- end of the scheduler's output of the job -----\n{tail}\n")
+        except OSError as exc:  # a full disk: the error is in the orchestrator's log already
+            log.warning("%s: could not append to %s: %s", sp.name, f.partial / LOG_FILE, exc)
 
     def _stop_after_failure(self, failed: str) -> None:
         """Cancel the jobs that can no longer run (descendants), or all of them (run.keep_going=false)."""
@@ -351,6 +435,8 @@ class Runner:
                    else "stopped after a failure (run.keep_going=false)")
             if f.running_since is not None:
                 self._record_failure(f, f"cancelled: {why}", None)
+            else:
+                self.plan.store.abandon_attempt(name, f.sp.fingerprint, f.attempt)
             self.tracker.stage_finished(f.run_id, False, {}, {"llmpipe.status": BLOCKED, "llmpipe.error": why,
                                                               "llmpipe.job_ids": " ".join(f.handle.job_ids)}, [])
             self._settled(name, Outcome(name, BLOCKED, f.sp.fingerprint, error=why, causes=causes))
@@ -367,4 +453,6 @@ class Runner:
         for f in active.values():
             if f.running_since is not None:
                 self._record_failure(f, reason, None)
+            else:
+                self.plan.store.abandon_attempt(f.sp.name, f.sp.fingerprint, f.attempt)
             self.tracker.stage_finished(f.run_id, False, {}, {"llmpipe.status": FAILED, "llmpipe.error": reason}, [])

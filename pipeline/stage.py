@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,10 @@ class Stage:
     unhashed: frozenset[str] = frozenset()  # execution-only config fields (dotted paths)
     resumable: bool = False  # True: a failed attempt's partial output is handed to the next
     external: Callable[[Any], Any] | None = None  # state of outside sources, folded into the fingerprint
+    # Plan-time check of the outside inputs the config names (files, globs, model dirs): preflight(cfg)
+    # returns (key, problem) pairs, keys relative to the stage's config. `plan` and `run` call it for
+    # every stage that would run, before anything runs or is created. Cheap: see pipeline/inputs.py.
+    preflight: Callable[[Any], Sequence[tuple[str, str]]] | None = None
     description: str = ""
     # The phases (named maps over shards: map_shards(..., phase=...)) a cluster may split across the
     # tasks of a job array, one array per phase, in the order the stage runs them; a map not named

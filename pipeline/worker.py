@@ -9,15 +9,26 @@ read back by :func:`read_error`) and exits non-zero.
 
 With ``LLMPIPE_SHARD_SLICE`` set, the process is one task of a job array: it runs its share of one
 named map over shards and stops (pipeline/sharding.py); nothing is committed.
+
+No orphans, no second writer. The worker takes the output's job lock (``job_lock`` in the task;
+pipeline/store.py), then forks (``pipeline.processes.fork_guard``): the child runs the stage, the
+parent stays as its guard, holds the lock, and exits only once every process the stage started is
+gone, vLLM's server in its own session included. A SIGTERM (a cancel) stops them all with
+:data:`STOP_GRACE_S`; the death of whoever started the worker (the orchestrator, even by SIGKILL:
+the local executor asks for a parent-death signal) with :data:`ORPHAN_GRACE_S`. A rerun waits for
+the job lock before it touches the partial dir.
+
+A full disk is named as such (``pipeline.store.disk_full``), whichever library hit it: the worker
+keeps a small reserve file while the stage runs and frees it to write its error report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -27,12 +38,17 @@ from typing import Any
 from pipeline import sharding
 from pipeline.files import write_json_atomic
 from pipeline.logs import setup_logging
-from pipeline.processes import signal_group
+from pipeline.processes import fork_guard
 from pipeline.schema import build
+from pipeline.secrets import redact_text, register_config
 from pipeline.stage import Project, StageContext
+from pipeline.store import DiskFull, Store, disk_full, hold_job_lock, release_space, reserve_space
 
 ERROR_FILE = "_error.json"
 EXIT_FAILED, EXIT_USAGE = 1, 2
+STOP_GRACE_S = 10.0  # a cancelled stage's processes get this long after SIGTERM before SIGKILL
+ORPHAN_GRACE_S = 1.0  # ... and this long when the orchestrator that started them is gone
+JOB_LOCK_WAIT_S = 600.0  # the run waited for an earlier attempt already; this is for a scheduler's stragglers
 
 
 def load_project(import_path: str) -> Project:
@@ -43,12 +59,20 @@ def load_project(import_path: str) -> Project:
     return project
 
 
-def write_error(output_dir: Path, exc: BaseException, message: str | None = None) -> None:
-    """Record why the attempt failed (the exception, and its traceback) for the orchestrator."""
-    write_json_atomic(Path(output_dir) / ERROR_FILE, {
-        "type": type(exc).__name__, "message": str(exc) if message is None else message,
-        "traceback": traceback.format_exc(),
-    }, indent=2, default=str)
+def write_error(output_dir: Path, exc: BaseException, message: str | None = None, kind: str | None = None) -> None:
+    """Record why the attempt failed (the exception, and its traceback) for the orchestrator.
+
+    Where even that cannot be written (a full disk), it is said on stderr (the stage log, if that
+    still takes it) and the orchestrator tells the full disk itself."""
+    try:
+        write_json_atomic(Path(output_dir) / ERROR_FILE, {
+            "type": kind or type(exc).__name__, "message": redact_text(str(exc) if message is None else message),
+            "traceback": redact_text(traceback.format_exc()),
+        }, indent=2, default=str)
+    except OSError as err:
+        with contextlib.suppress(OSError, ValueError):
+            print(f"pipeline.worker: could not write {Path(output_dir) / ERROR_FILE} ({err}): "
+                  f"{kind or type(exc).__name__}: {exc if message is None else message}", file=sys.stderr)
 
 
 def read_error(output_dir: Path) -> str | None:
@@ -90,6 +114,8 @@ def run_task(task: dict[str, Any]) -> int:
     )
     started = time.time()
     try:
+        if not shard_slice:  # array tasks share the partial dir: the final job reports for them all
+            reserve_space(output_dir)
         if shard_slice:
             sharding.begin_prelude(output_dir)
         try:
@@ -106,23 +132,36 @@ def run_task(task: dict[str, Any]) -> int:
             raise RuntimeError(f"stage '{stage.name}' returned without writing its declared outputs {missing}")
         metrics = {k: float(v) for k, v in dict(metrics).items()}
     except BaseException as exc:  # noqa: BLE001 - report everything, including KeyboardInterrupt
-        write_error(output_dir, exc)
-        traceback.print_exc()
+        _failed(stage.name, output_dir, exc)
         return EXIT_FAILED
     metrics.setdefault("duration_s", time.time() - started)
     try:
         ctx.log.info("committed %s", commit_output(task, metrics, started))
     except OSError as exc:  # e.g. the shared file system: the output stays in the partial dir
-        write_error(output_dir, exc, f"commit failed: {exc}")
-        traceback.print_exc()
+        _failed(stage.name, output_dir, exc, f"commit failed: {exc}")
         return EXIT_FAILED
     return 0
+
+
+def _failed(stage: str, output_dir: Path, exc: BaseException, message: str | None = None) -> None:
+    """Report a failed attempt: a full disk as such (measured before the reserve is given back), with
+    the library's own error after it; then the error report and the traceback."""
+    full = disk_full(output_dir, exc)
+    release_space(output_dir)
+    own = f"{type(exc).__name__}: {exc if message is None else message}"
+    if full:
+        write_error(output_dir, exc, f"{full}; stage '{stage}' failed with {own}", kind=DiskFull.__name__)
+    else:
+        write_error(output_dir, exc, message)
+    with contextlib.suppress(OSError, ValueError):
+        traceback.print_exc()
+        if full:
+            print(f"pipeline.worker: {full}: stage '{stage}' failed with {own}", file=sys.stderr)
 
 
 def commit_output(task: dict[str, Any], metrics: dict[str, float], started: float) -> Path:
     """Complete the stage_info the orchestrator prepared with what only the job knows, and commit."""
     from pipeline.provenance import host
-    from pipeline.store import Store
 
     commit = task["commit"]
     finished = time.time()
@@ -136,14 +175,7 @@ def commit_output(task: dict[str, Any], metrics: dict[str, float], started: floa
     executor.update({name.lower(): os.environ[name] for name in commit.get("record_env", ()) if name in os.environ})
     info["executor"] = executor
     (Path(task["output_dir"]) / sharding.LOCK_FILE).unlink(missing_ok=True)  # the array tasks are over
-    return Store(Path(commit["root"])).commit(task["stage"], task["fingerprint"], info)
-
-
-def _stop_group(signum: int, frame: Any) -> None:
-    """SIGTERM stops the stage and everything it started (launchers, ranks, servers): the worker
-    leads its own process group."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal_group(os.getpgid(0), signal.SIGTERM)
+    return Store(Path(commit["root"])).commit(task["stage"], task["fingerprint"], info)  # gives the reserve back
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,9 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pipeline.worker TASK.json", file=sys.stderr)
         return EXIT_USAGE
     task = json.loads(Path(argv[0]).read_text())
+    job_lock = None
+    if task.get("job_lock"):  # held by the guard and the stage alike: released when the last of them is gone
+        job_lock = hold_job_lock(task["job_lock"], shared=sharding.current() is not None, wait_s=JOB_LOCK_WAIT_S)
+    fork_guard(stop_grace_s=STOP_GRACE_S, orphan_grace_s=ORPHAN_GRACE_S)  # returns in the stage process only
     setup_logging(stream=sys.stdout)
-    signal.signal(signal.SIGTERM, _stop_group)
-    return run_task(task)
+    register_config(task["config"])  # the stage's own secrets are masked in its log and error reports too
+    code = run_task(task)
+    del job_lock  # open until here, in the guard until everything is gone
+    return code
 
 
 if __name__ == "__main__":

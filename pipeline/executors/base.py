@@ -32,6 +32,8 @@ class Task:
     commit: Mapping[str, Any]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: Path | None = None
+    # The output's job lock (pipeline/store.py): the worker holds it until all its processes are gone.
+    job_lock: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +41,7 @@ class Task:
             "config": self.config, "output_dir": str(self.output_dir),
             "inputs": {k: str(v) for k, v in self.inputs.items()}, "attempt": self.attempt,
             "metrics_file": str(self.metrics_file), "commit": dict(self.commit),
+            "job_lock": str(self.job_lock) if self.job_lock else None,
         }
 
 

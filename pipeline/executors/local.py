@@ -10,8 +10,10 @@ A job is ``python -u -m pipeline.worker TASK`` with its output appended to the s
 which the runner follows and echoes; the worker commits the output itself. A child process keeps
 heavy imports (torch, vllm) out of the orchestrator and lets the DeepSpeed launcher spawn its
 ranks. It leads its own process group, so cancelling it is one signal to everything it started,
-and it dies with the orchestrator (even one killed by SIGKILL): no stage keeps writing into a
-partial directory that a later run will resume.
+and it dies with the orchestrator (even one killed by SIGKILL; the worker's guard then stops
+everything the stage started within about a second, pipeline/worker.py): no stage keeps writing
+into a partial directory that a later run will resume, and the job lock it holds until then makes
+that later run wait for it.
 
 Jobs never outlive the orchestrator, so there is nothing to follow from an earlier run: a new run
 resumes the partial output instead. Task files live in ``<root>/<stage>/.local/<stage>-<fp>/``.
@@ -33,9 +35,11 @@ from pipeline.files import write_json_atomic
 from pipeline.processes import child_env, die_with_parent, terminate_group
 from pipeline.provenance import host
 from pipeline.store import LOG_FILE
+from pipeline.worker import STOP_GRACE_S as WORKER_STOP_GRACE_S
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"
-STOP_GRACE_S = 10.0  # a cancelled stage gets this long after SIGTERM before SIGKILL
+# A cancelled stage's worker stops its processes within its own grace; SIGKILL to its group only after that.
+STOP_GRACE_S = WORKER_STOP_GRACE_S + 5.0
 
 
 @dataclass
@@ -89,7 +93,7 @@ class LocalExecutor:
         folder = self.folder(task.stage, task.fingerprint)
         folder.mkdir(parents=True, exist_ok=True)
         task_file = folder / f"task-{task.attempt}.json"
-        write_json_atomic(task_file, task.to_json(), indent=2)
+        write_json_atomic(task_file, task.to_json(), indent=2, private=True)  # the config may hold secrets
         job = LocalJob(f"local-{len(self._jobs) + 1}", task, task_file, tuple(after), task.attempt)
         self._jobs[job.id] = job
         return job

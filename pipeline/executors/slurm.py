@@ -18,6 +18,11 @@ batch shell ``exec``-s Python so that the time-limit signal (``--signal=B:USR2@.
 submitit, which stops the stage and requeues the job when the stage is resumable (it resumes from
 its partial output; the job id, and so every ``afterok`` chained on it, stays).
 
+The worker in every job holds the output's job lock on the shared file system while any of its
+processes runs (shared by the tasks of an array, exclusive for the final job; pipeline/store.py),
+where flock works there (NFSv4, Lustre mounted with flock; elsewhere it warns and goes on): a rerun
+that no longer finds the jobs in the queue still waits for a straggler before a new attempt begins.
+
 Where things are, for stage S at fingerprint F under the run root R:
 
     R/S/.slurm/S-F/                 submitit folder: sbatch scripts, pickles, Slurm's own stdout,
@@ -55,7 +60,7 @@ from pipeline.config import ClusterConfig, SlurmResources
 from pipeline.executors.base import JobState, Task
 from pipeline.executors.slurm_queue import ACTIVE_STATES, JobRecord, SlurmError, base_id, sacct, scontrol_show, squeue
 from pipeline.files import write_json_atomic
-from pipeline.processes import child_env, terminate_group
+from pipeline.processes import child_env, die_with_parent, terminate_group
 from pipeline.stage import FINAL_PHASE
 from pipeline.store import LOG_FILE
 from pipeline.worker import read_error
@@ -118,7 +123,7 @@ class StageJob(Checkpointable):
             log.flush()
             self._proc = subprocess.Popen([sys.executable, "-u", "-m", "pipeline.worker", self.task_file],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=die_with_parent)
             try:
                 returncode = self._proc.wait()
             except BaseException:  # the time-limit signal (requeue) or a cancellation
@@ -335,7 +340,7 @@ class SlurmExecutor:
                 commit["info"] = info
                 data["commit"] = commit
             task_file = folder / f"task-{task.attempt}-{spec.label}.json"
-            write_json_atomic(task_file, data, indent=2)  # read by the job, on another node
+            write_json_atomic(task_file, data, indent=2, private=True)  # read by the job (same user); may hold secrets
             ex = self._submitit(task.stage, task.fingerprint, spec, deps)
             try:
                 if spec.tasks:

@@ -49,8 +49,9 @@ accuracy is also returned as ``heldout_sft/logp_accuracy``. The trainers' period
 figures are means of batch means (a short last batch weighs more), so they can differ a little.
 
 Resumable: each phase keeps Trainer checkpoints under ``<output_dir>/checkpoints/<phase>``
-(``train.save_steps``); a new attempt resumes from the newest complete one (``resumed_from_step``,
-``reward_model/resumed_from_step``), incomplete ones are dropped, a phase whose last step is
+(``train.save_steps``); a new attempt resumes from the newest complete one whose files match its
+manifest (``resumed_from_step``, ``reward_model/resumed_from_step``), incomplete ones are dropped,
+corrupt ones set aside with a warning (``checkpoints_set_aside``), a phase whose last step is
 checkpointed is not trained again, and a reward model already saved is reused. The checkpoints are
 deleted at the end of a successful attempt unless ``train.keep_checkpoints``.
 
@@ -67,8 +68,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import Stage, StageContext
+from pipeline.inputs import Problem
 from stages.align.config import CHECKPOINTS, ONLINE_METHODS, SFT, AlignConfig, peft_config
 from stages.align.data import PreferenceData, build_pairs, conversational, datasets_for, write_pairs
+from stages.common.inputs import training_data_problems
 from stages.common.training import UNHASHED_TRAIN, Runtime
 
 
@@ -292,6 +295,14 @@ def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")  # what stages/align/data.py reads (_file_records)
+
+
+def input_problems(cfg: AlignConfig) -> list[Problem]:
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): the data files or local dataset it names."""
+    return training_data_problems(cfg.data, DATA_SUFFIXES)
+
+
 STAGE = Stage(
     name="align",
     config=AlignConfig,
@@ -300,5 +311,6 @@ STAGE = Stage(
     outputs=("model",),
     unhashed=frozenset([*UNHASHED_TRAIN, "sample_max_new_tokens"]),
     resumable=True,
+    preflight=input_problems,
     description="Preference alignment (DPO by default) with TRL.",
 )

@@ -308,9 +308,11 @@ def run_launch(plan: LaunchPlan, hostfile: str | Path, cwd: str | Path | None = 
     """Run the launcher to completion and return its exit status.
 
     Its output goes to this process's stdout/stderr (the stage log). It stays in this process's
-    group (no new session), so a worker stopping its group stops the launcher and every rank with
-    it. If this call itself is interrupted, the launcher's whole process tree is terminated here:
-    DeepSpeed's runner does not forward signals to its children on a single node.
+    group (no new session), so a cancel (SIGTERM to the worker's group) reaches the launcher and
+    every rank at once, and the worker's guard stops whatever is left (it stops every process below
+    it, SIGKILL after its grace: DeepSpeed's launcher may wait on its ranks for seconds). If this
+    call itself is interrupted, the launcher's whole process tree is terminated here: DeepSpeed's
+    runner does not forward signals to its children on a single node.
     """
     if plan.hostfile is not None:
         Path(hostfile).write_text(plan.hostfile)

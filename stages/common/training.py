@@ -19,9 +19,14 @@ bottom and calls what it needs.
   (``rewards/margins``, ``kl``...). A stage's final metrics are named apart from its curves
   (``final_train_loss``, ``mean_tokens_per_s``): the runner logs them at step 0, which would put a
   stray point on a curve of the same name.
-- **Checkpoints** (:func:`train_or_resume`): a phase resumes from its newest complete checkpoint;
-  incomplete ones (a crash while saving) are removed and logged; a checkpoint of the last step
-  means training is done and is not entered again.
+- **Checkpoints** (:func:`train_or_resume`): a checkpoint is complete once its manifest is
+  written (pipeline.files: each file's size and xxh3 hash), by a callback after the Trainer's save.
+  A phase resumes from its newest complete checkpoint whose files still match the manifest;
+  incomplete ones (a crash while saving: no manifest) are removed and logged; corrupt ones (a file
+  cut short or changed since) are set aside under ``<checkpoints>/set-aside/`` with a warning
+  naming the file, and the one before is used (``train.save_total_limit`` >= 2 keeps one); with
+  none left the phase starts over. A checkpoint of the last step means training is done and is not
+  entered again.
 - **Outputs** (:func:`merged_model`, :func:`write_model`): the model of the final checkpoint, a
   LoRA adapter merged into its base, written atomically (pipeline.files) with a generation config
   that stops on ``<|end|>``.
@@ -47,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import LlmpipeError
-from pipeline.files import atomic_path
+from pipeline.files import MANIFEST, ManifestMismatch, atomic_path, set_aside, verify_manifest, write_manifest
 from pipeline.schema import Invalid
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -66,8 +71,10 @@ _SUMMARY_KEYS = frozenset({"train_loss", "train_runtime", "train_samples_per_sec
                            "total_flos"})
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 
-TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint: present means complete
+TRAINER_STATE = "trainer_state.json"  # the Trainer's step and log history, in every checkpoint
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# Where corrupt checkpoints are moved: out of the Trainer's sight, which rotates every "checkpoint-*" in its dir.
+SET_ASIDE = "set-aside"
 
 
 class TrainingError(LlmpipeError):
@@ -117,7 +124,7 @@ class TrainSettings:
     gradient_checkpointing: bool  # recompute activations in backward (saves memory, ~20-30% slower)
     eval_steps: int  # optimizer steps between evaluations (and one after the last step)
     save_steps: int  # optimizer steps between resumable checkpoints (and one at the last step)
-    save_total_limit: int  # checkpoints kept on disk per phase
+    save_total_limit: int  # checkpoints kept on disk per phase; at least 2, so a corrupt newest one has a fallback
     keep_checkpoints: bool  # keep <output>/checkpoints after a successful run
     logging_steps: int  # optimizer steps between logged metrics
     seed: int  # model init (adapter, new heads), data order, dropout
@@ -131,9 +138,12 @@ class TrainSettings:
         if self.max_steps == -1 and self.epochs <= 0:
             problems.append(("epochs", f"must be positive when max_steps is -1, got {self.epochs}"))
         for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "eval_steps", "save_steps",
-                     "save_total_limit", "logging_steps"):
+                     "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append((name, f"must be at least 1, got {getattr(self, name)}"))
+        if self.save_total_limit < 2:
+            problems.append(("save_total_limit", f"must be at least 2 (the one before the newest is the fallback "
+                                                 f"when the newest is found corrupt), got {self.save_total_limit}"))
         for name in ("warmup", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
@@ -413,39 +423,71 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
-def latest_checkpoint(checkpoints: Path, log: Any = None) -> tuple[Path | None, bool]:
-    """The newest *complete* checkpoint under ``checkpoints`` (or None) and whether it is the last step.
-
-    The Trainer writes a checkpoint in place, trainer_state.json after the weights, optimizer and
-    RNG state; a checkpoint dir without it is what a crash during saving leaves behind. Such dirs
-    are removed (logged), so that resuming falls back to the previous complete checkpoint instead
-    of failing on every later attempt.
-    """
-    if not checkpoints.is_dir():
-        return None, False
-    found = sorted((int(m.group(1)), p) for p in checkpoints.iterdir()
-                   if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)))
-    for _, path in reversed(found):
-        state_file = path / TRAINER_STATE
-        if state_file.is_file():
-            state = json.loads(state_file.read_text())
-            return path, state["global_step"] >= state["max_steps"]
-        if log is not None:
-            log.warning("removing incomplete checkpoint %s (no %s: a save was interrupted)", path, TRAINER_STATE)
-        shutil.rmtree(path, ignore_errors=True)
-    return None, False
-
-
 @dataclass(frozen=True)
 class Resume:
     """Where an attempt of a training phase starts."""
 
     checkpoint: Path | None  # the newest complete checkpoint, or None: from scratch
     finished: bool  # that checkpoint is of the last step: nothing left to train
+    corrupt: tuple[tuple[Path, str], ...] = ()  # checkpoints set aside on the way: (new path, what failed)
 
     @property
     def step(self) -> int:
         return checkpoint_step(self.checkpoint) if self.checkpoint is not None else 0
+
+
+def latest_checkpoint(checkpoints: Path, log: Any = None, *, hashes: bool = True) -> Resume:
+    """The newest *complete* checkpoint under ``checkpoints`` whose files match its manifest (or None),
+    whether it is of the last step, and the corrupt ones set aside on the way.
+
+    The Trainer writes a checkpoint file by file; the manifest callback (:func:`manifest_callback`)
+    adds the manifest once the save is done. A checkpoint dir without one is what a crash during
+    saving leaves behind: it is removed (logged), as the Trainer would overwrite it anyway. A dir
+    whose files no longer match (``hashes``: by content too, else by size) is moved to
+    ``<checkpoints>/set-aside/`` with a warning naming the file. Either way the previous checkpoint
+    is tried, so resuming never fails on every later attempt for one bad save.
+    """
+    if not checkpoints.is_dir():
+        return Resume(None, False)
+    found = sorted((int(m.group(1)), p) for p in checkpoints.iterdir()
+                   if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)))
+    corrupt: list[tuple[Path, str]] = []
+    for _, path in reversed(found):
+        if not (path / MANIFEST).is_file():
+            if log is not None:
+                log.warning("removing incomplete checkpoint %s (no %s: a save was interrupted)", path, MANIFEST)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        try:
+            verify_manifest(path, hashes=hashes)
+        except ManifestMismatch as exc:
+            moved = set_aside(path, folder=checkpoints / SET_ASIDE)
+            corrupt.append((moved, str(exc)))
+            if log is not None:
+                log.warning("checkpoint %s is corrupt: %s; set aside as %s, trying the one before it", path.name,
+                            exc, moved)
+            continue
+        state = json.loads((path / TRAINER_STATE).read_text())
+        return Resume(path, state["global_step"] >= state["max_steps"], tuple(corrupt))
+    return Resume(None, False, tuple(corrupt))
+
+
+def manifest_callback() -> Any:
+    """A TrainerCallback that writes a checkpoint's manifest once the Trainer has saved it (``on_save``
+    runs after the weights, optimizer, RNG and trainer state are written, and after the rotation).
+
+    One process writes it. Under a multi-process launch the other ranks' shards would have to be
+    on disk first (a barrier before it): sft and align run as one process today.
+    """
+    from transformers import TrainerCallback
+
+    class ManifestCallback(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                               meta={"step": state.global_step})
+
+    return ManifestCallback()
 
 
 def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any, *, prefix: str = "",
@@ -457,17 +499,22 @@ def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any,
     A checkpoint of the last step means an earlier attempt finished training (and failed later):
     training is not entered again (transformers 5.19 would run one extra step when resumed at
     max_steps mid-epoch) and the caller writes its outputs from that checkpoint. A resume is a
-    point ``resume_step`` on the curves and ``resumed_from_step`` in the metrics, which also hold
+    point ``resume_step`` on the curves and ``resumed_from_step`` in the metrics (0: from scratch, a
+    clean start when every checkpoint was corrupt), which also hold ``checkpoints_set_aside``,
     :func:`history_metrics`, ``train_s`` and ``mean_tokens_per_s`` (this attempt's), behind ``prefix``.
     """
-    resume = Resume(*latest_checkpoint(checkpoints, ctx.log))
+    resume = latest_checkpoint(checkpoints, ctx.log)
     if resume.checkpoint is not None:
         # A point on the curves too, so the MLflow run shows where this attempt picked up.
         ctx.log_metrics({prefix + RESUME_STEP: resume.step}, step=resume.step)
+    elif resume.corrupt:
+        ctx.log.warning("%sno complete checkpoint is left (%d set aside): training starts over from step 0", prefix,
+                        len(resume.corrupt))
     if resume.finished:
         ctx.log.info("%straining finished in an earlier attempt; writing the outputs from %s", prefix,
                      resume.checkpoint)
-        metrics = {"resumed_from_step": float(resume.step), "train_s": 0.0}
+        metrics = {"resumed_from_step": float(resume.step), "checkpoints_set_aside": float(len(resume.corrupt)),
+                   "train_s": 0.0}
         return resume.checkpoint, {**history_metrics(resume.checkpoint, prefix),
                                    **{prefix + k: v for k, v in metrics.items()}}
 
@@ -477,6 +524,7 @@ def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any,
         raise ValueError(f"the trainer writes checkpoints to {trainer.args.output_dir}, not {checkpoints}")
     callback = metrics_callback(ctx, prefix=prefix, evaluate_last_step=has_eval)
     trainer.add_callback(callback)
+    trainer.add_callback(manifest_callback())
     trainable, total = parameter_counts(trainer.model)
     ctx.log.info("%s%d trainable of %d parameters (%.2f%%)", prefix, trainable, total, 100 * trainable / max(total, 1))
     if resume.checkpoint is not None:
@@ -486,21 +534,24 @@ def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any,
     train_s = time.perf_counter() - start
     del trainer
     free_memory()  # the trainer, its optimizer state and model copies, before the outputs load models again
-    final, finished = latest_checkpoint(checkpoints)
-    if final is None or not finished:
-        raise TrainingError(f"training ended without a checkpoint of its last step in {checkpoints}")
+    final = latest_checkpoint(checkpoints, ctx.log, hashes=False)  # hashed a moment ago: sizes suffice
+    if final.checkpoint is None or not final.finished:
+        raise TrainingError(f"training ended without a complete checkpoint of its last step in {checkpoints}")
     metrics = {
         "train_s": train_s,
         "mean_tokens_per_s": callback.tokens / train_s if train_s > 0 else 0.0,  # this attempt's, evals included
         "trainable_params": float(trainable),
         "total_params": float(total),
         "resumed_from_step": float(resume.step),
+        "checkpoints_set_aside": float(len(resume.corrupt)),
     }
-    return final, {**history_metrics(final, prefix), **{prefix + k: v for k, v in metrics.items()}}
+    return final.checkpoint, {**history_metrics(final.checkpoint, prefix),
+                              **{prefix + k: v for k, v in metrics.items()}}
 
 
 def remove_checkpoints(checkpoints: Path, train: TrainSettings) -> None:
-    """Drop the checkpoints after a successful run unless ``train.keep_checkpoints``."""
+    """Drop the checkpoints after a successful run unless ``train.keep_checkpoints``; set-aside ones go
+    with them (the warning in the stage log stays as the record of what was corrupt)."""
     if not train.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
 

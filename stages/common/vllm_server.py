@@ -17,10 +17,11 @@ Process hygiene, the reason this module exists rather than a bare ``subprocess.P
   SIGKILL for whatever is left after the grace period. :meth:`VllmServer.stop` returns only when
   no process of the group is left, so the port is free again (``pipeline.processes.terminate_group``).
 - The server gets SIGTERM when the process that started it dies, even by SIGKILL (Linux
-  ``PR_SET_PDEATHSIG``, ``pipeline.processes.die_with_parent``). The stage worker's own SIGTERM
-  handler stops only its process group, which the server has left. Note: the signal follows the
+  ``PR_SET_PDEATHSIG``, ``pipeline.processes.die_with_parent``). Note: the signal follows the
   *thread* that started the server; enter the context in a thread that lives as long as the
-  server (the main thread, normally).
+  server (the main thread, normally). Inside a stage, the worker's guard stops it too, with
+  SIGKILL after a second when the orchestrator is gone (it stops every process below it, in
+  whatever session: ``pipeline.processes.fork_guard``), so a slow shutdown never outlives a run.
 - A server that dies while starting (bad model dir, port taken, out of memory...) is noticed at
   the next health poll rather than at the timeout, and reported as :class:`ServerStartError`
   carrying vLLM's own last words (the tail of its log).

@@ -5,8 +5,9 @@ relative ones are resolved against the working directory, which the runner sets 
 folder) or fsspec URLs (``s3://bucket/crawl/*.warc.gz``, needs fsspec and the protocol's package).
 The matched files are sorted; the i-th becomes shard ``0000i`` and is written to
 ``documents/0000i.parquet``. A pattern that matches nothing, or a local file that is not a WARC,
-fails the stage before any shard is processed (``InputNotFoundError``, ``NotAWarcError``). An empty
-file is an empty shard (with a warning), not an error.
+fails the stage before any shard is processed (``InputNotFoundError``, ``NotAWarcError``); ``llmpipe
+plan`` and ``run`` find both before anything runs (``input_problems``, by the first bytes of each file).
+An empty file is an empty shard (with a warning), not an error.
 
 Every WARC record is counted in ``docs_in``. A record becomes a document only if it is an HTTP
 ``response`` with a 2xx status and an HTML content type; everything else is dropped with a reason,
@@ -58,6 +59,7 @@ Columns: ``id`` (sha1 hex of URL + NUL + WARC-Record-ID: stable across re-runs),
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import logging
 import os
@@ -69,6 +71,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext, one_or_many
+from pipeline.inputs import GZIP_MAGIC, Kind, Problem, file_problem, pattern_problems
+from stages.common.inputs import FASTTEXT_MODEL
 from stages.common.shards import ShardResult, ShardTask, Throughput, map_shards, write_parquet_atomic
 
 log = logging.getLogger("llmpipe.ingest")
@@ -193,6 +197,30 @@ def input_state(cfg: IngestConfig) -> list[list[Any]]:
             st = os.stat(path)
             state.append([path, st.st_size, st.st_mtime_ns])
     return state
+
+
+def _warc_start(f: IO[bytes]) -> str | None:
+    """``pipeline.inputs.Kind`` test: a WARC starts with ``WARC/``, a .warc.gz decompresses to it (its
+    first 5 bytes only: planning stays cheap). An empty file passes: it is an empty shard."""
+    head = f.read(5)
+    if head[:2] == GZIP_MAGIC:
+        f.seek(0)
+        head = gzip.GzipFile(fileobj=f).read(5)
+        return None if head in (b"", b"WARC/") else f"it is gzipped, but its content starts with {head!r}"
+    return None if head in (b"", b"WARC/") else f"it starts with {head!r}, not with b'WARC/' or gzip's magic"
+
+
+WARC = Kind("a WARC file", _warc_start)
+
+
+def input_problems(cfg: IngestConfig) -> list[Problem]:
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): every local input pattern matches a
+    file that starts like a WARC, and ``language_model`` is a fastText model. URLs are not looked up."""
+    local = [spec for spec in cfg.input if not is_url(spec)]
+    problems = pattern_problems("input", local, _expand_local, WARC)
+    if cfg.language_model is not None and (problem := file_problem(cfg.language_model, FASTTEXT_MODEL)):
+        problems.append(("language_model", problem))
+    return problems
 
 
 def open_input(source: str) -> IO[bytes]:
@@ -576,5 +604,6 @@ STAGE = Stage(
     resumable=True,
     shard_phases=("extract",),  # on Slurm: one job array over the WARC files, then the final job
     external=input_state,
+    preflight=input_problems,
     description="Read WARC files, keep HTML responses, extract main text.",
 )

@@ -3,12 +3,14 @@
     python -m stages.pretrain.loop --job <output_dir>/pretrain_job.json
 
 The job file (written by stages/pretrain/stage.py) holds the stage config, the input paths and what the
-stage decided (steps, accumulation, precision); ds_config.json next to it is the DeepSpeed config.
-Every rank builds the same randomly initialised model (same seed; under ZeRO-3 it is created
-already partitioned), wraps it with ``deepspeed.initialize`` and trains; rank 0 alone writes
-metrics, logs, checkpoint markers, the exported model and the summary (atomically, through
-pipeline.files). The curves carry the names every training stage uses (stages/common/training.py):
-``train_loss``, ``eval_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, and ``resume_step``.
+stage decided (steps, accumulation, precision, the checkpoint to resume from); ds_config.json next
+to it is the DeepSpeed config. Every rank builds the same randomly initialised model (same seed;
+under ZeRO-3 it is created already partitioned), wraps it with ``deepspeed.initialize`` and trains;
+rank 0 alone writes metrics, logs, checkpoint manifests (stages/pretrain/checkpoints.py), the
+exported model and the summary (atomically, through pipeline.files). The curves carry the names
+every training stage uses (stages/common/training.py): ``train_loss``, ``eval_loss``, ``lr``,
+``grad_norm``, ``tokens_per_s``, and ``resume_step``. A rank that fails records why in
+``rank_errors/`` of the output dir, so that the stage's error says it (not only the log).
 
 Data order: optimizer step ``k`` trains on a fixed set of ``global_batch_size`` sequences, drawn
 from a per-epoch permutation seeded by ``(seed, epoch)``; each rank takes a contiguous share. So
@@ -26,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,19 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.files import atomic_path, write_json_atomic
+from pipeline.errors import LlmpipeError
+from pipeline.files import atomic_path, hash_files, list_files, write_json_atomic, write_manifest
 from pipeline.logs import setup_logging
 from pipeline.schema import build
 from stages.common.training import EVAL_LOSS, GRAD_NORM, LR, RESUME_STEP, TOKENS_PER_S, TRAIN_LOSS
-from stages.pretrain.stage import CHECKPOINTS, SUMMARY_FILE, PretrainConfig
+from stages.pretrain.checkpoints import checkpoint_meta, checkpoint_tag, prune_checkpoints
+from stages.pretrain.stage import CHECKPOINTS, RANK_ERRORS, SUMMARY_FILE, PretrainConfig
 
 log = logging.getLogger("llmpipe.pretrain")
 
-MARKER = "llmpipe_checkpoint.json"  # written into a checkpoint dir once every rank has saved its part
 
-
-class CheckpointLayoutError(RuntimeError):
-    """A checkpoint was written by another number of ranks or another ZeRO stage than this run's."""
+class CheckpointLoadError(LlmpipeError):
+    """DeepSpeed could not load a checkpoint whose files match their manifest (written damaged?)."""
 
 
 # ---------------------------------------------------------------- data order
@@ -151,46 +154,11 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")  # one write per line: the runner tails this file live
 
 
-def checkpoint_markers(root: Path) -> list[tuple[int, Path, dict]]:
-    """Complete checkpoints under ``root`` as (step, dir, marker), oldest first."""
-    found = []
-    if root.is_dir():
-        for marker in root.glob(f"*/{MARKER}"):
-            info = json.loads(marker.read_text())
-            found.append((int(info["step"]), marker.parent, info))
-    return sorted(found, key=lambda t: t[0])
-
-
-def check_layout(marker: dict, ckpt: Path, world: int, zero_stage: int) -> None:
-    if marker["world_size"] != world or marker["zero_stage"] != zero_stage:
-        raise CheckpointLayoutError(
-            f"{ckpt} was written by {marker['world_size']} ranks with ZeRO stage {marker['zero_stage']}; this attempt "
-            f"has {world} ranks with ZeRO stage {zero_stage}. DeepSpeed cannot load a ZeRO checkpoint into another "
-            f"layout: run with the earlier launch settings and zero_stage, or delete {ckpt.parent} to start over")
-
-
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints, and unfinished ones (a save cut short
-    by a crash) older than the newest complete one."""
-    complete = checkpoint_markers(root)
-    if not complete:
-        return
-    newest = complete[-1][0]
-    kept = {d for _, d, _ in complete[-keep:]}
-    for d in root.iterdir():
-        if not d.is_dir() or d in kept:
-            continue
-        step = tag_step(d.name)
-        if (d / MARKER).is_file() or (step is not None and step < newest):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def tag_step(tag: str) -> int | None:
-    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+def record_rank_error(output_dir: Path, rank: int, exc: BaseException) -> None:
+    """Why this rank failed, for the stage process (:func:`stages.pretrain.stage.rank_failure`)."""
+    write_json_atomic(output_dir / RANK_ERRORS / f"rank{rank}.json",
+                      {"rank": rank, "t": time.time(), "type": type(exc).__name__, "message": str(exc),
+                       "traceback": traceback.format_exc()}, indent=2)
 
 
 # ---------------------------------------------------------------- training
@@ -313,27 +281,39 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def resume(self) -> TrainState:
-        """Load the newest complete checkpoint, if any; return the state to continue from."""
-        found = checkpoint_markers(self.ckpt_root)
-        if not found:
+        """Load the checkpoint the stage verified and chose (stages/pretrain/checkpoints.py), if any;
+        return the state to continue from. A load that fails names the checkpoint and DeepSpeed's reason."""
+        tag = self.job["resume_from"]
+        if tag is None:
             return TrainState()
-        step, ckpt, marker = found[-1]
-        check_layout(marker, ckpt, self.world, self.cfg.zero_stage)
-        path, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=ckpt.name)
+        ckpt = self.ckpt_root / tag
+        try:
+            path, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
+        except Exception as exc:  # torch.load's "PytorchStreamReader failed ...", a missing shard...
+            raise CheckpointLoadError(f"{ckpt}: DeepSpeed could not load it: {type(exc).__name__}: {exc}") from exc
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
+            raise CheckpointLoadError(f"{ckpt}: DeepSpeed found no checkpoint files to load there")
         state = TrainState(**client["llmpipe"])
         log.info("resumed from %s at step %d (%d tokens trained)", ckpt, state.step, state.tokens)
         return state
 
     def save(self, state: TrainState) -> None:
+        """Save a checkpoint, then its manifest: the ranks hash a share of its files each (one reader per
+        file, in parallel, instead of rank 0 reading every rank's shards) and rank 0 writes the whole."""
+        import torch.distributed as tdist
+
         tag = checkpoint_tag(state.step)
+        ckpt = self.ckpt_root / tag
         t0 = time.perf_counter()
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state={"llmpipe": asdict(state)})
-        # save_checkpoint ends with a barrier: every rank's files are on disk before the marker.
+        # save_checkpoint ends with a barrier: every rank's files are on disk before they are listed.
+        names = [list_files(ckpt) if self.rank == 0 else None]
+        tdist.broadcast_object_list(names, src=0)
+        parts: list[Any] = [None] * self.world
+        tdist.all_gather_object(parts, hash_files(ckpt, names[0][self.rank::self.world]))
         if self.rank == 0:
-            marker = {"step": state.step, "world_size": self.world, "zero_stage": self.cfg.zero_stage}
-            write_json_atomic(self.ckpt_root / tag / MARKER, marker, indent=2, newline=True)
+            entries = {name: entry for part in parts for name, entry in part.items()}
+            write_manifest(ckpt, entries, meta=checkpoint_meta(state.step, self.world, self.cfg.zero_stage))
             prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints)
             log.info("checkpoint %s saved in %.1fs", tag, time.perf_counter() - t0)
         self._barrier()
@@ -442,7 +422,8 @@ class Trainer:
             "initial_perplexity": math.exp(min(state.initial_eval_loss, 50.0)),
             "tokens": state.tokens, "steps": state.step, "train_time_s": state.train_time_s,
             "mean_tokens_per_s": attempt_tokens / attempt_train_s if attempt_train_s else 0.0,
-            "resumed_from_step": resumed_from, "params": self.n_params, "world_size": self.world,
+            "resumed_from_step": resumed_from, "checkpoints_set_aside": self.job["checkpoints_set_aside"],
+            "params": self.n_params, "world_size": self.world,
             "attempt_wall_s": time.perf_counter() - attempt_t0,
         }
         if self.cuda:
@@ -483,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:  # rank 0 speaks for all; the others report only problems
         logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    trainer = Trainer(job)
-    trainer.train()
+    try:
+        Trainer(job).train()
+    except Exception as exc:
+        record_rank_error(Path(job["output_dir"]), rank, exc)
+        raise
     import torch.distributed as tdist
 
     tdist.destroy_process_group()

@@ -18,7 +18,11 @@ Output ``model``: a Hugging Face model dir (safetensors weights, config.json,
 generation_config.json) with the tokenizer's files copied in, written atomically by rank 0 at
 the end (ZeRO-3 shards are consolidated first). Checkpoints live in ``checkpoints/`` of the
 output dir, which persists across attempts of the same fingerprint: a re-run resumes from the
-newest complete checkpoint and logs ``resumed_from_step``.
+newest complete checkpoint, one whose files match its manifest (stages/pretrain/checkpoints.py);
+a corrupt newer one is set aside with a warning. The summary says where the attempt started
+(``resumed_from_step``, 0 for a clean start) and how many checkpoints it set aside
+(``checkpoints_set_aside``). When the ranks fail, the stage's error carries the first failing
+rank's exception (a checkpoint DeepSpeed cannot load, say), not only the log.
 
 What is fingerprinted: the model, the data order (seed, global batch), the optimisation (lr
 schedule, AdamW, clipping, steps) and the precision. Execution-only (``unhashed``): how the same
@@ -36,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +51,7 @@ from pipeline.files import write_json_atomic
 from pipeline.schema import Invalid, to_plain
 from stages.common.config import ModelConfig
 from stages.common.launch import REPO_ROOT, LaunchConfig, LaunchPlan, free_port, plan_launch, run_launch
+from stages.pretrain.checkpoints import Resume, choose_resume, complete_checkpoints
 
 LOOP_MODULE = "stages.pretrain.loop"
 DS_CONFIG_FILE = "ds_config.json"
@@ -53,6 +59,7 @@ JOB_FILE = "pretrain_job.json"
 SUMMARY_FILE = "train_summary.json"
 HOSTFILE = "hostfile"
 CHECKPOINTS = "checkpoints"
+RANK_ERRORS = "rank_errors"  # <output>/rank_errors/rank<N>.json: why a rank failed (stages/pretrain/loop.py)
 OFFLOAD = Literal["none", "cpu", "nvme"]
 
 
@@ -90,7 +97,7 @@ class PretrainConfig:
     eval_every: int  # steps between evaluations on the val split (also at step 0 and at the end)
     eval_sequences: int  # held-out sequences per evaluation (at most the whole val split)
     checkpoint_every: int  # steps between checkpoints (also one at the end)
-    keep_checkpoints: int  # newest checkpoints kept on disk
+    keep_checkpoints: int  # newest complete checkpoints kept; 2+ leaves one to fall back to if the newest is corrupt
     log_every: int  # steps between metric records
     loader_workers: int  # DataLoader worker processes per rank (0: load in the training process)
     peak_tflops: float | None  # one accelerator's peak for MFU; null: a table by device name
@@ -253,9 +260,24 @@ def finished_summary(output_dir: Path) -> dict[str, float] | None:
     return None
 
 
+def rank_failure(output_dir: Path) -> str | None:
+    """``"rank <N>: <type>: <message>"`` of the rank that failed first in the last launch, or None."""
+    errors = []
+    for path in (output_dir / RANK_ERRORS).glob("rank*.json"):
+        try:
+            errors.append(json.loads(path.read_text()))
+        except ValueError:  # cut short as its rank died: the others still say something
+            continue
+    if not errors:
+        return None
+    first = min(errors, key=lambda e: e["t"])
+    return f"rank {first['rank']}: {first['type']}: {first['message']}"
+
+
 def write_job(ctx: StageContext, cfg: PretrainConfig, data: DataInfo, schedule: Schedule, plan: LaunchPlan,
-              bf16: bool) -> Path:
-    """The job file every rank reads: config, paths, and what the stage decided (steps, precision)."""
+              bf16: bool, resume: Resume) -> Path:
+    """The job file every rank reads: config, paths, and what the stage decided (steps, precision, the
+    checkpoint to resume from)."""
     ds_config = ctx.output_dir / DS_CONFIG_FILE
     write_json_atomic(ds_config, deepspeed_config(cfg, schedule, bf16, plan.accelerator), indent=2, newline=True)
     job = {
@@ -270,14 +292,28 @@ def write_job(ctx: StageContext, cfg: PretrainConfig, data: DataInfo, schedule: 
         "bf16": bf16,
         "data": to_plain(data),
         "schedule": to_plain(schedule),
+        "resume_from": resume.checkpoint.name if resume.checkpoint is not None else None,
+        "checkpoints_set_aside": len(resume.corrupt),
     }
     path = ctx.output_dir / JOB_FILE
     write_json_atomic(path, job, indent=2, newline=True)
     return path
 
 
+def failure_message(returncode: int, output_dir: Path) -> str:
+    """Why the launch failed (the first failing rank's exception) and where the next attempt starts."""
+    cause = rank_failure(output_dir)
+    complete = complete_checkpoints(output_dir / CHECKPOINTS)
+    after = (f"the next attempt checks {complete[-1][1].name} against its manifest and resumes from it, or from an "
+             f"older one if it is corrupt" if complete else "no checkpoint is complete yet: the next attempt starts "
+             "from step 0")
+    return (f"the DeepSpeed launcher exited with status {returncode}"
+            f"{f' ({cause})' if cause else ''}; {after} (checkpoints in {output_dir / CHECKPOINTS})")
+
+
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(ctx.output_dir / RANK_ERRORS, ignore_errors=True)  # an earlier attempt's: not this one's cause
     done = finished_summary(ctx.output_dir)
     if done is not None:
         ctx.log.info("the previous attempt finished training and exported the model; reusing it")
@@ -291,7 +327,9 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.precision == "auto" and plan.accelerator == "cuda" and not bf16:
         ctx.log.warning("this GPU has no bf16: training in fp32")
     schedule = make_schedule(cfg, plan.world_size, data.seq_len)
-    write_job(ctx, cfg, data, schedule, plan, bf16)
+    checkpoints = ctx.output_dir / CHECKPOINTS
+    resume = choose_resume(checkpoints, plan.world_size, cfg.zero_stage, ctx.log)
+    write_job(ctx, cfg, data, schedule, plan, bf16, resume)
     ctx.log.info("pretrain: %d steps x %d sequences x %d tokens (%d ranks x micro batch %d x %d accumulation), "
                  "vocab %d, %s, ZeRO-%d", schedule.steps, cfg.global_batch_size, data.seq_len, schedule.world_size,
                  cfg.micro_batch_size, schedule.grad_accum, data.vocab_size, "bf16" if bf16 else "fp32",
@@ -299,8 +337,7 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     ctx.log.info("launch: %s", plan.describe())
     returncode = run_launch(plan, ctx.output_dir / HOSTFILE, cwd=REPO_ROOT)
     if returncode != 0:
-        raise TrainingFailed(f"the DeepSpeed launcher exited with status {returncode}; checkpoints are kept in "
-                             f"{ctx.output_dir / CHECKPOINTS} and the next attempt resumes from the newest")
+        raise TrainingFailed(failure_message(returncode, ctx.output_dir))
     summary = finished_summary(ctx.output_dir)
     if summary is None:
         raise TrainingFailed(f"the ranks exited cleanly but {ctx.output_dir / SUMMARY_FILE} or the exported "

@@ -14,7 +14,8 @@ The classifier is either given (``classifier.model_path``, e.g. a DCLM-style fas
 trained once, in the parent process, from ``classifier.positive``/``negative`` sample files (one
 sample per line) into ``<output_dir>/classifier/model.bin``; a resumed attempt reuses that file.
 The contents of the sample files, the model and the bad-words list are folded into the stage's
-fingerprint (``Stage.external``), so editing them re-runs the stage.
+fingerprint (``Stage.external``), so editing them re-runs the stage. ``llmpipe plan`` and ``run``
+check, before anything runs, that each can be read and starts like its kind (``input_problems``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import atomic_path, write_json_atomic
+from pipeline.inputs import NONEMPTY_TEXT, TEXT, Problem, file_problem
 from stages.common.documents import read_documents as read_shard
 from stages.common.documents import text_bytes, with_column
+from stages.common.inputs import FASTTEXT_MODEL
 from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
 from stages.quality.rules import C4Config, GopherQualityConfig, GopherRepetitionConfig, Rules, read_word_list
 
@@ -300,7 +303,29 @@ def train_classifier(c: ClassifierConfig, positive: list[str], negative: list[st
     write_json_atomic(model_dir / TRAIN_REPORT, report, indent=2)
     with atomic_path(model_dir / MODEL_FILE) as tmp:
         model.save_model(str(tmp))
+        check_saved(model, tmp)
     return metrics
+
+
+def check_saved(model: Any, path: Path) -> None:
+    """Read a just-saved fastText model back before it is published.
+
+    fastText does not report a short write (a full disk), and loads a cut-short file without a word:
+    every later attempt would reuse it and fail with "Vector::mul: size mismatch", or, cut by a few
+    bytes, classify with a damaged model. The output matrix is the last thing in the file, so a file
+    cut anywhere loses part of it (or fails to load).
+    """
+    import fasttext
+    import numpy as np
+
+    try:
+        saved = fasttext.load_model(str(path))
+        whole = np.array_equal(saved.get_output_matrix(), model.get_output_matrix())
+    except (ValueError, MemoryError, RuntimeError) as exc:
+        raise ClassifierError(f"the trained fastText model was not saved whole to {path}: {exc}") from exc
+    if not whole:
+        raise ClassifierError(f"the trained fastText model was not saved whole to {path} "
+                              f"({path.stat().st_size} bytes): its output matrix differs when read back")
 
 
 def split_holdout(samples: list[str], fraction: float, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -332,18 +357,35 @@ def file_state(path: str) -> str:
     return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def external_state(cfg: QualityConfig) -> dict[str, str] | None:
-    """The state of the files the config points to: their edits must re-run the stage."""
+def outside_files(cfg: QualityConfig) -> dict[str, str]:
+    """The files the config points to and the stage reads, by config key."""
     files: dict[str, str] = {}
     if cfg.c4.bad_words_file:
-        files["c4.bad_words_file"] = file_state(cfg.c4.bad_words_file)
+        files["c4.bad_words_file"] = cfg.c4.bad_words_file
     c = cfg.classifier
     if c.enabled:
         keys = ("model_path",) if c.model_path else ("positive", "negative")
         for key in keys:
             if getattr(c, key):
-                files[f"classifier.{key}"] = file_state(getattr(c, key))
-    return files or None
+                files[f"classifier.{key}"] = getattr(c, key)
+    return files
+
+
+def external_state(cfg: QualityConfig) -> dict[str, str] | None:
+    """The state of the files the config points to: their edits must re-run the stage."""
+    return {key: file_state(path) for key, path in outside_files(cfg).items()} or None
+
+
+# What each outside file must start like: sample files hold text (at least one sample).
+_KINDS = {"c4.bad_words_file": TEXT, "classifier.model_path": FASTTEXT_MODEL, "classifier.positive": NONEMPTY_TEXT,
+          "classifier.negative": NONEMPTY_TEXT}
+
+
+def input_problems(cfg: QualityConfig) -> list[Problem]:
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): every file the config points to is
+    readable and of its kind (a fastText model by its magic bytes, sample and word lists as UTF-8 text)."""
+    return [(key, problem) for key, path in outside_files(cfg).items()
+            if (problem := file_problem(path, _KINDS[key]))]
 
 
 STAGE = Stage(
@@ -356,5 +398,6 @@ STAGE = Stage(
     resumable=True,
     shard_phases=("filter",),  # on Slurm: one job array over the shards, then the final job
     external=external_state,
+    preflight=input_problems,
     description="Heuristic and fastText quality filtering.",
 )

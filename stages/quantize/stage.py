@@ -39,16 +39,27 @@ resumed run writes bit-identical weights), and an attempt that finds the finishe
 only re-measures. A checkpoint gptqmodel refuses (say, an attempt on another machine: its
 identity includes the device topology) is discarded with a warning and GPTQ starts over. The
 checkpoint and gptqmodel's disk offload are deleted after success unless ``keep_checkpoint``.
+
+Corrupt layer checkpoints: gptqmodel's store is content addressed (every file is named by the
+sha256 of its bytes) and it re-hashes what it wrote at each layer's commit and again on load; it
+keeps the two newest generations and resumes from the newest whole one. Before it runs, the stage
+reads the same store (:func:`inspect_gptq_checkpoint`) to warn naming any damaged file; when no
+whole generation is left, the checkpoint is set aside (``checkpoint.corrupt-<UTC time>``, renamed,
+not deleted; removed with the checkpoint after success unless ``keep_checkpoint``) and GPTQ starts
+over from the first layer. ``quantize/resumed_after_layers`` (0: from the start) and
+``quantize/checkpoints_set_aside`` say which happened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -58,11 +69,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, set_aside
 from stages.common.shards import list_parquet
 
 MODEL = "model"
 WORK = "gptq"  # gptqmodel's working dir in the output: logs/, checkpoint/, offload/
+CHECKPOINT = "checkpoint"  # gptqmodel's layer checkpoint store, in WORK
+GPTQ_STORE_VERSION = 1  # the format of gptqmodel's checkpoint store (looper/checkpoint_store.py) read here
 INFO_FILE = "quantize_info.json"  # calibration and timing facts of the quantization, next to the model
 # 4-bit weights are packed eight to an int32 along the input width (zeros along the output width),
 # and vLLM's CPU kernel (cpu_gemm_wna16) wants both widths in multiples of 32.
@@ -278,6 +291,89 @@ def gptq_environment(work: Path, cpu_workers: int | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@dataclass
+class GptqResume:
+    """What an earlier attempt's layer checkpoint offers: the layer counts of its whole generations
+    (newest first; gptqmodel resumes from the first), and what is wrong with the others."""
+
+    whole: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    readable: bool = True  # False: a store format this check does not know; gptqmodel checks it alone
+
+
+def inspect_gptq_checkpoint(checkpoint: Path) -> GptqResume:
+    """Check gptqmodel's layer checkpoint in ``checkpoint`` as gptqmodel will, naming damaged files.
+
+    ``CURRENT`` lists the published generations, newest first; each is a JSON object naming a
+    continuation object and one object per quantized module; every object is
+    ``objects/<sha256 of its bytes>``. A generation is whole when its own object and all it names
+    are present with the bytes their names promise. Objects shared by generations are read once.
+    """
+    current = checkpoint / "CURRENT"
+    if not current.exists():
+        return GptqResume()
+    objects, verdicts = checkpoint / "objects", {}
+
+    def problem(digest: Any) -> str | None:
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return f"{current}: names {digest!r}, not an object"
+        if digest not in verdicts:
+            path = objects / digest
+            try:
+                with open(path, "rb") as f:
+                    ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
+                verdicts[digest] = None if ok else f"{path}: its sha256 differs from its name (the bytes changed)"
+            except FileNotFoundError:
+                verdicts[digest] = f"{path}: missing"
+        return verdicts[digest]
+
+    try:
+        published = json.loads(current.read_bytes())
+        if published["version"] != GPTQ_STORE_VERSION:
+            return GptqResume(readable=False)
+        refs = list(published["generations"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return GptqResume(problems=[f"{current}: unreadable ({exc})"])
+    result = GptqResume()
+    for ref in refs:
+        found = problem(ref)
+        if found is None:
+            try:
+                generation = json.loads((objects / ref).read_bytes())
+                names = [generation["continuation"], *generation["artifacts"].values()]
+                cursor = int(generation["cursor"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                found = f"{objects / ref}: not a generation ({exc})"
+            else:
+                found = next((p for p in map(problem, names) if p is not None), None)
+        if found is None:
+            result.whole.append(cursor)
+        else:
+            result.problems.append(found)
+    return result
+
+
+def checkpoint_for_resume(checkpoint: Path, log: Any) -> tuple[int, int]:
+    """Warn about damaged files in gptqmodel's layer checkpoint; set it aside when nothing whole is
+    left in it. Returns (layers GPTQ resumes after, checkpoints set aside)."""
+    found = inspect_gptq_checkpoint(checkpoint)
+    for problem in found.problems:
+        log.warning("GPTQ layer checkpoint: %s", problem)
+    if found.problems and not found.whole:
+        moved = set_aside(checkpoint)
+        log.warning("no whole generation is left in the GPTQ layer checkpoint: set aside as %s; quantizing from "
+                    "the first layer", moved)
+        return 0, 1
+    if found.whole:
+        log.info("resuming GPTQ from the layer checkpoint of an earlier attempt in %s (%d layers done%s)", checkpoint,
+                 found.whole[0], ", an older generation: the newest is damaged" if found.problems else "")
+        return found.whole[0], 0
+    if not found.readable:
+        log.info("resuming GPTQ from the layer checkpoint of an earlier attempt in %s (gptqmodel checks it)",
+                 checkpoint)
+    return 0, 0
+
+
 def gptq_config(cfg: QuantizeConfig, offload: Path) -> Any:
     from gptqmodel import QuantizeConfig as GptqConfig
 
@@ -286,17 +382,16 @@ def gptq_config(cfg: QuantizeConfig, offload: Path) -> Any:
                       offload_to_disk=True, offload_to_disk_path=str(offload))
 
 
-def run_gptq(src: Path, dest: Path, cal: Calibration, cfg: QuantizeConfig, work: Path, log: Any) -> float:
+def run_gptq(src: Path, dest: Path, cal: Calibration, cfg: QuantizeConfig, work: Path, log: Any) -> dict[str, float]:
     """Quantize ``src`` into ``dest`` with gptqmodel, resuming from a layer checkpoint in ``work``
-    when an earlier attempt left one; return the seconds spent."""
+    when an earlier attempt left a whole one; return the seconds spent and how it resumed."""
     started = time.time()
     with gptq_environment(work, cfg.cpu_workers):
         from gptqmodel import CheckpointConfig, GPTQModel
-        from gptqmodel.looper.checkpoint_store import CheckpointError
+        from gptqmodel.looper.checkpoint_store import CheckpointCorrupt, CheckpointError
 
-        checkpoint = work / "checkpoint"
-        if (checkpoint / "CURRENT").exists():
-            log.info("resuming GPTQ from the layer checkpoint of an earlier attempt in %s", checkpoint)
+        checkpoint = work / CHECKPOINT
+        resumed_after, set_aside_count = checkpoint_for_resume(checkpoint, log)
         model = GPTQModel.load(str(src), gptq_config(cfg, work / "offload"))
         # gptqmodel would drop samples of <= calibration_data_min_length tokens: ours are all wanted
         args = {"batch_size": cfg.calibration.batch_size, "calibration_data_min_length": 1}
@@ -305,16 +400,25 @@ def run_gptq(src: Path, dest: Path, cal: Calibration, cfg: QuantizeConfig, work:
         except NotImplementedError as exc:  # raised before any work: no checkpoint support for this model
             log.warning("gptqmodel cannot checkpoint this model (%s): a restarted attempt starts GPTQ over", exc)
             model.quantize(cal.samples, **args)
-        except CheckpointError as exc:  # raised before any work: the checkpoint is not this run's
-            log.warning("discarding the GPTQ checkpoint in %s (%s); quantizing from the first layer", checkpoint, exc)
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        except CheckpointError as exc:  # raised before any work: the checkpoint is damaged, or not this run's
+            if isinstance(exc, CheckpointCorrupt):  # damaged since inspect_gptq_checkpoint read it
+                moved = set_aside(checkpoint)
+                set_aside_count += 1
+                log.warning("gptqmodel found the GPTQ checkpoint damaged (%s): set aside as %s; quantizing from the "
+                            "first layer", exc, moved)
+            else:
+                log.warning("discarding the GPTQ checkpoint in %s (%s); quantizing from the first layer", checkpoint,
+                            exc)
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            resumed_after = 0
             model = GPTQModel.load(str(src), gptq_config(cfg, work / "offload"))
             model.quantize(cal.samples, checkpoint=CheckpointConfig(path=str(checkpoint)), **args)
         shutil.rmtree(dest, ignore_errors=True)
         model.save(str(dest))
         del model
         gc.collect()
-    return time.time() - started
+    return {"quantize/seconds": time.time() - started, "quantize/resumed_after_layers": float(resumed_after),
+            "quantize/checkpoints_set_aside": float(set_aside_count)}
 
 
 def copy_tokenizer(src: Path, dest: Path) -> list[str]:
@@ -477,14 +581,15 @@ def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path
     ctx.log.info("calibrating on %d samples, %d tokens from %d documents in %d shards (%d rows without text)",
                  len(cal.samples), cal.tokens, cal.documents, cal.shards_read, cal.skipped_empty)
     with atomic_path(dest) as tmp:  # replaces the dest of an attempt that died before its info file
-        seconds = run_gptq(src, tmp, cal, cfg, work, ctx.log)
+        gptq = run_gptq(src, tmp, cal, cfg, work, ctx.log)
         copy_tokenizer(src, tmp)
         check_output(src, tmp, cfg)
     info = {"calibration/samples": len(cal.samples), "calibration/tokens": cal.tokens,
             "calibration/documents": cal.documents, "calibration/skipped_empty": cal.skipped_empty,
-            "calibration/shards_read": cal.shards_read, "quantize/seconds": seconds}
+            "calibration/shards_read": cal.shards_read, **gptq}
     (ctx.output_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    ctx.log.info("GPTQ %d-bit, group %d: %.1f s; model written to %s", cfg.bits, cfg.group_size, seconds, dest)
+    ctx.log.info("GPTQ %d-bit, group %d: %.1f s; model written to %s", cfg.bits, cfg.group_size,
+                 gptq["quantize/seconds"], dest)
     return info
 
 
@@ -512,9 +617,9 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, float]:
     ctx.log.info("weights on disk: %d bytes -> %d bytes (ratio %.3f)", fp_bytes, q_bytes, metrics["size/ratio"])
     metrics.update(compare_perplexity(src, dest, heldout, tokenizer, cfg.perplexity, work, ctx.log))
     ctx.log_metrics(metrics)
-    if not cfg.keep_checkpoint:
-        for name in ("checkpoint", "offload"):
-            shutil.rmtree(work / name, ignore_errors=True)
+    if not cfg.keep_checkpoint:  # set-aside checkpoints go too: the warning in the stage log is their record
+        for path in (work / CHECKPOINT, work / "offload", *work.glob(f"{CHECKPOINT}.corrupt-*")):
+            shutil.rmtree(path, ignore_errors=True)
     return metrics
 
 

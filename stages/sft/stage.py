@@ -29,10 +29,11 @@ What it does, in order:
 Resumable (stages/common/training.py, shared with align): Trainer checkpoints go to
 ``<output>/checkpoints`` every ``train.save_steps`` and at the last step (which is always evaluated
 too, so its trainer_state.json holds the whole loss history). A later attempt of the same
-fingerprint resumes from the newest complete checkpoint (logged, plus a point ``resume_step`` on
-the curves and ``resumed_from_step`` in the final metrics); if that is the last step, training is
-skipped. Both outputs are written from the last checkpoint, and the checkpoints are deleted after
-a successful run unless ``train.keep_checkpoints``.
+fingerprint resumes from the newest complete checkpoint whose files match its manifest (logged,
+plus a point ``resume_step`` on the curves and ``resumed_from_step`` in the final metrics; a
+corrupt newer one is set aside with a warning and counted in ``checkpoints_set_aside``); if that
+is the last step, training is skipped. Both outputs are written from the last checkpoint, and the
+checkpoints are deleted after a successful run unless ``train.keep_checkpoints``.
 
 Devices: CUDA when present (bf16 when the GPU supports it and ``precision`` is auto/bf16), else
 CPU with ``use_cpu=True`` and fp32. The stage runs as one process: fine for the tiny config and for
@@ -52,7 +53,9 @@ from typing import Any, Literal
 
 from pipeline import Stage, StageContext
 from pipeline.files import atomic_path, write_json_atomic
+from pipeline.inputs import Problem
 from pipeline.schema import Invalid
+from stages.common.inputs import training_data_problems
 from stages.common.training import (
     UNHASHED_TRAIN,
     Attention,
@@ -312,6 +315,14 @@ def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # the data files stages/sft/data.py reads (read_records)
+
+
+def input_problems(cfg: SftConfig) -> list[Problem]:
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): the data files or local dataset it names."""
+    return training_data_problems(cfg.data, DATA_SUFFIXES)
+
+
 STAGE = Stage(
     name="sft",
     config=SftConfig,
@@ -322,5 +333,6 @@ STAGE = Stage(
     # also sets how many completions an RL evaluation samples together).
     unhashed=frozenset([*UNHASHED_TRAIN, "train.eval_batch_size", "sample_max_new_tokens", "dataset_num_proc"]),
     resumable=True,
+    preflight=input_problems,
     description="LoRA / QLoRA / full supervised fine-tuning with TRL.",
 )

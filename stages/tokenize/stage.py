@@ -43,6 +43,7 @@ from typing import Any
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import atomic_path, publish, temp_sibling, write_json_atomic
+from pipeline.inputs import Problem, dir_problem
 from stages.common.shards import (
     ShardResult,
     ShardTask,
@@ -301,6 +302,13 @@ def tokenizer_state(cfg: TokenizeConfig) -> dict[str, str] | None:
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return {"tokenizer": digest.hexdigest()[:16]}
+
+
+def input_problems(cfg: TokenizeConfig) -> list[Problem]:
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): a configured tokenizer is a local dir
+    with a ``tokenizer.json`` (the fast tokenizer batch encoding needs; nothing is downloaded)."""
+    problem = cfg.tokenizer and dir_problem(cfg.tokenizer, ("tokenizer.json",))
+    return [("tokenizer", problem)] if problem else []
 
 
 # ---------------------------------------------------------------- packing (worker side)
@@ -591,5 +599,6 @@ STAGE = Stage(
     resumable=True,
     shard_phases=("encode",),  # on Slurm: one job array over the shards, then packing in the final job
     external=tokenizer_state,
+    preflight=input_problems,
     description="Train or load a tokenizer; pack token shards; hold out a validation split.",
 )

@@ -83,9 +83,24 @@ def _run_llmpipe(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def _small_corpus(corpus: Path) -> list[str]:
+    """Overrides pointing a real config at a one-file crawl and the classifier's samples: `plan` checks
+    that its inputs exist and are of their kind (issue 11)."""
+    import gzip
+
+    from tests.tiny_run import corpus_overrides
+
+    (corpus / "quality").mkdir(parents=True)
+    (corpus / "a.warc.gz").write_bytes(gzip.compress(b"WARC/1.0\r\n"))
+    for name in ("positive", "negative"):
+        (corpus / "quality" / f"{name}.txt").write_text(f"a {name} sample\n")
+    return corpus_overrides(corpus)
+
+
 @pytest.mark.parametrize("conf", ["tiny", "llama-7b"])
 def test_real_plan_works_on_cpu_and_imports_nothing_heavy(conf, tmp_path):
-    proc = _run_llmpipe("plan", "--config-name", conf, f"run.root={tmp_path}")
+    proc = _run_llmpipe("plan", "--config-name", conf, f"run.root={tmp_path / 'runs'}",
+                        *_small_corpus(tmp_path / "corpus"))
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
     for stage in ("ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align", "quantize",

@@ -89,3 +89,61 @@ def test_child_env_puts_the_project_first_once_and_keeps_the_rest():
     assert env == {"PATH": "/bin", "X": "1", "PYTHONPATH": f"/proj{os.pathsep}/other"}
     assert child_env(base={"A": "b"}) == {"A": "b"}
     assert child_env({"PYTHONPATH": "/x"}, pythonpath=["/p"], base={})["PYTHONPATH"] == f"/p{os.pathsep}/x"
+
+
+# A worker as pipeline.worker runs it: fork_guard, then the stage (here: a helper that ignores SIGTERM, in a
+# session of its own as vLLM's server is, then whatever STAGE says). argv: pid file, grace on stop, STAGE.
+GUARDED = """
+import os, subprocess, sys, time
+from pipeline.processes import fork_guard
+fork_guard(stop_grace_s=float(sys.argv[2]), orphan_grace_s=0.5)
+helper = subprocess.Popen(["bash", "-c", "trap '' TERM; exec sleep 300"], start_new_session=True)
+open(sys.argv[1], "w").write(f"{os.getpid()} {helper.pid}")
+exec(sys.argv[3])
+"""
+# What starts the worker with a parent-death signal, as the local executor does; argv: the worker's argv.
+OWNER = """
+import subprocess, sys, time
+from pipeline.processes import die_with_parent
+subprocess.Popen([sys.executable, "-c", *sys.argv[1:]], start_new_session=True, preexec_fn=die_with_parent)
+time.sleep(300)
+"""
+
+
+def _guarded(tmp_path, stage: str, grace_s: float = 30.0, owner: bool = False):
+    """(the process started, the guard's pid, the stage process's pid, the helper's pid)."""
+    pidfile = tmp_path / "pids"
+    argv = [GUARDED, str(pidfile), str(grace_s), stage]
+    proc = subprocess.Popen([sys.executable, "-c", *([OWNER, *argv] if owner else argv)], start_new_session=True)
+    assert _wait_for(lambda: pidfile.is_file() and len(pidfile.read_text().split()) == 2)
+    stage_pid, helper = map(int, pidfile.read_text().split())
+    guard = proc.pid if not owner else next(p for p in descendants(proc.pid) if stage_pid in descendants(p))
+    return proc, guard, stage_pid, helper
+
+
+def test_fork_guard_stops_everything_when_its_owner_dies_even_in_other_sessions(tmp_path):
+    """The owner is SIGKILLed: the guard stops the stage and its helper (own session, ignores SIGTERM) with
+    the short orphan grace, not the long stop grace."""
+    owner, guard, stage, helper = _guarded(tmp_path, "time.sleep(300)", grace_s=30, owner=True)
+    assert os.getpgid(helper) != os.getpgid(stage)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    t0 = time.monotonic()
+    assert _wait_for(lambda: not any(map(pid_alive, (guard, stage, helper))), timeout=10)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_fork_guard_exits_as_its_stage_did_and_leaves_nothing_behind(tmp_path):
+    proc, guard, stage, helper = _guarded(tmp_path, "sys.exit(3)", grace_s=0.5)
+    assert proc.wait(timeout=20) == 3  # after the helper was stopped: SIGTERM ignored, SIGKILL after 0.5 s
+    assert not pid_alive(helper) and not pid_alive(stage)
+    proc, guard, stage, helper = _guarded(tmp_path, "os.kill(os.getpid(), 9)", grace_s=0.5)
+    assert proc.wait(timeout=20) == -signal.SIGKILL and not pid_alive(helper)
+
+
+def test_fork_guard_stops_the_tree_on_sigterm_with_the_stop_grace(tmp_path):
+    proc, guard, stage, helper = _guarded(tmp_path, "time.sleep(300)", grace_s=1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # a cancel: the guard only, not its group
+    assert proc.wait(timeout=20) == -signal.SIGTERM
+    assert 1.0 <= time.monotonic() - t0 < 10 and not pid_alive(stage) and not pid_alive(helper)

@@ -17,7 +17,7 @@ from pipeline.schema import to_plain
 from pipeline.store import Store
 from pipeline.tracking import NullTracker
 from pipeline.worker import read_error
-from tests.pipeline.toy import PROJECT
+from tests.pipeline.toy import PROJECT, orchestrator_running_slow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,35 +89,9 @@ def test_missing_declared_output_is_a_failure_and_nothing_pretends(tmp_path):
     assert not list(cfg.root.glob("lazy/lazy-*")) and not list(cfg.root.glob("after/after-*"))
 
 
-SLOW = ("stage.slow.step_s=0.3", "stage.slow.steps=40")
-
-
-def _orchestrator_running_slow(toy, steps: int, **popen):
-    """An orchestrator process running the slow stage (40 steps of 0.3 s), once the stage has done
-    ``steps`` steps: (the process, the store, the slow stage's fingerprint, its progress file)."""
-    cfg = toy(*SLOW)
-    Runner(toy("run.only=[upper]"), toy.project).run()
-    fp = make_plan(cfg, toy.project).stages["slow"].fingerprint
-    store = Store(cfg.root)
-    code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-        "from pipeline import config\nfrom pipeline.runner import Runner\nfrom tests.pipeline.toy import PROJECT\n"
-        f"cfg = config.load(PROJECT, {str(toy.conf_dir)!r}, 'toy', {[*SLOW, 'run.only=[slow]']!r}, "
-        f"project_dir={str(toy.dir)!r})\n"
-        "Runner(cfg, PROJECT).run()\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, **popen)
-    progress = store.partial_dir("slow", fp) / "progress.txt"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (progress.exists() and int(progress.read_text() or 0) >= steps):
-        time.sleep(0.1)
-    assert progress.exists(), "the slow stage never started"
-    return proc, store, fp, progress
-
-
 def test_resumable_stage_killed_mid_run_resumes_from_partial_output(toy):
     """Kill the orchestrator itself (SIGKILL) mid-stage: no _SUCCESS; the next run continues."""
-    proc, store, fp, progress = _orchestrator_running_slow(toy, steps=3)
+    proc, store, fp, progress = orchestrator_running_slow(toy, steps=3)
     os.kill(proc.pid, signal.SIGKILL)  # the orchestrator only; its stage child must follow it
     proc.wait()
     stage_pid = int((store.partial_dir("slow", fp) / "pid").read_text())
@@ -255,7 +229,7 @@ def test_local_executor_queues_by_dependency_and_holds_the_dependants_of_a_failu
 
 
 def test_ctrl_c_stops_the_running_stage_and_records_the_failure(toy):
-    proc, store, fp, _ = _orchestrator_running_slow(toy, steps=2, stderr=subprocess.PIPE, text=True)
+    proc, store, fp, _ = orchestrator_running_slow(toy, steps=2, stderr=subprocess.PIPE, text=True)
     stage_pid = int((store.partial_dir("slow", fp) / "pid").read_text())
     t0 = time.time()
     proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the orchestrator; the stage has its own session

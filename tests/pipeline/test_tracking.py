@@ -1,12 +1,16 @@
-"""MLflow lineage, checked in a real MLflow store: parent and nested runs, params, curves, tags."""
+"""MLflow lineage, checked in a real MLflow store: parent and nested runs, params, curves, tags;
+runs that start at once on a fresh root; a sync that fails, reported and finished by `llmpipe sync`."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.mlflow_sync import Sync
 from pipeline.runner import Runner
-from pipeline.tracking import pending_journals, tracking_uri
+from pipeline.tracking import JOURNAL_DIR, pending_journals, sync_error, tracking_uri
 
 
 def tracked(toy, *overrides):
@@ -110,6 +114,73 @@ def test_tracking_disabled_writes_no_journal(toy):
     cfg = toy()
     Runner(cfg, toy.project).run()
     assert not (cfg.root / ".tracking").exists()
+
+
+def cli(toy, *args):
+    return main(list(args), project_path="tests.pipeline.toy:PROJECT", default_config_dir=toy.conf_dir)
+
+
+def cli_process(toy, *args):
+    """`llmpipe <args>` of the toy project as its own process (started, not waited for)."""
+    code = ("import sys; from pathlib import Path; from pipeline.cli import main; sys.exit(main(sys.argv[2:], "
+            "project_path='tests.pipeline.toy:PROJECT', default_config_dir=Path(sys.argv[1])))")
+    return subprocess.Popen([sys.executable, "-c", code, str(toy.conf_dir), *args], cwd=toy.dir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.integration
+def test_runs_starting_at_once_on_a_fresh_root_both_reach_mlflow(toy):
+    """Two syncs on a fresh root race to create the SQLite schema ("duplicate column name: step") unless
+    the store is created under its lock."""
+    cfg = tracked(toy)
+    procs = [cli_process(toy, "run", "-c", "toy", "--wait-tracking", "tracking.enabled=true") for _ in range(2)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        assert "warning" not in err, err[-3000:]
+    keys = [line.split("llmpipe.run_key=")[1].split()[0] for out, _ in outputs for line in out.splitlines()
+            if "llmpipe.run_key=" in line]
+    assert len(keys) == 2
+    client = client_for(cfg)
+    for key in keys:
+        parent, runs = stage_runs(client, cfg, key)
+        assert parent.info.status == "FINISHED" and set(runs) == {"source", "upper", "count", "side", "slow"}
+    assert pending_journals(cfg.root) == []
+    for log in (cfg.root / JOURNAL_DIR).glob("*.sync.log"):
+        assert "Error" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_a_failed_sync_is_reported_shown_by_status_and_finished_by_sync(toy, capsys, monkeypatch):
+    monkeypatch.chdir(toy.dir)
+    store = toy.dir / "store"
+    store.write_text("not a folder")  # the MLflow store cannot be created: the sync fails, the run does not
+    args = ("-c", "toy", "tracking.enabled=true", f"tracking.uri=sqlite:///{store}/mlflow.db")
+    assert cli(toy, "run", "--wait-tracking", *args) == 0
+    err = capsys.readouterr().err
+    assert "warning: tracking: the MLflow sync of" in err and "failed (FileExistsError" in err
+    assert "run `llmpipe sync` to apply it" in err
+    cfg = toy(*args[2:])
+    [journal] = pending_journals(cfg.root)
+    assert "FileExistsError" in sync_error(journal)
+
+    assert cli(toy, "status", *args) == 0
+    status = capsys.readouterr().out
+    assert f"tracking: 1 journal(s) not yet in MLflow ({journal.name}: FileExistsError" in status
+    assert status.rstrip().endswith("run `llmpipe sync`")
+
+    assert cli(toy, "sync", *args) == 1  # still unreachable: says so, and the journal stays pending
+    captured = capsys.readouterr()
+    assert "applied 0 tracking journal(s)" in captured.out
+    assert f"tracking journal {journal} did not reach MLflow: FileExistsError" in captured.err
+
+    store.unlink()  # the store is reachable again
+    assert cli(toy, "sync", *args) == 0
+    assert "applied 1 tracking journal(s)" in capsys.readouterr().out
+    assert pending_journals(cfg.root) == [] and sync_error(journal) is None
+    assert cli(toy, "status", *args) == 0
+    assert "tracking: all 1 journal(s) in MLflow" in capsys.readouterr().out
+    parent, runs = stage_runs(client_for(cfg), cfg, json.loads(journal.read_text().splitlines()[0])["key"])
+    assert parent.info.status == "FINISHED" and len(runs) == 5
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,17 @@
 """Test-only stages: cheap file work with the same contract as the real stages.
 
     source -> upper -> count        side (independent)
-                 \\-> slow (resumable, for kill/resume tests)
+                 \\-> slow (resumable, for kill/resume tests; optionally starts a helper like vLLM's server)
+
+    fill (FAULTS: fills a small file system, for the disk-full tests)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +84,28 @@ def run_side(cfg: SideConfig, ctx: StageContext) -> dict[str, float]:
 class SlowConfig:
     steps: int = 6  # steps to do
     step_s: float = 0.0  # execution-only: seconds per step
+    helper: bool = False  # execution-only: start a helper in its own session that ignores SIGTERM (as a server may)
+
+
+# A helper that only SIGKILL stops, in a session of its own: what vLLM's server is to the serve stage.
+HELPER = "trap '' TERM; exec sleep 300"
 
 
 def run_slow(cfg: SlowConfig, ctx: StageContext) -> dict[str, float]:
     """Counts steps in a progress file, resuming from the previous attempt's progress."""
+    from pipeline.processes import pid_alive
+
     progress = ctx.output_dir / "progress.txt"
     done = int(progress.read_text()) if progress.exists() else 0
     (ctx.output_dir / f"attempt-{ctx.attempt}-started-at-{done}").touch()
     (ctx.output_dir / "pid").write_text(str(os.getpid()))
+    helper_pid = ctx.output_dir / "helper.pid"
+    if helper_pid.exists():  # an earlier attempt's helper must be gone before this attempt starts
+        alive = pid_alive(int(helper_pid.read_text()))
+        (ctx.output_dir / f"attempt-{ctx.attempt}-old-helper-alive").write_text("yes" if alive else "no")
+    if cfg.helper:
+        helper = subprocess.Popen(["bash", "-c", HELPER], start_new_session=True)
+        helper_pid.write_text(str(helper.pid))
     for step in range(done, cfg.steps):
         time.sleep(cfg.step_s)
         progress.write_text(str(step + 1))
@@ -103,7 +121,7 @@ PROJECT = Project(
         Stage("count", CountConfig, run_count, ("upper.text",), ("stats",), unhashed=frozenset({"fail"})),
         Stage("side", SideConfig, run_side, (), ("data",)),
         Stage("slow", SlowConfig, run_slow, ("upper.text",), ("result",), resumable=True,
-              unhashed=frozenset({"step_s"})),
+              unhashed=frozenset({"step_s", "helper"})),
     ),
     import_path="tests.pipeline.toy:PROJECT",
 )
@@ -121,7 +139,7 @@ stage:
   upper: {suffix: "!", nested: {a: 1, b: [x]}, log_every: 10}
   count: {fail: false}
   side: {value: 7}
-  slow: {steps: 6, step_s: 0.0}
+  slow: {steps: 6, step_s: 0.0, helper: false}
 """
 
 
@@ -282,3 +300,103 @@ def load_sharded(project_dir: Path, *overrides: str):
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "sharded.yaml").write_text(SHARDED_YAML)
     return config.load(SHARDED, conf, "sharded", list(overrides), project_dir=project_dir)
+
+
+# ---------------------------------------------------------------- processes and faults
+
+
+# An orchestrator in a process of its own, for the tests that kill it: argv = project import path,
+# conf dir, config name, JSON list of overrides, project dir.
+ORCHESTRATOR = """
+import json, sys
+from pipeline import config
+from pipeline.runner import Runner
+from pipeline.worker import load_project
+project = load_project(sys.argv[1])
+cfg = config.load(project, sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), project_dir=sys.argv[5])
+Runner(cfg, project).run()
+"""
+
+
+def start_orchestrator(project: Project, conf_dir: Path, conf_name: str, overrides: list[str],
+                       **popen) -> subprocess.Popen:
+    """``Runner(cfg, project).run()`` in a new process (its own session), the project dir being the
+    conf dir's parent; ``popen`` goes to Popen (env, stdout...)."""
+    return subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, project.import_path, str(conf_dir), conf_name,
+                             json.dumps(overrides), str(Path(conf_dir).parent)], start_new_session=True, **popen)
+
+
+SLOW = ("stage.slow.step_s=0.3", "stage.slow.steps=40")
+
+
+def orchestrator_running_slow(toy, steps: int, *overrides: str, **popen):
+    """An orchestrator process running the slow stage (40 steps of 0.3 s, ``overrides`` added), once
+    the stage has done ``steps`` steps: (the process, the store, the slow stage's fingerprint, its
+    progress file). ``toy`` is the conftest fixture."""
+    from pipeline.plan import make_plan
+    from pipeline.runner import Runner
+    from pipeline.store import Store
+
+    cfg = toy(*SLOW, *overrides)
+    Runner(toy("run.only=[upper]"), toy.project).run()
+    fp = make_plan(cfg, toy.project).stages["slow"].fingerprint
+    store = Store(cfg.root)
+    proc = start_orchestrator(toy.project, toy.conf_dir, "toy", [*SLOW, *overrides, "run.only=[slow]"], **popen)
+    progress = store.partial_dir("slow", fp) / "progress.txt"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (progress.exists() and int(progress.read_text() or 0) >= steps):
+        time.sleep(0.1)
+    assert progress.exists(), "the slow stage never started"
+    return proc, store, fp, progress
+
+
+@dataclass(frozen=True)
+class FillConfig:
+    parts: int = 4  # files to write
+    part_kb: int = 1024  # KiB per file
+    disguise: bool = False  # execution-only: report a full disk the way fastText does, as a ValueError
+    hard: bool = False  # execution-only: on a full disk, exit at once (no error report, nothing freed)
+
+
+def run_fill(cfg: FillConfig, ctx: StageContext) -> dict[str, float]:
+    """Writes ``parts`` files, each complete or absent (temporary name, then rename); resumes by
+    skipping the parts an earlier attempt finished."""
+    out = ctx.output("parts")
+    out.mkdir(exist_ok=True)
+    reused = 0
+    chunk = bytes(range(256)) * 4  # 1 KiB, not all zeros: a compressing file system stores it whole
+    for i in range(cfg.parts):
+        part = out / f"part-{i}"
+        if part.exists():
+            reused += 1
+            continue
+        tmp = out / f".part-{i}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                for _ in range(cfg.part_kb):
+                    f.write(chunk)
+        except OSError:
+            if cfg.hard:
+                os._exit(3)
+            if cfg.disguise:  # fastText leaves its cut-short model file, and fails later to read it
+                raise ValueError("Vector::mul: size mismatch") from None
+            tmp.unlink(missing_ok=True)  # as atomic_path does
+            raise
+        tmp.rename(part)
+    return {"reused": reused}
+
+
+FAULTS = Project(
+    name="faults",
+    stages=(Stage("fill", FillConfig, run_fill, (), ("parts",), resumable=True,
+                  unhashed=frozenset({"disguise", "hard"})),),
+    import_path="tests.pipeline.toy:FAULTS",
+)
+
+FAULTS_YAML = """\
+run: {root: runs, only: [], from: null, force: [], lock_wait_s: 60, keep_going: true}
+tracking: {enabled: false}
+cluster: {executor: local, env: {}}
+stage:
+  fill: {parts: 4, part_kb: 1024, disguise: false, hard: false}
+"""

@@ -1,12 +1,14 @@
 """The training toolkit that sft and align share (stages/common/training.py), without training anything:
-checkpoint selection and resume, atomic saves, metric names, config blocks and their messages, one
-vocabulary in both stages' YAML. The real Trainer runs are in tests/stages/{sft,align}."""
+checkpoint selection and resume (manifests, corrupt checkpoints set aside, a clean restart), atomic
+saves, metric names, config blocks and their messages, one vocabulary in both stages' YAML. The real
+Trainer runs are in tests/stages/{sft,align}."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import typing
@@ -17,6 +19,7 @@ import pytest
 
 from llmpipe.project import CONFIG_DIR, REPO, stage_config
 from pipeline.errors import ConfigError
+from pipeline.files import MANIFEST, write_manifest
 from pipeline.schema import to_plain
 from pipeline.stage import StageContext
 from stages.common import training
@@ -39,13 +42,15 @@ from stages.common.training import (
 
 def write_checkpoint(root: Path, step: int, max_steps: int, history: list[dict] | None = None,
                      complete: bool = True) -> Path:
-    """A checkpoint dir as the Trainer leaves it: weights first, trainer_state.json last (absent: interrupted)."""
+    """A checkpoint dir as the Trainer and the manifest callback leave it: weights, trainer_state.json,
+    then the manifest (``complete=False``: a save interrupted before the manifest)."""
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "model.safetensors").write_bytes(os.urandom(2048))
+    state = {"global_step": step, "max_steps": max_steps, "log_history": history or []}
+    (path / "trainer_state.json").write_text(json.dumps(state))
     if complete:
-        state = {"global_step": step, "max_steps": max_steps, "log_history": history or []}
-        (path / "trainer_state.json").write_text(json.dumps(state))
+        write_manifest(path)
     return path
 
 
@@ -78,8 +83,12 @@ class FakeTrainer:
         self.callbacks.append(callback)
 
     def train(self, resume_from_checkpoint: str | None = None) -> None:
+        """Save the last step's checkpoint, then call the callbacks' on_save, as the Trainer does."""
         self.resumed_from = resume_from_checkpoint
-        write_checkpoint(self.checkpoints, self.steps, self.steps, self.history)
+        write_checkpoint(self.checkpoints, self.steps, self.steps, self.history, complete=False)
+        state = SimpleNamespace(is_world_process_zero=True, global_step=self.steps, max_steps=self.steps)
+        for callback in self.callbacks:
+            callback.on_save(self.args, state, SimpleNamespace())
 
 
 HISTORY = [{"eval_loss": 3.0, "eval_runtime": 0.1, "step": 0}, {"loss": 2.5, "learning_rate": 1e-3, "step": 1},
@@ -93,19 +102,66 @@ HISTORY = [{"eval_loss": 3.0, "eval_runtime": 0.1, "step": 0}, {"loss": 2.5, "le
 
 def test_newest_complete_checkpoint_is_picked_and_incomplete_ones_are_dropped(tmp_path, caplog):
     root = tmp_path / "checkpoints"
-    assert latest_checkpoint(root) == (None, False)
+    assert latest_checkpoint(root) == Resume(None, False)
     write_checkpoint(root, 5, 20)
     write_checkpoint(root, 10, 20)
-    write_checkpoint(root, 15, 20, complete=False)  # a crash while saving
+    write_checkpoint(root, 15, 20, complete=False)  # a crash while saving: no manifest
     (root / "checkpoint-x").mkdir()  # not a checkpoint: left alone
     with caplog.at_level(logging.WARNING):
         found = latest_checkpoint(root, logging.getLogger("test"))
-    assert found == (root / "checkpoint-10", False)
+    assert found == Resume(root / "checkpoint-10", False)
     assert not (root / "checkpoint-15").exists() and (root / "checkpoint-x").exists()
     assert any("removing incomplete checkpoint" in r.getMessage() and "checkpoint-15" in r.getMessage()
                for r in caplog.records)
     write_checkpoint(root, 20, 20)
-    assert latest_checkpoint(root) == (root / "checkpoint-20", True)  # the last step: training is done
+    assert latest_checkpoint(root) == Resume(root / "checkpoint-20", True)  # the last step: training is done
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_out_of_the_trainers_sight(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 5, 20)
+    newest = write_checkpoint(root, 10, 20)
+    os.truncate(newest / "model.safetensors", 10)
+    with caplog.at_level(logging.WARNING):
+        found = latest_checkpoint(root, logging.getLogger("test"))
+    assert found.checkpoint == root / "checkpoint-5" and found.step == 5 and not found.finished
+    [(moved, reason)] = found.corrupt
+    # Not beside the others: the Trainer's rotation counts (and deletes) every "checkpoint-*" dir there.
+    assert moved.parent == root / "set-aside" and moved.name.startswith("checkpoint-10.corrupt-")
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-5", "set-aside"]
+    assert "model.safetensors: 10 bytes on disk, 2048 in the manifest" in reason
+    assert any(r.levelno == logging.WARNING and "checkpoint-10 is corrupt" in r.getMessage()
+               and "model.safetensors" in r.getMessage() for r in caplog.records)
+
+
+def test_the_manifest_is_written_after_the_trainers_save(tmp_path):
+    ctx = context(tmp_path)
+    checkpoints = ctx.output_dir / "checkpoints"
+    final, _ = train_or_resume(lambda resume: FakeTrainer(checkpoints, 4, HISTORY), checkpoints, ctx)
+    manifest = json.loads((final / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == ["model.safetensors", "trainer_state.json"]
+    assert manifest["meta"] == {"step": 4}
+
+
+def test_when_every_checkpoint_is_corrupt_the_phase_starts_over_and_says_so(tmp_path, caplog):
+    ctx = context(tmp_path, attempt=2)
+    checkpoints = ctx.output_dir / "checkpoints"
+    only = write_checkpoint(checkpoints, 2, 4)
+    (only / "model.safetensors").write_bytes(os.urandom(2048))  # same size, other bytes
+    built: list[Resume] = []
+
+    def build(resume: Resume) -> FakeTrainer:
+        built.append(resume)
+        return FakeTrainer(checkpoints, 4, HISTORY)
+
+    with caplog.at_level(logging.INFO, logger="llmpipe.stage"):
+        final, metrics = train_or_resume(build, checkpoints, ctx)
+    assert built[0].checkpoint is None and len(built[0].corrupt) == 1
+    assert "model.safetensors: its xxh3_128 hash differs" in built[0].corrupt[0][1]
+    assert metrics["resumed_from_step"] == 0 and metrics["checkpoints_set_aside"] == 1 and metrics["steps"] == 4
+    assert "no complete checkpoint is left (1 set aside): training starts over from step 0" in caplog.text
+    assert records(ctx) == []  # no resume point on the curves
+    assert final == checkpoints / "checkpoint-4" and len(list((checkpoints / "set-aside").iterdir())) == 1
 
 
 def test_a_phase_trains_from_its_newest_checkpoint_and_reports_under_its_prefix(tmp_path):
@@ -122,6 +178,7 @@ def test_a_phase_trains_from_its_newest_checkpoint_and_reports_under_its_prefix(
     assert final == checkpoints / "checkpoint-4"
     assert built == [Resume(checkpoints / "checkpoint-2", False)] and built[0].step == 2
     assert metrics["reward_model/resumed_from_step"] == 2 and metrics["reward_model/steps"] == 4
+    assert metrics["reward_model/checkpoints_set_aside"] == 0
     assert metrics["reward_model/first_train_loss"] == 2.5 and metrics["reward_model/final_train_loss"] == 1.5
     assert metrics["reward_model/initial_eval_loss"] == 3.0 and metrics["reward_model/final_eval_loss"] == 1.25
     assert metrics["reward_model/final_eval_rewards/accuracies"] == 0.75
@@ -152,7 +209,7 @@ def test_training_that_ends_without_a_last_checkpoint_is_an_error(tmp_path):
         def train(self, resume_from_checkpoint=None):
             write_checkpoint(self.checkpoints, 2, 4)
 
-    with pytest.raises(TrainingError, match="without a checkpoint of its last step"):
+    with pytest.raises(TrainingError, match="without a complete checkpoint of its last step"):
         train_or_resume(lambda resume: NoSave(checkpoints, 4, []), checkpoints, ctx)
 
 
@@ -271,7 +328,8 @@ def test_a_full_checkpoint_is_loaded_as_is_and_an_adapter_needs_its_base(tmp_pat
     ("lora.target_modules=[]", "lora.target_modules: is empty"),
     ("train.lr=0", "train.lr: must be positive, got 0.0"),
     ("train.max_steps=-2", "train.max_steps: must be positive, or -1"),
-    ("train.save_total_limit=0", "train.save_total_limit: must be at least 1, got 0"),
+    ("train.save_total_limit=1", "train.save_total_limit: must be at least 2 (the one before the newest is the "
+                                 "fallback when the newest is found corrupt), got 1"),
     ("train.warmup=-1", "train.warmup: must be >= 0"),
     ("train.lr_scheduler=cosin", "train.lr_scheduler: 'cosin' is not one of"),
 ])

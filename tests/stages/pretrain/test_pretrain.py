@@ -1,6 +1,8 @@
 """The pretrain stage: config checks, DeepSpeed config, data order and schedule arithmetic (fast), and
 real training under the DeepSpeed launcher with 2 CPU ranks (integration): loss falls, the exported
-model loads and generates, a killed run resumes from its checkpoint.
+model loads and generates, a killed run resumes from its checkpoint, or from the one before when the
+newest is corrupt. Checkpoint selection (manifests, set-aside, a clean restart) also runs on real
+files without DeepSpeed.
 
 Configs come from the shipped YAML (``stage_config``) with test-sized values; the curves carry the
 names every training stage uses (stages/common/training.py)."""
@@ -8,6 +10,7 @@ names every training stage uses (stages/common/training.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -22,23 +25,24 @@ import pytest
 
 from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
+from pipeline.files import MANIFEST, write_manifest
 from pipeline.stage import StageContext
 from stages.common.modeling import VocabSizeError, llama_config, matmul_params, peak_tflops, train_flops_per_token
-from stages.pretrain.loop import (
-    MARKER,
+from stages.pretrain.checkpoints import (
     CheckpointLayoutError,
-    StepSampler,
     check_layout,
-    eval_indices,
+    checkpoint_meta,
+    choose_resume,
     prune_checkpoints,
-    step_batch,
 )
+from stages.pretrain.loop import StepSampler, eval_indices, record_rank_error, step_batch
 from stages.pretrain.stage import (
     STAGE,
     PretrainConfig,
     PretrainInputError,
     choose_bf16,
     deepspeed_config,
+    failure_message,
     inspect_inputs,
     make_schedule,
     run,
@@ -321,19 +325,81 @@ def test_llama_config_shape_and_flops_estimate():
     assert peak_tflops("Some GPU") is None and peak_tflops("NVIDIA H100", configured=500.0) == 500.0
 
 
+def fake_checkpoint(root: Path, step: int, world: int = 2, zero_stage: int = 2, complete: bool = True) -> Path:
+    """A checkpoint dir as DeepSpeed and rank 0 leave it: the ranks' files, then (complete) the manifest."""
+    ckpt = root / f"step{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(os.urandom(4096))
+    for rank in range(world):
+        (ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(8192))
+    if complete:
+        write_manifest(ckpt, meta=checkpoint_meta(step, world, zero_stage))
+    return ckpt
+
+
 def test_checkpoint_layout_guard_and_pruning(tmp_path):
     for step in (10, 20, 30):
-        (tmp_path / f"step{step:08d}").mkdir()
-        (tmp_path / f"step{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": 2,
-                                                                          "zero_stage": 2}))
-    (tmp_path / "step00000025").mkdir()  # a save cut short: older than the newest complete one
-    (tmp_path / "step00000040").mkdir()  # a save cut short after it: overwritten by the next save
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 25, complete=False)  # a save cut short: older than the newest complete one
+    fake_checkpoint(tmp_path, 40, complete=False)  # a save cut short after it: overwritten by the next save
+    (tmp_path / "step00000005.corrupt-20260101T000000Z").mkdir()  # set aside: never pruned
     prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000020", "step00000030", "step00000040"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000005.corrupt-20260101T000000Z", "step00000020",
+                                                          "step00000030", "step00000040"]
     check_layout({"world_size": 2, "zero_stage": 2}, tmp_path / "step00000030", 2, 2)
     with pytest.raises(CheckpointLayoutError, match="written by 2 ranks with ZeRO stage 2; this attempt has 4 ranks "
                                                     "with ZeRO stage 3"):
         check_layout({"world_size": 2, "zero_stage": 2}, tmp_path / "step00000030", 4, 3)
+    with pytest.raises(CheckpointLayoutError, match="written by 2 ranks"):  # checked before any rank starts
+        choose_resume(tmp_path, 4, 3, logging.getLogger("test"))
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_one_before_is_used(tmp_path, caplog):
+    log = logging.getLogger("test.pretrain")
+    older, newest = fake_checkpoint(tmp_path, 10), fake_checkpoint(tmp_path, 20)
+    fake_checkpoint(tmp_path, 30, complete=False)  # a save cut short: not a candidate, not corrupt
+    os.truncate(newest / "mp_rank_00_model_states.pt", 100)
+    with caplog.at_level(logging.INFO, logger=log.name):
+        resume = choose_resume(tmp_path, 2, 2, log)
+    assert (resume.checkpoint, resume.step) == (older, 10)
+    [(moved, reason)] = resume.corrupt
+    assert not newest.exists() and moved.name.startswith("step00000020.corrupt-") and (moved / MANIFEST).is_file()
+    assert "mp_rank_00_model_states.pt: 100 bytes on disk, 4096 in the manifest" in reason
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "checkpoint step00000020 is corrupt" in warning and "mp_rank_00_model_states.pt" in warning
+    assert "resuming from" in caplog.text and (tmp_path / "step00000030").exists()
+    # The same checkpoint verified again: nothing more is set aside.
+    assert choose_resume(tmp_path, 2, 2, log).corrupt == []
+
+
+def test_when_every_checkpoint_is_corrupt_training_starts_over_and_says_so(tmp_path, caplog):
+    only = fake_checkpoint(tmp_path, 10)
+    (only / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(os.urandom(8192))  # same size, other bytes
+    with caplog.at_level(logging.INFO, logger="test.pretrain"):
+        resume = choose_resume(tmp_path, 2, 2, logging.getLogger("test.pretrain"))
+    assert resume.checkpoint is None and resume.step == 0 and len(resume.corrupt) == 1
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: its xxh3_128 hash differs" in resume.corrupt[0][1]
+    assert "no complete checkpoint is left (1 set aside): training starts over from step 0" in caplog.text
+    assert [p.name.split(".")[0] for p in tmp_path.iterdir()] == ["step00000010"]  # renamed, not deleted
+    assert choose_resume(tmp_path / "none", 2, 2, logging.getLogger("test")).checkpoint is None
+
+
+def test_a_failed_launch_names_the_first_failing_ranks_exception(tmp_path):
+    out = tmp_path / "out"
+    assert "no checkpoint is complete yet: the next attempt starts from step 0" in failure_message(1, out)
+    fake_checkpoint(out / "checkpoints", 10)
+    for rank, message in ((0, "PytorchStreamReader failed reading zip archive: failed finding central directory"),
+                          (1, "Connection closed by peer")):
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as exc:
+            record_rank_error(out, rank, exc)
+        time.sleep(0.01)
+    (out / "rank_errors" / "rank2.json").write_text('{"rank": 2, "t"')  # cut short as its rank died
+    message = failure_message(1, out)
+    assert message.startswith("the DeepSpeed launcher exited with status 1 (rank 0: RuntimeError: PytorchStreamReader "
+                              "failed reading zip archive")
+    assert "the next attempt checks step00000010 against its manifest" in message
 
 
 # ---------------------------------------------------------------- real training (DeepSpeed launcher, 2 CPU ranks)
@@ -396,9 +462,10 @@ def processes_mentioning(text: str) -> list:
 
 
 @pytest.mark.integration
-def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(corpus, tmp_path):
+def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(corpus, tmp_path, caplog):
     """The one real DeepSpeed run of this module (the whole tiny pipeline test trains ZeRO-2 end to end):
-    attempt 1 is stopped after its first checkpoint, attempt 2 resumes, learns and exports, attempt 3
+    attempt 1 is stopped after its second checkpoint; a file of its newest checkpoint is then cut
+    short; attempt 2 sets that one aside, resumes from the one before, learns and exports; attempt 3
     finds the finished output and trains nothing."""
     from pipeline.schema import to_plain
 
@@ -407,14 +474,15 @@ def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(c
     out.mkdir()
     cfg = small_cfg(zero_stage=3, max_steps=40, checkpoint_every=5, eval_every=20)
     # Attempt 1 runs like a stage worker: its own process group, stopped the way the worker is (SIGTERM to
-    # the group) as soon as the first checkpoint is complete.
+    # the group) as soon as two checkpoints are complete (keep_checkpoints=2).
     proc = subprocess.Popen([sys.executable, "-c", STAGE_IN_SUBPROCESS, json.dumps(to_plain(cfg)), str(out),
                              str(tokenizer_dir), str(tokens_dir)], cwd=REPO, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 600
-    while not list((out / "checkpoints").glob(f"*/{MARKER}")) and proc.poll() is None and time.time() < deadline:
+    while len(list((out / "checkpoints").glob(f"step*/{MANIFEST}"))) < 2 and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.1)
-    assert proc.poll() is None, "attempt 1 ended before its first checkpoint"
+    assert proc.poll() is None, "attempt 1 ended before its second checkpoint"
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
     for _ in range(100):  # the launcher and both ranks went down with the group
@@ -425,10 +493,20 @@ def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(c
     assert not (out / "model").exists()
     first = records(out / "metrics.jsonl")
     trained_before = max(r["step"] for r in first if "train_loss" in r["metrics"])
+    # The newest complete checkpoint loses the end of its model states (as a full disk or a bad copy would).
+    *_, older, newest = sorted(p.parent for p in (out / "checkpoints").glob(f"step*/{MANIFEST}"))
+    states = newest / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: each rank's; ZeRO-2: mp_rank_00_...
+    cut = states.stat().st_size // 2
+    os.truncate(states, cut)
 
-    metrics = run(cfg, context(out, tokenizer_dir, tokens_dir, attempt=2))
+    with caplog.at_level(logging.INFO, logger="llmpipe.stage"):
+        metrics = run(cfg, context(out, tokenizer_dir, tokens_dir, attempt=2))
 
+    assert f"checkpoint {newest.name} is corrupt: {states}: {cut} bytes on disk" in caplog.text
+    [moved] = (out / "checkpoints").glob(f"{newest.name}.corrupt-*")
+    assert (moved / states.name).stat().st_size == cut  # set aside as it was, not deleted
     resumed = int(metrics["resumed_from_step"])
+    assert resumed == int(older.name[4:]) and metrics["checkpoints_set_aside"] == 1
     assert 5 <= resumed <= trained_before and resumed % 5 == 0 and metrics["steps"] == 40
     assert metrics["tokens"] == 40 * 8 * 64 and metrics["world_size"] == 2 and metrics["mean_tokens_per_s"] > 0
     recs = records(out / "metrics.jsonl")
@@ -446,7 +524,8 @@ def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(c
     assert metrics["final_eval_loss"] < metrics["initial_eval_loss"] - 1.5
     assert metrics["final_perplexity"] == pytest.approx(np.exp(metrics["final_eval_loss"]))
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000035", "step00000040"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == sorted([
+        "step00000035", "step00000040", moved.name])  # the set-aside one is never pruned
     # ZeRO-3 shards were consolidated into a whole model: plain transformers gets the loss the ranks measured.
     assert_loads_and_generates(out / "model")
     assert exported_val_loss(out / "model", tokens_dir, cfg.eval_sequences) == pytest.approx(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 
@@ -506,3 +507,23 @@ def test_external_state_follows_file_contents(samples, tmp_path):
 def test_stage_declaration():
     assert quality.STAGE.resumable and quality.STAGE.unhashed == frozenset({"workers"})
     assert quality.STAGE.inputs == ("dedup.documents",) and quality.STAGE.outputs == ("documents", "dropped")
+
+
+def test_a_cut_short_saved_classifier_is_not_published(tmp_path):
+    """fastText writes a short file on a full disk without a word and loads it back without one;
+    check_saved reads it back and compares the last thing in the file, the output matrix."""
+    import fasttext
+
+    from stages.quality.stage import check_saved
+
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(["__label__hq the report explains the method"] * 30 + ["__label__lq buy now cheap"] * 30))
+    model = fasttext.train_supervised(str(data), epoch=1, verbose=0)
+    path = tmp_path / "model.bin"
+    model.save_model(str(path))
+    check_saved(model, path)  # whole: no error
+    for cut in (4, path.stat().st_size // 2):
+        model.save_model(str(path))
+        os.truncate(path, path.stat().st_size - cut)
+        with pytest.raises(ClassifierError, match="was not saved whole"):
+            check_saved(model, path)

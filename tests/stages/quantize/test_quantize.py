@@ -1,10 +1,13 @@
 """The quantize stage on CPU: real GPTQ (gptqmodel) of a tiny Llama built here, loaded back with
-transformers (and with vLLM in the integration test), perplexity before/after on a held-out split."""
+transformers (and with vLLM in the integration test), perplexity before/after on a held-out split;
+resumed from gptqmodel's layer checkpoint, and started over when that checkpoint is damaged."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +27,7 @@ from stages.quantize.stage import (
     QuantizeShapeError,
     build_calibration,
     heldout_windows,
+    inspect_gptq_checkpoint,
     run,
 )
 from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
@@ -144,12 +148,58 @@ def test_a_restarted_attempt_resumes_from_the_layer_checkpoint(quantized, world,
     b = load_file(str(ctx.output("model") / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert "perplexity/fp" not in metrics
+    assert metrics["quantize/resumed_after_layers"] == 2 and metrics["quantize/checkpoints_set_aside"] == 0
     assert not (ctx.output_dir / "gptq" / "checkpoint").exists(), "the checkpoint is removed after success"
     # a further attempt finds the finished model and only measures
     caplog.clear()
     with caplog.at_level("INFO", logger=ctx.log.name):
         again = run(replace(CFG, perplexity=replace(CFG.perplexity, max_tokens=0)), ctx)
     assert "only measuring" in caplog.text and again["size/quantized_bytes"] == metrics["size/quantized_bytes"]
+
+
+def generations(checkpoint: Path) -> list[dict]:
+    """gptqmodel's published generations in ``checkpoint``, newest first (CURRENT, then each one's object)."""
+    refs = json.loads((checkpoint / "CURRENT").read_text())["generations"]
+    return [json.loads((checkpoint / "objects" / ref).read_text()) for ref in refs]
+
+
+def test_a_damaged_newest_generation_is_named_and_the_one_before_offered(quantized, tmp_path):
+    """A file only the newest generation uses (layer 1's weights) is damaged: the check names it, and
+    the older generation (layer 0 done), which gptqmodel resumes from, is still whole."""
+    _, first = quantized
+    checkpoint = shutil.copytree(first.output_dir / "gptq" / "checkpoint", tmp_path / "checkpoint")
+    newest, older = generations(checkpoint)
+    assert inspect_gptq_checkpoint(checkpoint).whole == [newest["cursor"], older["cursor"]] == [2, 1]
+    only_newest = sorted(set(newest["artifacts"].values()) - set(older["artifacts"].values()))[0]
+    os.truncate(checkpoint / "objects" / only_newest, 10)
+    found = inspect_gptq_checkpoint(checkpoint)
+    assert found.whole == [1] and found.problems == [f"{checkpoint / 'objects' / only_newest}: its sha256 differs "
+                                                     f"from its name (the bytes changed)"]
+    assert inspect_gptq_checkpoint(tmp_path / "none").whole == []
+
+
+def test_a_corrupt_layer_checkpoint_is_set_aside_and_gptq_starts_over(quantized, world, caplog):
+    """Layer 0's weights, which every generation needs, are damaged: nothing whole is left, so the
+    checkpoint is set aside (kept, renamed) and GPTQ starts over, writing the same weights."""
+    from safetensors.torch import load_file
+
+    _, first = quantized
+    ctx = context(world, "corrupt_checkpoint")
+    checkpoint = shutil.copytree(first.output_dir / "gptq" / "checkpoint", ctx.output_dir / "gptq" / "checkpoint")
+    layer0 = checkpoint / "objects" / generations(checkpoint)[-1]["artifacts"]["model.layers.0.mlp.down_proj"]
+    damaged = os.urandom(layer0.stat().st_size)
+    layer0.write_bytes(damaged)
+    with caplog.at_level(logging.INFO, logger=ctx.log.name):
+        metrics = run(replace(CFG, keep_checkpoint=True, perplexity=replace(CFG.perplexity, max_tokens=0)), ctx)
+    assert f"GPTQ layer checkpoint: {layer0}: its sha256 differs from its name" in caplog.text
+    assert "no whole generation is left in the GPTQ layer checkpoint: set aside" in caplog.text
+    [moved] = (ctx.output_dir / "gptq").glob("checkpoint.corrupt-*")
+    assert (moved / "objects" / layer0.name).read_bytes() == damaged  # renamed as it was, not deleted
+    assert inspect_gptq_checkpoint(checkpoint).whole == [2, 1]  # the new attempt's own, whole
+    assert metrics["quantize/resumed_after_layers"] == 0 and metrics["quantize/checkpoints_set_aside"] == 1
+    a = load_file(str(first.output("model") / "model.safetensors"))
+    b = load_file(str(ctx.output("model") / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_a_checkpoint_of_another_config_is_discarded(quantized, world, caplog):

@@ -11,7 +11,9 @@ output, the failures that must name their flag. The shared toolkit has its own t
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -206,22 +208,47 @@ def attempt(first: StageContext, number: int) -> StageContext:
                         metrics_file=first.metrics_file, inputs=dict(first.inputs))
 
 
+def test_a_corrupt_only_checkpoint_is_set_aside_and_training_starts_over(world, lora_run, caplog):
+    """The last step's checkpoint, alone in a new output dir, with its optimizer state changed on disk:
+    the attempt sets it aside and trains from step 0, exactly as the first run did."""
+    first_metrics, first = lora_run
+    out = first.output_dir.parent / "lora-restart"
+    ctx = StageContext(stage="sft", fingerprint="restart", output_dir=out, attempt=2,
+                       metrics_file=out / "metrics.jsonl", inputs=dict(first.inputs))
+    last = f"checkpoint-{CFG.train.max_steps}"
+    shutil.copytree(first.output_dir / CHECKPOINTS / last, ctx.output_dir / CHECKPOINTS / last)
+    optimizer = ctx.output_dir / CHECKPOINTS / last / "optimizer.pt"
+    optimizer.write_bytes(os.urandom(optimizer.stat().st_size))  # same size, other bytes
+    with caplog.at_level("INFO", logger="llmpipe.stage"):
+        metrics = run(CFG, ctx)
+    assert f"checkpoint {last} is corrupt: {optimizer}: its xxh3_128 hash differs" in caplog.text
+    assert "no complete checkpoint is left (1 set aside): training starts over from step 0" in caplog.text
+    assert metrics["resumed_from_step"] == 0 and metrics["checkpoints_set_aside"] == 1
+    assert metrics["steps"] == CFG.train.max_steps and not curve(ctx, "resume_step")
+    assert metrics["final_train_loss"] == pytest.approx(first_metrics["final_train_loss"])  # the same run again
+    assert not (ctx.output_dir / CHECKPOINTS).exists()  # with the set-aside one: keep_checkpoints is false
+
+
 def test_lora_resumes_mid_training_then_skips_finished_training(world, lora_run, caplog):
     _, first = lora_run
     checkpoints = first.output_dir / CHECKPOINTS
     half = CFG.train.max_steps // 2
     kept = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
     assert kept == [f"checkpoint-{CFG.train.max_steps}", f"checkpoint-{half}"]
-    # An attempt that died while saving its last step: that checkpoint has weights but no trainer state.
-    (checkpoints / f"checkpoint-{CFG.train.max_steps}" / "trainer_state.json").unlink()
+    # The newest checkpoint loses the end of its adapter weights (a full disk, a bad copy): it is set aside and
+    # the one before it used; the Trainer kept two (train.save_total_limit) for this.
+    adapter = checkpoints / f"checkpoint-{CFG.train.max_steps}" / "adapter_model.safetensors"
+    os.truncate(adapter, 1000)
     evals_before = len(curve(first, "eval_loss"))
     with caplog.at_level("INFO", logger="llmpipe.stage"):
         metrics = run(with_train(CFG, keep_checkpoints=True), attempt(first, 2))
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("removing incomplete checkpoint") and f"checkpoint-{CFG.train.max_steps}" in m
+    assert any(m.startswith(f"checkpoint checkpoint-{CFG.train.max_steps} is corrupt: {adapter}: 1000 bytes on disk")
                for m in messages)
+    [moved] = (checkpoints / "set-aside").iterdir()
+    assert (moved / adapter.name).stat().st_size == 1000  # renamed as it was, not deleted
     assert any(f"resuming from {checkpoints / f'checkpoint-{half}'}" in m for m in messages)
-    assert metrics["resumed_from_step"] == half
+    assert metrics["resumed_from_step"] == half and metrics["checkpoints_set_aside"] == 1
     assert metrics["steps"] == CFG.train.max_steps
     assert curve(first, "resume_step") == [(half, half)]  # the resume is a point on the MLflow curves
     # the resumed attempt trained steps half+1..max_steps (train-loss points logged past `half` again)

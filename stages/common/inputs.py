@@ -1,0 +1,61 @@
+"""Plan-time input checks that several stages share (their ``Stage.preflight``; the helpers are in
+pipeline/inputs.py): fastText models (ingest's language id, quality's classifier) and the training
+data files and local datasets of sft and align.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.inputs import GZIP_JSON_LINES, JSON_LINES, PARQUET, Problem, file_problem, starts_with
+
+# fastText's FASTTEXT_FILEFORMAT_MAGIC_INT32 (793712314), the first 4 bytes of every .bin and .ftz model.
+FASTTEXT_MODEL = starts_with("a fastText model", struct.pack("<i", 793712314))
+
+KEY = "data.files"
+# How the training stages read a data file, by its suffix (stages/common/training.py: file_suffix).
+DATA_KINDS = {".jsonl": JSON_LINES, ".jsonl.gz": GZIP_JSON_LINES, ".json": JSON_LINES, ".parquet": PARQUET}
+
+
+def data_file_problems(patterns: Sequence[str], suffixes: Sequence[str]) -> list[Problem]:
+    """``data.files`` of sft or align: every pattern matches (as the stage expands it), every file has
+    one of the ``suffixes`` the stage reads and starts like one (a JSON first line, Parquet's magic)."""
+    from stages.common.training import TrainingDataError, expand_files, file_suffix
+
+    problems: list[Problem] = []
+    for pattern in patterns:
+        try:
+            files = expand_files([pattern], KEY)
+        except TrainingDataError:  # its message names the pattern, as ours does
+            problems.append((KEY, f"{pattern!r} matches no file"))
+            continue
+        for path in files:
+            suffix = file_suffix(path)
+            if suffix not in suffixes:
+                problems.append((KEY, f"{str(path)!r} has an unsupported type {suffix!r} "
+                                      f"(expected {', '.join(suffixes)})"))
+            elif problem := file_problem(path, DATA_KINDS[suffix]):
+                problems.append((KEY, problem))
+    return problems
+
+
+def dataset_problems(name: str | None) -> list[Problem]:
+    """``data.dataset`` when it is written as a local path (absolute, ./, ../ or ~): it must exist
+    (load_dataset reads a dataset folder or script there). Anything else is a hub name, which
+    planning does not look up."""
+    if name is None or not name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name)):
+        return []
+    return [("data.dataset", f"{name!r} does not exist (a local path; hub names do not start with / . or ~)")]
+
+
+def training_data_problems(data: Any, suffixes: Sequence[str]) -> list[Problem]:
+    """The ``preflight`` of sft and align, on their ``data`` block (source, files, dataset): the data files
+    (source=files, read by suffix, one of ``suffixes``) or a local dataset path (source=dataset)."""
+    if data.source == "files":
+        return data_file_problems(data.files, suffixes)
+    if data.source == "dataset":
+        return dataset_problems(data.dataset)
+    return []  # corpus: the pipeline's own pii.documents
