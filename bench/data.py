@@ -889,7 +889,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown {unknown}" if unknown else "--workers and --scale must be positive")
 
     sys.path.insert(0, str(REPO))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    from pipeline.processes import child_env
+
+    os.environ["PYTHONPATH"] = child_env(pythonpath=[REPO])["PYTHONPATH"]  # the stages' worker pools import us
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(f"bench/data.py: workers={args.workers}, scale={args.scale:g}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -71,6 +71,9 @@ KILL_WINDOW = (0.1, 0.9)  # the kill falls in this share of the stage's referenc
 ORPHAN_LIMIT_S = 2.0  # issue 11: every stage process is gone this long after the orchestrator died
 POLL_S = 0.05
 RUN_RECORDS = frozenset({"stage_info.json", "stage.log", "metrics.jsonl", "_SUCCESS"})  # top level of an output
+# Logs a library writes into the output, one per attempt, named by a random id and the time (gptqmodel's
+# gptq/logs/gptq_log_<id>_time_<date>.log): run records too, so neither their bytes nor their names count.
+RUN_RECORD_GLOBS: dict[str, tuple[str, ...]] = {"quantize": ("gptq/logs/*",)}
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def compare_outputs(stage: str, reference: Path, output: Path, volatile: list[st
     ref, out = files(reference), files(output)
     diffs = []
     for rel in sorted(ref | out):
-        if rel in RUN_RECORDS:
+        if rel in RUN_RECORDS or any(fnmatch.fnmatch(rel, g) for g in RUN_RECORD_GLOBS.get(stage, ())):
             continue
         if rel not in out or rel not in ref:
             diffs.append(f"{rel}: {'missing' if rel not in out else 'not in the reference'}")
@@ -534,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             trial = run_trial(stage, work, corpus, reference, args.seed, args.orphan_cap, args.timeout, args.control)
             trials.append(trial)
+            if not trial.reproduced and (work / "root").is_dir():  # kept for a look at what differs
+                shutil.rmtree(work / f"differs-{stage}", ignore_errors=True)
+                os.rename(work / "root", work / f"differs-{stage}")
             print(table([trial]).splitlines()[-1], flush=True)
     finally:  # Ctrl-C: the runs live in their own sessions, the terminal's signal does not reach them
         for proc in _STARTED:

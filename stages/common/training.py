@@ -587,6 +587,11 @@ def merged_model(checkpoint: Path, base_dir: Path, load: Callable[[Path], Any],
 
     peft_model = PeftModel.from_pretrained(load(base_dir), str(checkpoint))
     if save_adapter_to is not None:
+        # peft keeps target_modules as a set and writes it in set order, which changes with each process's
+        # string hash seed; sorted, the same training saves the same adapter bytes (bench/faults.py checks).
+        for config in peft_model.peft_config.values():
+            if isinstance(config.target_modules, set | frozenset):
+                config.target_modules = sorted(config.target_modules)
         peft_model.save_pretrained(str(save_adapter_to))
     return peft_model.merge_and_unload()
 

@@ -31,6 +31,15 @@ def test_identical_outputs_ignore_the_run_records(tmp_path):
     assert faults.compare_outputs("ingest", ref, out) == []
 
 
+def test_a_librarys_own_logs_are_run_records_too(tmp_path):
+    """gptqmodel writes a log named by a random id and the time into quantize's output, one per attempt."""
+    ref = _output(tmp_path / "ref", {"model/config.json": {"bits": 4}, "gptq/logs/gptq_log_ab_time_01h.log": b"a"})
+    out = _output(tmp_path / "out", {"model/config.json": {"bits": 4}, "gptq/logs/gptq_log_cd_time_02h.log": b"b",
+                                     "gptq/logs/gptq_log_ef_time_03h.log": b"c"})
+    assert faults.compare_outputs("quantize", ref, out) == []
+    assert faults.compare_outputs("sft", ref, out) != []  # only where the stage's library writes them
+
+
 def test_every_other_file_is_compared_byte_for_byte(tmp_path):
     ref = _output(tmp_path / "ref", {"model/w.safetensors": b"\x00\x01", "gone.txt": b"a",
                                      "data/stage.log": b"a log deeper down is an output"})

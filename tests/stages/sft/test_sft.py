@@ -190,6 +190,9 @@ def test_lora_adapter_loads_with_peft_and_equals_the_merged_model(world, lora_ru
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     info = json.loads((adapter / ADAPTER_INFO).read_text())
     assert info["has_adapter"] and info["method"] == "lora"
+    # peft writes its set of target modules in hash order: sorted here, the same training saves the same bytes
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(targets) and len(targets) > 1
     base = AutoModelForCausalLM.from_pretrained(str(world["base"]), local_files_only=True)
     peft_model = PeftModel.from_pretrained(base, str(adapter))
     merged = AutoModelForCausalLM.from_pretrained(str(ctx.output("model")), local_files_only=True)
