@@ -105,6 +105,8 @@ VOLATILE: dict[str, dict[str, Volatile]] = {
                                                         without=(("files", "*mp_rank_*_model_states.pt"),)),
     },
     "quantize": {
+        "model/quant_log.csv": Volatile("gptqmodel's per-module log: the seconds each module took, rows in the "
+                                        "order its threads finished (the weights themselves are compared)"),
         "quantize_info.json": Volatile("GPTQ's wall time, and after how many layers the attempt resumed",
                                        without=keys("quantize/seconds", "quantize/resumed_after_layers")),
     },

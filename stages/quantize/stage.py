@@ -414,11 +414,28 @@ def run_gptq(src: Path, dest: Path, cal: Calibration, cfg: QuantizeConfig, work:
             model = GPTQModel.load(str(src), gptq_config(cfg, work / "offload"))
             model.quantize(cal.samples, checkpoint=CheckpointConfig(path=str(checkpoint)), **args)
         shutil.rmtree(dest, ignore_errors=True)
+        scratch = model.quantize_config.offload_to_disk_path
         model.save(str(dest))
+        if scratch:
+            name_scratch_as_configured(dest, str(scratch), str(work / "offload"))
         del model
         gc.collect()
     return {"quantize/seconds": time.time() - started, "quantize/resumed_after_layers": float(resumed_after),
             "quantize/checkpoints_set_aside": float(set_aside_count)}
+
+
+def name_scratch_as_configured(dest: Path, scratch: str, configured: str) -> None:
+    """A checkpointed quantize offloads to a random per-attempt scratch folder, and save() records that
+    folder in config.json and quantize_config.json (save still reads from it, so it cannot be reset
+    before). Write the configured folder there instead, so every attempt of a fingerprint writes the
+    same bytes."""
+    if scratch == configured:
+        return
+    old, new = json.dumps(scratch)[1:-1], json.dumps(configured)[1:-1]
+    for name in ("config.json", "quantize_config.json"):
+        path = dest / name
+        if path.is_file() and old in (text := path.read_text()):
+            path.write_text(text.replace(old, new))
 
 
 def copy_tokenizer(src: Path, dest: Path) -> list[str]:

@@ -319,3 +319,17 @@ def test_stage_declares_heldout_input_and_is_resumable():
     assert STAGE.inputs == ("align.model", "pii.documents", "tokenize.heldout")
     assert STAGE.outputs == ("model",) and STAGE.resumable
     assert {"cpu_workers", "keep_checkpoint", "perplexity.batch_size"} <= STAGE.unhashed
+
+
+def test_the_saved_config_names_the_configured_offload_folder_not_the_attempts_scratch(tmp_path):
+    from stages.quantize.stage import name_scratch_as_configured
+
+    scratch, configured = "/tmp/attempt-3f9a/offload", str(tmp_path / "work" / "offload")
+    meta = {"offload_to_disk_path": scratch}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"meta": meta}}))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"meta": {"offload_to_disk_path": scratch}, "bits": 4}))
+    name_scratch_as_configured(tmp_path, scratch, configured)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["meta"] == {
+        "offload_to_disk_path": configured}
+    assert json.loads((tmp_path / "quantize_config.json").read_text()) == {
+        "meta": {"offload_to_disk_path": configured}, "bits": 4}
