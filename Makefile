@@ -13,8 +13,12 @@ STAMP := $(VENV)/.setup-done
 # Keep every install on the CPU torch wheel (a dependency asking for plain `torch` would
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
+# CONF=tiny-finetune's base model (conf/tiny-finetune.yaml reads it): a model dir or a hub id
+ifdef BASE_MODEL
+export BASE_MODEL
+endif
 
-.PHONY: help setup corpus pipeline stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults lint lock clean
+.PHONY: help setup corpus pipeline base-model stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults lint lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -32,8 +36,11 @@ $(STAMP): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
 corpus: setup  ## build the embedded WARC corpus (no download) into data/embedded; a no-op when built
 	@$(PY) -m llmpipe.corpus data/embedded
 
-pipeline: setup corpus  ## run the whole pipeline (CONF=tiny by default; ARGS= Hydra overrides)
+pipeline: setup corpus $(if $(and $(filter tiny-finetune,$(CONF)),$(if $(BASE_MODEL),,1)),base-model)  ## run the whole pipeline (CONF=tiny by default; ARGS= Hydra overrides)
 	$(LLMPIPE) run --config-name $(CONF) $(ARGS)
+
+base-model: setup corpus  ## runs/base-model for CONF=tiny-finetune: the tiny pipeline's pretrained model (or BASE_MODEL=<dir|hub id>)
+	$(PY) -m llmpipe.base_model runs/base-model
 
 stage: setup corpus  ## run one stage and what it needs: make stage STAGE=tokenize
 	@test -n "$(STAGE)" || { echo "usage: make stage STAGE=<name>"; exit 2; }
@@ -44,6 +51,10 @@ plan: setup corpus  ## show what would run and why
 
 why: setup  ## what changed for a stage since its last success: make why STAGE=sft
 	$(LLMPIPE) why --config-name $(CONF) $(STAGE) $(ARGS)
+
+.PHONY: fetch
+fetch: setup  ## on a node with network: download the hub models, datasets and lm-eval tasks CONF names (DRY=1: list them)
+	$(LLMPIPE) fetch --config-name $(CONF) $(if $(DRY),--dry-run) $(ARGS)
 
 status: setup  ## state of every stage's output
 	$(LLMPIPE) status --config-name $(CONF) $(ARGS)

@@ -130,9 +130,27 @@ def cmd_plan(args, cfg, project) -> int:
     print(f"{'stage':<10} {'fingerprint':<13} {'action':<9} reason")
     for sp in plan.stages.values():
         print(f"{sp.name:<10} {sp.fingerprint:<13} {sp.action:<9} {sp.reason}")
+    print_outside_inputs(plan)
     if cfg.cluster.executor != "local":
         print_job_scripts(cfg, plan)
     return 0
+
+
+def print_outside_inputs(plan) -> None:
+    """What the stages that run read from outside the pipeline, as their fingerprints hold it: a content
+    digest (shortened), or what a name resolved to (a hub id's commit). Only keyed states (a stage's
+    ``external`` as a flat mapping) are listed; a run-away list is cut."""
+    lines = []
+    for sp in plan.to_run():
+        external = sp.payload.get("external")
+        if isinstance(external, dict):
+            for key, value in external.items():
+                text = str(value)
+                short = text[:len("xxh3_128:") + 12] + "…" if text.startswith("xxh3_128:") else text
+                lines.append(f"  {sp.name}.{key}: {short}")
+    if lines:
+        print("\noutside inputs of the stages that run (in their fingerprints):")
+        print("\n".join(lines[:40] + ([f"  ... and {len(lines) - 40} more"] if len(lines) > 40 else [])))
 
 
 def print_job_scripts(cfg, plan) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import graphlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError, CycleError, DuplicateProducerError, MissingInputError
@@ -17,6 +17,7 @@ class Dag:
     producers: dict[str, str]  # "<stage>.<artifact>" -> producing stage
     parents: dict[str, tuple[str, ...]]
     children: dict[str, tuple[str, ...]]
+    left_out: tuple[str, ...] = ()  # registered stages that nothing this config runs needs (see select())
 
     @property
     def order(self) -> list[str]:
@@ -44,12 +45,18 @@ class Dag:
 
     def check_names(self, names: Iterable[str], key: str) -> None:
         for n in names:
+            if n in self.left_out:
+                raise ConfigError(f"{key}: stage '{n}' is not part of this config's pipeline: no stage it runs "
+                                  f"needs it (the inputs a stage needs follow its config: base_model, "
+                                  f"data.source, evaluate.models); it runs {list(self.stages)}")
             if n not in self.stages:
                 raise ConfigError(f"{key}: unknown stage '{n}'" + suggest(n, self.stages))
 
 
-def build_dag(stages: Sequence[Stage]) -> Dag:
-    """Wire stages by their declarations; raise a named error on any inconsistency."""
+def build_dag(stages: Sequence[Stage], inputs: Mapping[str, Sequence[str]] | None = None) -> Dag:
+    """Wire stages by their declarations (or by ``inputs``: stage -> the input refs it needs); raise a
+    named error on any inconsistency."""
+    inputs = inputs or {}
     by_name: dict[str, Stage] = {}
     for s in stages:
         if s.name in by_name:
@@ -67,7 +74,7 @@ def build_dag(stages: Sequence[Stage]) -> Dag:
     parents: dict[str, tuple[str, ...]] = {}
     for s in stages:
         ps = []
-        for ref in s.inputs:
+        for ref in inputs.get(s.name, s.inputs):
             if ref not in producers:
                 owner = ref.split(".")[0]
                 hint = (f"; '{owner}' produces {list(by_name[owner].outputs)}" if owner in by_name
@@ -107,3 +114,21 @@ def _stable_order(parents: dict[str, tuple[str, ...]], registry_order: list[str]
             order.append(n)
             sorter.done(n)
     return order
+
+
+def select(declared: Dag, needed: Mapping[str, Sequence[str]]) -> Dag:
+    """The DAG one config runs: its final stages (those no stage declares as an input: serve and
+    evaluate in llmpipe) and what they need, through the inputs each stage's config selects
+    (``needed``: stage -> refs, a subset of its declared inputs). A fine-tune whose sft starts from a
+    model dir and reads files reaches no data stage and no pretrain: they are left out, not skipped."""
+    final = [n for n in declared.order if not declared.children[n]]
+    keep: set[str] = set()
+    todo = list(final)
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            todo.extend(declared.producers[ref] for ref in needed[n])
+    dag = build_dag([declared.stages[n] for n in declared.order if n in keep], {n: needed[n] for n in keep})
+    return Dag(dag.stages, dag.producers, dag.parents, dag.children,
+               left_out=tuple(n for n in declared.order if n not in keep))

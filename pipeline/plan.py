@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.dag import Dag, build_dag
+from pipeline.dag import Dag, build_dag, select
 from pipeline.errors import InputError, OutputNotBuilt
 from pipeline.fingerprint import fingerprint, fingerprint_payload, without
 from pipeline.schema import to_plain
@@ -62,7 +62,8 @@ def hashed_config(stage: Stage, config: Any) -> dict[str, Any]:
 
 
 def make_plan(cfg: PipelineConfig, project: Project) -> Plan:
-    dag = build_dag(project.stages)
+    declared = build_dag(project.stages)
+    dag = select(declared, {s.name: s.needed_inputs(cfg.stages[s.name]) for s in project.stages})
     store = Store(cfg.root)
     for key, names in (("run.only", cfg.run.only), ("run.force", cfg.run.force),
                        ("run.from", [cfg.run.from_] if cfg.run.from_ else [])):
@@ -81,12 +82,13 @@ def make_plan(cfg: PipelineConfig, project: Project) -> Plan:
     plans: dict[str, StagePlan] = {}
     for name, stage in dag.stages.items():
         config = cfg.stages[name]
-        input_fps = {ref: plans[dag.producers[ref]].fingerprint for ref in stage.inputs}
+        needed = stage.needed_inputs(config)
+        input_fps = {ref: plans[dag.producers[ref]].fingerprint for ref in needed}
         external = stage.external(config) if stage.external else None
         payload = fingerprint_payload(name, stage.version, hashed_config(stage, config), input_fps, external)
         fp = fingerprint(payload)
         inputs = {ref: store.artifact(dag.producers[ref], input_fps[ref], ref.split(".", 1)[1])
-                  for ref in stage.inputs}
+                  for ref in needed}
         plan = StagePlan(stage, fp, payload, config, inputs, input_fps)
         plans[name] = plan
 
@@ -169,8 +171,14 @@ def diff_payloads(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change
     for ref in sorted(set(ai) | set(bi)):
         if ai.get(ref) != bi.get(ref):
             out.append(Change("upstream", ref, ai.get(ref), bi.get(ref)))
-    if old.get("external") != new.get("external"):
-        out.append(Change("external", "external", old.get("external"), new.get("external")))
+    ea, eb = old.get("external"), new.get("external")
+    if isinstance(ea, Mapping) and isinstance(eb, Mapping):  # one change per key: `why` names the file
+        for key in sorted(set(ea) | set(eb)):
+            if ea.get(key, _ABSENT) != eb.get(key, _ABSENT):
+                out.append(Change("external", key, ea.get(key), eb.get(key), added=key not in ea,
+                                  removed=key not in eb))
+    elif ea != eb:
+        out.append(Change("external", "external", ea, eb))
     return out
 
 
@@ -209,8 +217,10 @@ def summarize(changes: list[Change]) -> str:
         parts.append("upstream changed: " + ", ".join(upstream))
     if any(c.kind == "version" for c in changes):
         parts.append("code version changed")
-    if any(c.kind == "external" for c in changes):
-        parts.append("external sources changed")
+    external = [c.key for c in changes if c.kind == "external"]
+    if external:
+        parts.append("outside inputs changed: " + ", ".join(external[:3])
+                     + (f" +{len(external) - 3} more" if len(external) > 3 else ""))
     return "; ".join(parts)
 
 

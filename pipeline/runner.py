@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -164,6 +165,16 @@ class _Tracking:
         self._call("end", ok)
 
 
+def outside_tags(external: Any) -> dict[str, str]:
+    """The outside inputs of a stage's fingerprint as MLflow tags (``llmpipe.outside.base_model`` ->
+    ``org/name@<commit>`` or a content digest): which data and base model a run used, in the UI."""
+    if isinstance(external, dict):
+        # MLflow allows letters, digits and _ - . / : and space in a tag name: data.files[a.jsonl] -> data.files/a.jsonl
+        return {re.sub(r"[^\w./\- :]", "_", f"llmpipe.outside.{key}".replace("[", "/").rstrip("]"))[:250]:
+                str(value)[:5000] for key, value in external.items()}
+    return {} if external is None else {"llmpipe.outside": json.dumps(external, sort_keys=True, default=str)[:5000]}
+
+
 class Runner:
     """Runs plans of one config through one executor (see the module doc). One run at a time."""
 
@@ -213,7 +224,7 @@ class Runner:
         return {"llmpipe.stage": sp.name, "llmpipe.fingerprint": sp.fingerprint,
                 "llmpipe.input_fingerprints": json.dumps(sp.input_fingerprints, sort_keys=True),
                 "llmpipe.output_path": str(output), "llmpipe.git_commit": self.commit,
-                "llmpipe.config": self.cfg.name}
+                "llmpipe.config": self.cfg.name, **outside_tags(sp.payload.get("external"))}
 
     def _cached(self, sp: StagePlan) -> Outcome:
         store = self.plan.store

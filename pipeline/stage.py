@@ -34,7 +34,13 @@ class Stage:
     version: int = 1  # bump when the code's results change: it re-addresses the output
     unhashed: frozenset[str] = frozenset()  # execution-only config fields (dotted paths)
     resumable: bool = False  # True: a failed attempt's partial output is handed to the next
-    external: Callable[[Any], Any] | None = None  # state of outside sources, folded into the fingerprint
+    # Which of ``inputs`` this config needs (a subset, in any order); None: all of them. The DAG is built
+    # from what the resolved config selects: an sft whose base_model is a local dir and whose data are
+    # files needs no upstream stage at all, and a run plans only what its final stages need.
+    select_inputs: Callable[[Any], Sequence[str]] | None = None
+    # State of outside sources (files, model dirs, hub revisions), folded into the fingerprint: a flat
+    # {"<key>": state} is best (digests from pipeline/content.py), `llmpipe why` then names the key.
+    external: Callable[[Any], Any] | None = None
     # Plan-time check of the outside inputs the config names (files, globs, model dirs): preflight(cfg)
     # returns (key, problem) pairs, keys relative to the stage's config. `plan` and `run` call it for
     # every stage that would run, before anything runs or is created. Cheap: see pipeline/inputs.py.
@@ -66,6 +72,17 @@ class Stage:
 
     def output_ref(self, artifact: str) -> str:
         return f"{self.name}.{artifact}"
+
+    def needed_inputs(self, config: Any) -> tuple[str, ...]:
+        """The declared inputs ``config`` selects, in declaration order (all when nothing selects)."""
+        if self.select_inputs is None:
+            return self.inputs
+        chosen = set(self.select_inputs(config))
+        unknown = chosen - set(self.inputs)
+        if unknown:
+            raise ValueError(f"stage '{self.name}': select_inputs returned {sorted(unknown)}, which it does not "
+                             f"declare in inputs {self.inputs}")
+        return tuple(ref for ref in self.inputs if ref in chosen)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The content-digest cache of outside inputs (pipeline/content.py): the session's own, not the user's.
+os.environ.setdefault("LLMPIPE_CACHE_DIR", tempfile.mkdtemp(prefix="llmpipe-cache-"))
 
 
 @pytest.fixture

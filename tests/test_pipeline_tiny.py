@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_run import llmpipe, plan_rows
+from tests.tiny_run import REPO, llmpipe, plan_rows
 
 # Metric names of the training stages that the acceptance checks read.
 SFT_INITIAL_LOSS, SFT_FINAL_LOSS, SFT_CURVE = "initial_eval_loss", "final_eval_loss", "train_loss"
@@ -186,3 +186,57 @@ def test_pipeline_is_in_mlflow(tiny):
     assert any(p.endswith("comparison.png") for p in artifacts) or any(
         p.endswith("comparison.png") for a in artifacts for p in
         (x.path for x in client.list_artifacts(by_name["evaluate"].info.run_id, a))), artifacts
+
+
+# ---------------------------------------------------------------- start anywhere: conf/tiny-finetune.yaml
+
+
+@pytest.fixture(scope="module")
+def finetune(tiny, tmp_path_factory):
+    """conf/tiny-finetune.yaml from the tiny pipeline's pretrained model (an outside model dir here), on
+    copies of the shipped example files in all three chat formats and both preference formats."""
+    import shutil
+
+    base = next((tiny["root"] / "pretrain").glob("pretrain-*/model"))
+    work = tmp_path_factory.mktemp("finetune")
+    data = work / "data"
+    shutil.copytree(REPO / "examples" / "data", data)
+    chat = ",".join(str(data / f"chat-{f}.jsonl") for f in ("messages", "sharegpt", "alpaca"))
+    args = [f"stage.sft.base_model={base}", f"stage.sft.data.files=[{chat}]",
+            f"stage.align.data.files=[{data / 'preferences.jsonl'},{data / 'preferences-messages.jsonl'}]",
+            # CI size: fewer steps and requests than the recipe (the code path is the recipe's)
+            "stage.sft.train.max_steps=12", "stage.sft.train.eval_steps=6", "stage.align.train.max_steps=8",
+            "stage.serve.bench.requests=4", "stage.quantize.calibration.samples=32",
+            f"stage.evaluate.models=['base={base}',sft]"]  # the quantized model's evaluation: the tiny run's
+    root = work / "runs"
+    proc = llmpipe("run", "--wait-tracking", *args, root=root, corpus=None, conf="tiny-finetune")
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return {"root": root, "args": args, "data": data, "base": base}
+
+
+def test_finetune_runs_only_what_it_needs_from_an_outside_model_and_files(finetune):
+    root = finetune["root"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        sorted(["sft", "align", "quantize", "serve", "evaluate"])
+    sft = info(root, "sft")
+    assert {sft["metrics"][f"format_{f}"] for f in ("messages", "sharegpt", "alpaca")} == {120.0}
+    assert sft["inputs"] == {} and sft["payload"]["external"]["base_model"].startswith("xxh3_128:")
+    assert info(root, "align")["metrics"]["data/records_read"] == 320.0
+    table = next((root / "evaluate").glob("evaluate-*/results/comparison.csv")).read_text().splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["base", "sft"]
+
+
+def test_finetune_is_cached_and_an_appended_line_reruns_sft_and_names_the_file(finetune):
+    root, args, data = finetune["root"], finetune["args"], finetune["data"]
+    proc = llmpipe("plan", *args, root=root, corpus=None, conf="tiny-finetune")
+    assert proc.returncode == 0, proc.stderr
+    assert {stage: action for stage, (_, action) in plan_rows(proc.stdout).items()} == {
+        s: "skip" for s in ("sft", "align", "quantize", "serve", "evaluate")}
+    with (data / "chat-alpaca.jsonl").open("a") as f:
+        f.write(json.dumps({"instruction": "Repeat this phrase: one more line", "input": "",
+                            "output": "one more line"}) + "\n")
+    proc = llmpipe("plan", *args, root=root, corpus=None, conf="tiny-finetune")
+    assert {stage: action for stage, (_, action) in plan_rows(proc.stdout).items()} == {
+        s: "run" for s in ("sft", "align", "quantize", "serve", "evaluate")}
+    why = llmpipe("why", "sft", *args, root=root, corpus=None, conf="tiny-finetune")
+    assert f"data.files[{data / 'chat-alpaca.jsonl'}]" in why.stdout, why.stdout

@@ -25,14 +25,16 @@ def build_corpus(corpus: Path) -> None:
     subprocess.run([sys.executable, "-m", "llmpipe.corpus", str(corpus)], cwd=REPO, check=True, timeout=600)
 
 
-def llmpipe(*args: str, root: Path, corpus: Path, timeout: float = 3600) -> subprocess.CompletedProcess:
-    """``llmpipe <args> -c tiny`` with the run root and corpus given; output captured."""
-    cmd = [LLMPIPE, *args, "-c", "tiny", f"run.root={root}", *corpus_overrides(corpus)]
+def llmpipe(*args: str, root: Path, corpus: Path | None, timeout: float = 3600,
+            conf: str = "tiny") -> subprocess.CompletedProcess:
+    """``llmpipe <args> -c <conf>`` with the run root and corpus (if any) given; output captured."""
+    cmd = [LLMPIPE, *args, "-c", conf, f"run.root={root}", *(corpus_overrides(corpus) if corpus else [])]
     env = {**os.environ, "LLMPIPE_LOG_LEVEL": "INFO"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def plan_rows(stdout: str) -> dict[str, tuple[str, str]]:
     """``llmpipe plan`` output -> {stage: (fingerprint, action)}."""
-    rows = [line.split() for line in stdout.splitlines()[2:] if line.strip()]
+    table = stdout.split("\n\n")[0]  # the table ends at the first blank line (outside inputs, job scripts follow)
+    rows = [line.split() for line in table.splitlines()[2:] if line.strip()]
     return {r[0]: (r[1], r[2]) for r in rows if len(r) >= 3}

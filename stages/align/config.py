@@ -12,18 +12,29 @@ both import it without importing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.schema import Invalid
 from stages.align.data import PreferenceDataConfig
+from stages.common.models import check_model_spec
 from stages.common.training import Attention, LoraSettings, Precision, TrainSettings
+
+BASE_STAGES = ("pretrain", "sft")  # the stages base_model may name
 
 # Every DPO loss of trl 1.16.0 (DPOConfig.loss_type); checked here so a typo fails at config time.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 ONLINE_METHODS = ("rloo", "grpo")
 CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/<phase>
-SFT = "input sft.model"  # how messages name the model being aligned
+SFT = "base model"  # how messages name the model being aligned (base_model: the sft output by default)
+
+
+def base_model_dir(cfg: AlignConfig, ctx: Any) -> Path:
+    """The dir of the model aligned (policy start and reference): ``base_model`` resolved (stages/common/models.py)."""
+    from stages.common.models import model_dir, parse_model
+
+    return model_dir(parse_model(cfg.base_model, BASE_STAGES), ctx)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +96,7 @@ class OnlineRlSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class AlignConfig:
+    base_model: str  # policy start and reference: sft or pretrain (their output), a model dir, or org/name[@rev]
     method: Literal["dpo", "orpo", "kto", "rloo", "grpo", "ppo"]  # alignment algorithm (ppo: not in trl 1.16)
     beta: float  # strength of the KL penalty to the SFT reference (dpo, kto, rloo, grpo)
     tuning: Literal["lora", "full"]  # train a LoRA adapter (merged at the end) or every weight
@@ -106,7 +118,7 @@ class AlignConfig:
 
 def config_problems(cfg: AlignConfig) -> list[tuple[str, str]]:
     """Bad combinations across the blocks, each as (key, message); a block's own checks are its __post_init__."""
-    problems = []
+    problems = check_model_spec(cfg.base_model, BASE_STAGES)
     if cfg.method == "ppo":
         problems.append(("method", "ppo: trl 1.16.0 has no PPO trainer (neither in trl nor trl.experimental); for "
                                    "RLHF with a reward model use method rloo (or grpo)"))

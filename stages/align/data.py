@@ -8,6 +8,9 @@
   (``prompt`` may also be left out when ``chosen`` and ``rejected`` hold the whole conversation:
   the shared turns become the prompt, with ``trl.maybe_extract_prompt``). ``chosen`` and
   ``rejected`` must end up as one assistant reply each. An optional ``id`` column keys the split.
+  The format is checked per file on its first record (JSONL: the first line that parses; Parquet:
+  the columns): without ``chosen`` and ``rejected`` the file is in no preference format, a
+  ``PreferenceDataError`` naming the file, the line and the keys found.
 - ``dataset``: the same records from ``datasets.load_dataset(data.dataset, split=data.dataset_split)``
   (a hub name on a cluster with the hub or its cache, or a local dataset dir), e.g.
   ``HuggingFaceH4/ultrafeedback_binarized`` with split ``train_prefs``.
@@ -135,7 +138,7 @@ class PreferenceData:
 # ---------------------------------------------------------------- building
 
 
-def build_pairs(documents: Path, cfg: PreferenceDataConfig) -> PreferenceData:
+def build_pairs(documents: Path | None, cfg: PreferenceDataConfig) -> PreferenceData:
     """The pairs of ``cfg.source``, split into train and held out.
 
     ``documents`` (a dir of Parquet shards with ``id``, ``url``, ``text``) is read for the corpus
@@ -296,20 +299,44 @@ def _reasons(counts: Counter) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing read"
 
 
+PREFERENCE_KEYS = ("chosen", "rejected")  # what every TRL preference format has (prompt may be implicit)
+
+
+def _check_format(path: Path, where: str, keys: list[str] | None) -> None:
+    """Raise unless the first record of a file (at ``where``; ``keys`` None: not an object) is in a preference
+    format: a file of other data (SFT conversations, unpaired labels) would otherwise be dropped record by record."""
+    if keys is not None and all(k in keys for k in PREFERENCE_KEYS):
+        return
+    found = "none (not a JSON object)" if keys is None else ", ".join(sorted(map(str, keys))) or "none"
+    raise PreferenceDataError(
+        f"{KEY}.files: {path}: its first record ({where}) is in no preference format: it needs 'chosen' and "
+        f"'rejected' (with 'prompt' as text or as messages, or with no prompt when chosen and rejected are whole "
+        f"conversations sharing their first turns); keys found: {found}")
+
+
 def _file_records(cfg: PreferenceDataConfig) -> Iterator[tuple[str, Any]]:
-    """(key, record) for every record of the files, in file order; a broken JSON line is a None record."""
+    """(key, record) for every record of the files, in file order; a broken JSON line is a None record.
+    The first record of each file (the first line that parses; a Parquet file's columns) must have
+    ``chosen`` and ``rejected`` (``_check_format``); later records without them are dropped and counted."""
     from stages.common.training import INVALID_JSON, expand_files, file_suffix, jsonl_records
 
     for path in expand_files(cfg.files, f"{KEY}.files"):
         name = file_suffix(path)
         if name in (".jsonl", ".json", ".jsonl.gz"):
+            checked = False
             for row, record in jsonl_records(path):
+                if not checked and record is not INVALID_JSON:
+                    _check_format(path, f"line {row + 1}", list(record) if isinstance(record, dict) else None)
+                    checked = True
                 yield f"{path.name}:{row}", None if record is INVALID_JSON else record
         elif name == ".parquet":
             import pyarrow.parquet as pq
 
+            pf = pq.ParquetFile(path)
+            if pf.metadata.num_rows:
+                _check_format(path, "row 1", pf.schema_arrow.names)
             row = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1000):
+            for batch in pf.iter_batches(batch_size=1000):
                 for record in batch.to_pylist():
                     yield f"{path.name}:{row}", record
                     row += 1

@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.align.config import CHECKPOINTS, SFT, AlignConfig, peft_config
+from stages.align.config import CHECKPOINTS, SFT, AlignConfig, base_model_dir, peft_config
 from stages.align.data import PreferenceData, datasets_for
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def train_reward_model(cfg: AlignConfig, ctx: StageContext, rt: Runtime, data: P
     if (out / "config.json").exists():  # saved atomically, so present means complete
         ctx.log.info("reward model: reusing %s from an earlier attempt", out)
         return out, {f"{REWARD_MODEL}/reused": 1.0}
-    sft = ctx.input("sft.model")
+    sft = base_model_dir(cfg, ctx)
     rm = cfg.reward_model
     settings = replace(cfg.train, lr=rm.lr, max_steps=rm.max_steps, batch_size=rm.batch_size)
     checkpoints = ctx.output_dir / CHECKPOINTS / REWARD_MODEL
@@ -114,7 +114,7 @@ def train_online(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
         args = training_args(RlConfig, cfg.train, rt, checkpoints, beta=cfg.beta,
                              num_generations=cfg.rl.num_generations,
                              max_completion_length=cfg.rl.max_completion_length, temperature=cfg.rl.temperature)
-        return RlTrainer(model=load_model(ctx.input("sft.model"), SFT, rt), reward_funcs=reward, args=args,
+        return RlTrainer(model=load_model(base_model_dir(cfg, ctx), SFT, rt), reward_funcs=reward, args=args,
                          train_dataset=prompts(data.train), eval_dataset=prompts(data.eval), processing_class=tok,
                          reward_processing_classes=load_tokenizer(rm_dir, "reward model", padding_side="right"),
                          peft_config=peft_config(cfg, "CAUSAL_LM"))

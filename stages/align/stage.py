@@ -69,9 +69,10 @@ from typing import Any
 
 from pipeline import Stage, StageContext
 from pipeline.inputs import Problem
-from stages.align.config import CHECKPOINTS, ONLINE_METHODS, SFT, AlignConfig, peft_config
+from stages.align.config import BASE_STAGES, CHECKPOINTS, ONLINE_METHODS, SFT, AlignConfig, base_model_dir, peft_config
 from stages.align.data import PreferenceData, build_pairs, conversational, datasets_for, write_pairs
-from stages.common.inputs import training_data_problems
+from stages.common.inputs import training_data_problems, training_data_state
+from stages.common.models import inputs_of, model_problems, model_state, parse_model
 from stages.common.training import UNHASHED_TRAIN, Runtime
 
 
@@ -137,7 +138,7 @@ def train_offline(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
     """DPO, ORPO or KTO on the pairs, resumably; the final checkpoint and the metrics."""
     from stages.common.training import check_model, load_model, train_or_resume
 
-    sft = ctx.input("sft.model")
+    sft = base_model_dir(cfg, ctx)
     checkpoints = ctx.output_dir / CHECKPOINTS / cfg.method
 
     def build(resume: Any) -> Any:
@@ -170,7 +171,7 @@ def heldout_logps(cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: Any,
     rows = [{**conversational(p), "kind": p.kind} for p in data.eval]
     args = training_args(DPOConfig, replace(cfg.train, max_steps=1), rt, ctx.output_dir / CHECKPOINTS / "heldout_eval",
                          has_eval=False, beta=cfg.beta, max_length=cfg.train.max_length, save_strategy="no")
-    scorer = DPOTrainer(model=policy, ref_model=load_model(ctx.input("sft.model"), SFT, rt), args=args,
+    scorer = DPOTrainer(model=policy, ref_model=load_model(base_model_dir(cfg, ctx), SFT, rt), args=args,
                         train_dataset=Dataset.from_list(rows),
                         processing_class=load_tokenizer(ctx.output("model"), "output model", padding_side="left"))
     pairs = scorer.train_dataset  # tokenized; keeps the kind column
@@ -244,6 +245,7 @@ def heldout_metrics(cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: An
 
 
 def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
+    from stages.common.hub import require_cached_data
     from stages.common.training import (
         free_memory,
         load_model,
@@ -257,13 +259,14 @@ def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
 
     started = time.perf_counter()
     offline_hub()
+    require_cached_data(cfg.data, "stage.align.data")  # a hub dataset not fetched: HubError saying `llmpipe fetch`
     rt = resolve_runtime(cfg)
     ctx.log.info("align: method=%s tuning=%s on %s, dtype %s, bf16 autocast %s", cfg.method, cfg.tuning,
                  "cpu" if rt.use_cpu else "cuda", rt.dtype, rt.bf16)
-    sft = ctx.input("sft.model")
+    sft = base_model_dir(cfg, ctx)
     # Left padding for the trainers: generation needs it; the preference collators pad themselves.
     tok = load_tokenizer(sft, SFT, padding_side="left")
-    data = build_pairs(ctx.input("pii.documents"), cfg.data)
+    data = build_pairs(ctx.input("pii.documents") if cfg.data.source == "corpus" else None, cfg.data)
     write_pairs(data, ctx.output_dir / "preferences")
     metrics = data.metrics()
     ctx.log.info("preference pairs: %d train, %d held out (%s)", len(data.train), len(data.eval),
@@ -299,15 +302,33 @@ DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")  # what stages/alig
 
 
 def input_problems(cfg: AlignConfig) -> list[Problem]:
-    """The stage's ``preflight`` (run by ``plan`` and ``run``): the data files or local dataset it names."""
-    return training_data_problems(cfg.data, DATA_SUFFIXES)
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): the base model, and the data files or local
+    dataset it names."""
+    return model_problems(parse_model(cfg.base_model, BASE_STAGES)) + training_data_problems(cfg.data, DATA_SUFFIXES)
+
+
+def needed_inputs(cfg: AlignConfig) -> tuple[str, ...]:
+    """The base model's stage, if it is one; the cleaned corpus only when the pairs derive from it."""
+    return inputs_of(parse_model(cfg.base_model, BASE_STAGES)) + (("pii.documents",) if cfg.data.source == "corpus"
+                                                                   else ())
+
+
+def outside_state(cfg: AlignConfig) -> dict[str, str] | None:
+    """The fingerprint's view of the outside inputs: the base model's digest or hub commit, each data
+    file's digest, the dataset's revision."""
+    state = training_data_state(cfg.data)
+    if (model := model_state(parse_model(cfg.base_model, BASE_STAGES))) is not None:
+        state["base_model"] = model
+    return state or None
 
 
 STAGE = Stage(
     name="align",
     config=AlignConfig,
     run=run,
-    inputs=("sft.model", "pii.documents"),
+    inputs=("sft.model", "pretrain.model", "pii.documents"),
+    select_inputs=needed_inputs,
+    external=outside_state,
     outputs=("model",),
     unhashed=frozenset([*UNHASHED_TRAIN, "sample_max_new_tokens"]),
     resumable=True,

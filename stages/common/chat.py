@@ -1,5 +1,6 @@
 """The chat format of llmpipe models: one Jinja template, set on the tokenizer by the training stages
-(sft and align, through stages/common/training.py's ``load_tokenizer``).
+(sft and align, through stages/common/training.py's ``load_tokenizer``), unless the base model brings
+its own chat template (see "Models from elsewhere" below).
 
 A conversation is a list of ``{"role": "system" | "user" | "assistant", "content": str}``. It is
 rendered with the reserved special tokens of the tokenize stage (one token each)::
@@ -19,6 +20,17 @@ rendered with the reserved special tokens of the tokenize stage (one token each)
 
 Content that spells one of the markers would be tokenized as the marker itself (a forged turn), so
 :func:`message_problem` rejects it; the sft and align stages count and skip such conversations.
+
+Models from elsewhere (a Hugging Face model dir rather than the pretrain stage's output):
+
+- A tokenizer with no chat template gets llmpipe's. The markers it lacks as single special tokens are
+  added by :func:`add_chat_markers`, which returns the ids that are new to the vocabulary: the model
+  has no trained rows for them, so the training stages grow its embeddings and train those rows
+  (stages/common/training.py). A tokenizer that already has them gets nothing added.
+- A tokenizer with its own template keeps it (the choice of template is ``load_tokenizer``'s). Its
+  replies then end on the template's own end-of-turn token, which :func:`end_of_turn_id` finds by
+  rendering a probe conversation, and :func:`stop_token_ids` gives that token and EOS instead of
+  ``<|end|>``. :func:`parse_chat` reads llmpipe's format only.
 
 Light module: no torch/transformers import, so stages and ``llmpipe plan`` can import it freely.
 """
@@ -84,6 +96,30 @@ def check_tokenizer(tokenizer: Any) -> None:
                                   f"{ids}, not as its single token {vocab[marker]}: it must be a special token")
 
 
+def missing_markers(tokenizer: Any) -> list[str]:
+    """The markers that are not single special tokens of ``tokenizer`` (absent, or split into pieces)."""
+    vocab = tokenizer.get_vocab()
+    return [m for m in MARKERS
+            if m not in vocab or tokenizer.encode(m, add_special_tokens=False) != [vocab[m]]]
+
+
+def add_chat_markers(tokenizer: Any) -> list[int]:
+    """Make every marker a single special token of ``tokenizer`` (in place); the ids new to its vocabulary.
+
+    Only the missing markers are added, at the end of the vocabulary. A marker the vocabulary already
+    has as an ordinary token is made special under its old id, which is not reported: only a new id
+    is a row the model has never trained.
+    """
+    missing = missing_markers(tokenizer)
+    if not missing:
+        return []
+    known = set(tokenizer.get_vocab().values())
+    tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    check_tokenizer(tokenizer)
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[m] for m in missing if vocab[m] not in known)
+
+
 def apply_chat_format(tokenizer: Any) -> Any:
     """Set llmpipe's chat template on ``tokenizer`` (in place, and returned) after checking its markers."""
     check_tokenizer(tokenizer)
@@ -91,9 +127,59 @@ def apply_chat_format(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template (the ``default`` one of named variants), or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, Mapping):
+        template = template.get("default")
+    return template or None
+
+
+def uses_llmpipe_format(tokenizer: Any) -> bool:
+    """Whether replies end on ``<|end|>``: the template is llmpipe's, or there is none (then the training
+    stages set llmpipe's, so a tokenizer of the tokenize stage counts)."""
+    template = chat_template_of(tokenizer)
+    return template is None or template == CHAT_TEMPLATE
+
+
+_PROBE = "llmpipe-probe-"  # distinct content to find in a rendered conversation
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token a template's assistant turn ends on, or None when none is found.
+
+    Renders user, assistant, user and takes the first special token between the assistant's content
+    and the next user's (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, EOS for Mistral's).
+    """
+    from jinja2 import TemplateError
+
+    probe = [{"role": "user", "content": _PROBE + "u"}, {"role": "assistant", "content": _PROBE + "a"},
+             {"role": "user", "content": _PROBE + "v"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except (TemplateError, TypeError, ValueError):
+        return None
+    start, stop = text.find(_PROBE + "a"), text.find(_PROBE + "v")
+    if start < 0 or stop < start:
+        return None
+    between = text[start + len(_PROBE) + 1:stop]
+    special = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    special.update(tokenizer.all_special_ids)
+    return next((i for i in tokenizer.encode(between, add_special_tokens=False) if i in special), None)
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end a generated reply: ``<|end|>`` first, then the tokenizer's EOS."""
-    ids = [tokenizer.convert_tokens_to_ids(END)]
+    """Token ids that end a generated reply: the end-of-turn token first, then the tokenizer's EOS.
+
+    The end-of-turn token is ``<|end|>`` for llmpipe's format (:func:`uses_llmpipe_format`), else
+    the one the tokenizer's own template ends assistant turns with (:func:`end_of_turn_id`), if any.
+    """
+    if uses_llmpipe_format(tokenizer):
+        end = tokenizer.convert_tokens_to_ids(END)
+        ids = [end] if end is not None and end != getattr(tokenizer, "unk_token_id", None) else []
+    else:
+        end = end_of_turn_id(tokenizer)
+        ids = [end] if end is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids

@@ -59,3 +59,50 @@ def training_data_problems(data: Any, suffixes: Sequence[str]) -> list[Problem]:
     if data.source == "dataset":
         return dataset_problems(data.dataset)
     return []  # corpus: the pipeline's own pii.documents
+
+
+def files_state(patterns: Sequence[str], key: str) -> dict[str, str]:
+    """``{"<key>[<path>]": digest}`` for every file the patterns name, expanded as the stages expand them
+    (training.expand_files), content digests from pipeline/content.py (cached by stat): one entry per
+    file, so ``llmpipe why`` names the file that changed. A pattern matching nothing is ``missing``."""
+    from pipeline.content import MISSING, content_digest
+    from stages.common.training import TrainingDataError, expand_files
+
+    state: dict[str, str] = {}
+    for pattern in patterns:
+        try:
+            files = expand_files([pattern], key)
+        except TrainingDataError:
+            state[f"{key}[{pattern}]"] = MISSING
+            continue
+        state.update({f"{key}[{path}]": content_digest(path) for path in files})
+    return state
+
+
+def training_data_state(data: Any) -> dict[str, str]:
+    """The fingerprint's view of sft's or align's outside data: ``{"data.files[<path>]": digest}`` per file
+    (as the stage expands the patterns; one key per file, so ``llmpipe why`` names the file that
+    changed), or ``{"data.dataset": <revision or digest>}``. Empty for the corpus source."""
+    state: dict[str, str] = {}
+    if data.source == "files":
+        state.update(files_state(data.files, KEY))
+    elif data.source == "dataset" and data.dataset:
+        state["data.dataset"] = dataset_state(data.dataset, getattr(data, "dataset_split", None))
+    return state
+
+
+def dataset_state(name: str, split: str | None = None) -> str:
+    """A dataset's identity: the digest of a local dataset dir or file, else the hub commit it resolves to
+    (``unresolved`` when neither the cache nor the hub knows it: ``llmpipe fetch`` fills the cache)."""
+    from pipeline.content import content_digest
+    from stages.common.hub import HubError, parse_hub_id, resolve_revision
+
+    if os.path.exists(os.path.expanduser(name)):
+        return content_digest(os.path.expanduser(name))
+    ref = parse_hub_id(name, kind="dataset")
+    if ref is None:
+        return "unresolved"
+    try:
+        return f"{ref.repo}@{resolve_revision(ref)}"
+    except HubError:
+        return "unresolved"

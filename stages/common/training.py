@@ -10,7 +10,14 @@ bottom and calls what it needs.
   names) and :class:`TrainSettings` (``train:``), plus ``precision`` and ``attn_implementation``.
   No defaults here: the shipped YAML is the only source of values.
 - **Runtime** (:func:`resolve_runtime`): device, bf16 mixed precision, the dtype models load in.
-- **Tokenizer** (:func:`load_tokenizer`): llmpipe's chat template (stages/common/chat.py) and a pad token.
+- **Tokenizer** (:func:`load_tokenizer`): a chat template fit for training and a pad token. A base
+  model's own template is kept; a tokenizer without one gets llmpipe's (stages/common/chat.py), and
+  the chat markers it lacks are added as special tokens.
+- **Added tokens**: their rows are new to the model. :func:`grow_embeddings` grows the embeddings
+  (mean-initialised rows) and :func:`trainable_token_targets` makes exactly those rows trainable
+  under LoRA (peft's ``trainable_token_indices``, input embedding and an untied output layer): a
+  model pretrained without ``<|end|>`` must learn to read and to emit it. Under full fine-tuning
+  every row trains anyway.
 - **Trainer arguments** (:func:`training_args`) from the ``train:`` block, every value set (TRL's
   defaults differ from transformers' and change between releases).
 - **Metrics** (:func:`metrics_callback`, :func:`history_metrics`): one name per quantity in every
@@ -28,8 +35,9 @@ bottom and calls what it needs.
   none left the phase starts over. A checkpoint of the last step means training is done and is not
   entered again.
 - **Outputs** (:func:`merged_model`, :func:`write_model`): the model of the final checkpoint, a
-  LoRA adapter merged into its base, written atomically (pipeline.files) with a generation config
-  that stops on ``<|end|>``.
+  LoRA adapter merged into its base (grown first to the adapter's added tokens), written atomically
+  (pipeline.files) with the tokenizer and a generation config that stops on the end-of-turn token
+  (``<|end|>``, or the base template's own) as well as EOS.
 - **Memory** (:func:`free_memory`) between phases, and the data-source checks both stages' data
   configs share (``data.source: corpus | files | dataset``).
 
@@ -42,6 +50,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import math
 import re
 import shutil
@@ -75,6 +84,10 @@ TRAINER_STATE = "trainer_state.json"  # the Trainer's step and log history, in e
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Where corrupt checkpoints are moved: out of the Trainer's sight, which rotates every "checkpoint-*" in its dir.
 SET_ASIDE = "set-aside"
+# The attribute of a tokenizer from load_tokenizer that lists the ids of the chat markers it added.
+ADDED_TOKENS_ATTR = "llmpipe_added_token_ids"
+
+log = logging.getLogger("llmpipe.training")
 
 
 class TrainingError(LlmpipeError):
@@ -216,16 +229,29 @@ def offline_hub() -> None:
 
 
 def load_tokenizer(model_dir: Path, source: str, padding_side: str | None = None) -> Any:
-    """The tokenizer of ``model_dir`` with llmpipe's chat template set and a pad token.
+    """The tokenizer of ``model_dir`` with a chat template fit for training, and a pad token.
 
-    ``source`` names where the dir comes from in messages (``input pretrain.model``). The chat
-    markers must be single special tokens (stages/common/chat.py checks them); a tokenizer with
-    no pad token pads with EOS. ``padding_side`` (left for generation-time trainers) is set
-    when given, else the saved one is kept.
+    ``source`` names where the dir comes from in messages (``input pretrain.model``). The template:
+
+    - **none saved** (the tokenize stage's tokenizer, or a base model's): llmpipe's. The chat
+      markers the tokenizer lacks as single special tokens are added; the ids new to its vocabulary
+      are recorded on it (:func:`added_token_ids`), for the model to grow and train their rows
+      (:func:`grow_embeddings`, :func:`trainable_token_targets`). A tokenizer with the markers gets
+      nothing added.
+    - **llmpipe's**: kept, the same way (missing markers added).
+    - **its own, with** ``{% generation %}`` **markers**: kept as is.
+    - **its own, without them**: TRL's training version of it when TRL ships one
+      (``trl.chat_template_utils.get_training_chat_template``: Llama 3, Qwen, Gemma, Phi... the same
+      rendering with the markers), which the output model keeps. Otherwise llmpipe's, with a warning:
+      the template cannot give the assistant mask that ``assistant_only_loss`` trains on (SFTTrainer
+      refuses it), and a base model's template is one it was not trained to follow anyway.
+
+    A tokenizer with no pad token pads with EOS. ``padding_side`` (left for generation-time
+    trainers) is set when given, else the saved one is kept.
     """
     from transformers import AutoTokenizer
 
-    from stages.common.chat import ChatFormatError, apply_chat_format
+    from stages.common.chat import ChatFormatError, uses_llmpipe_format
 
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -233,15 +259,127 @@ def load_tokenizer(model_dir: Path, source: str, padding_side: str | None = None
         raise TrainingError(f"{source} {model_dir}: cannot load its tokenizer: {exc}") from exc
     if tok.eos_token is None:
         raise TrainingError(f"{source} {model_dir}: the tokenizer has no eos_token")
+    added: list[int] = []
     try:
-        apply_chat_format(tok)
+        if uses_llmpipe_format(tok) or not _training_template(tok, f"{source} {model_dir}"):
+            added = _llmpipe_format(tok, f"{source} {model_dir}")
     except ChatFormatError as exc:
         raise TrainingError(f"{source} {model_dir}: {exc}") from exc
+    setattr(tok, ADDED_TOKENS_ATTR, added)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # the tokenize stage reserves <|pad|>; other tokenizers may lack one
     if padding_side:
         tok.padding_side = padding_side
     return tok
+
+
+def _llmpipe_format(tok: Any, where: str) -> list[int]:
+    """llmpipe's template on ``tok``, with the markers it lacks added; the new ids."""
+    from stages.common.chat import MARKERS, add_chat_markers, apply_chat_format
+
+    added = add_chat_markers(tok)
+    apply_chat_format(tok)
+    if added:
+        log.info("%s: the tokenizer lacked llmpipe's chat markers; added %s as special tokens %s (the model's "
+                 "embeddings grow to them and their rows train)", where,
+                 [m for m in MARKERS if tok.convert_tokens_to_ids(m) in added], added)
+    return added
+
+
+def _training_template(tok: Any, where: str) -> bool:
+    """Keep the tokenizer's own template, made fit for assistant-only loss; False when it cannot be."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from stages.common.chat import chat_template_of
+
+    if has_generation_markers(chat_template_of(tok)):
+        return True
+    try:
+        patched = get_training_chat_template(tok)
+    except ValueError:
+        log.warning("%s: its chat template has no {%% generation %%} markers and TRL has no training version "
+                    "of it, so it cannot mark the assistant tokens to train on; using llmpipe's chat template "
+                    "instead (stages/common/chat.py)", where)
+        return False
+    if patched is not None:
+        log.info("%s: using TRL's training version of its chat template (the same rendering with "
+                 "{%% generation %%} markers)", where)
+        tok.chat_template = patched
+    return True
+
+
+def added_token_ids(tok: Any) -> list[int]:
+    """The ids of the chat markers :func:`load_tokenizer` added to ``tok`` (empty for any other tokenizer)."""
+    return list(getattr(tok, ADDED_TOKENS_ATTR, None) or [])
+
+
+def grow_embeddings(model: Any, tok: Any) -> list[int]:
+    """Fit ``model`` to the tokens :func:`load_tokenizer` added to ``tok``; their ids (empty: nothing done).
+
+    The embeddings grow to the last added id when it lies beyond them (``resize_token_embeddings``
+    also grows an output layer and sets ``config.vocab_size``); a vocabulary padded to a multiple
+    may already have spare rows, which are then used. The added rows, input and output, start as
+    the mean of the rows of the tokens before them: a new token's first logit is the average
+    logit (neither dominant nor impossible) and its embedding an average input. transformers'
+    ``mean_resizing`` samples around that mean; the mean itself keeps the start deterministic.
+    """
+    import torch
+
+    ids = added_token_ids(tok)
+    if not ids:
+        return []
+    _grow_to(model, max(ids) + 1)
+    known = min(ids)  # every id below the first added one is a token the model was trained with
+    layers = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not layers[0]:
+        layers.append(output.weight)
+    with torch.no_grad():
+        for weight in layers:
+            weight[ids] = weight[:known].float().mean(0).to(weight.dtype)
+    return ids
+
+
+def _grow_to(model: Any, rows: int) -> None:
+    if rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+
+
+def trainable_token_targets(model: Any, ids: Sequence[int]) -> dict[str, list[int]] | None:
+    """peft's ``trainable_token_indices`` that train the rows ``ids`` (None when there are none): the
+    input embedding's and, unless tied to it, the output layer's: a new token must be read and emitted.
+
+    peft ties a tied output layer to the embedding's trainable rows itself. An output layer with a
+    bias is refused: peft's trainable-token layer computes it without the bias.
+    """
+    if not ids:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    targets = {names[id(embedding)]: list(ids)}
+    if output is not None and getattr(output, "bias", None) is not None:
+        raise TrainingError(f"the model's output layer {names[id(output)]!r} has a bias: the rows of the added chat "
+                            f"tokens {list(ids)} cannot be trained under LoRA (peft's trainable tokens drop the "
+                            f"bias); use method: full, or a tokenizer with the chat markers")
+    if output is not None and output.weight is not embedding.weight:
+        targets[names[id(output)]] = list(ids)
+    return targets
+
+
+def expose_trained_output_rows(model: Any) -> None:
+    """Let TRL's fused LM head see the trained output rows of added tokens (call it on the trainer's model).
+
+    SFTTrainer (TRL 1.16) computes log-probs from ``lm_head.weight`` and ``lm_head.bias`` directly.
+    peft's trainable-token wrapper of the output layer answers ``weight`` with the trained rows
+    merged in (so their gradient flows), but has no ``bias`` attribute: the first loss would fail.
+    The layer has none (:func:`trainable_token_targets` refuses a bias), so the wrapper answers None.
+    """
+    output = model.get_output_embeddings()
+    if output is not None and hasattr(output, "token_adapter") and "bias" not in vars(output):
+        try:
+            output.bias  # noqa: B018  (a later peft may serve it)
+        except AttributeError:
+            output.bias = None
 
 
 def load_model(model_dir: Path, source: str, rt: Runtime, *, dtype: Any = None,
@@ -260,9 +398,19 @@ def load_model(model_dir: Path, source: str, rt: Runtime, *, dtype: Any = None,
 
 def check_model(model: Any, tok: Any, model_dir: Path, *, stage: str, source: str, max_length: int,
                 lora: LoraSettings | None = None) -> None:
-    """Fail fast, before training, when the tokenizer, ``train.max_length`` or the LoRA targets do not fit the model."""
+    """Fail fast, before training, when the tokenizer, ``train.max_length`` or the LoRA targets do not fit the model.
+
+    A model without rows for the chat markers :func:`load_tokenizer` added was not grown to them
+    (:func:`grow_embeddings`): only sft grows and trains new tokens, so the message sends align there.
+    """
     vocab = max(tok.get_vocab().values()) + 1
     embeddings = model.get_input_embeddings().weight.shape[0]
+    added = added_token_ids(tok)
+    if added and max(added) >= embeddings:
+        raise TrainingError(f"{source} {model_dir}: its tokenizer lacks llmpipe's chat markers (added here as ids "
+                            f"{added}), which the model has no rows for, and the {stage} stage does not train new "
+                            f"tokens; fine-tune the model with the sft stage first (it adds and trains them), and "
+                            f"align its output")
     if vocab > embeddings:
         raise TrainingError(f"{source} {model_dir}: the tokenizer has ids up to {vocab - 1} but the model embeds "
                             f"only {embeddings}; they do not belong together")
@@ -289,12 +437,18 @@ def parameter_counts(model: Any) -> tuple[int, int]:
     return sum(count(p) for p in params if p.requires_grad), sum(count(p) for p in params)
 
 
-def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM") -> Any:
-    """peft's LoraConfig for the ``lora:`` block (``SEQ_CLS`` for a reward model: its new head trains in full)."""
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM", *,
+                trainable_tokens: Mapping[str, Sequence[int]] | None = None) -> Any:
+    """peft's LoraConfig for the ``lora:`` block (``SEQ_CLS`` for a reward model: its new head trains in full).
+
+    ``trainable_tokens`` (from :func:`trainable_token_targets`): embedding rows trained in full
+    beside the adapter, by layer name; the adapter then carries them and merging writes them.
+    """
     from peft import LoraConfig
 
+    extra = {"trainable_token_indices": {k: list(v) for k, v in trainable_tokens.items()}} if trainable_tokens else {}
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type=task_type)
+                      target_modules=list(lora.target_modules), bias="none", task_type=task_type, **extra)
 
 
 # ---------------------------------------------------------------- trainer arguments
@@ -580,12 +734,23 @@ def merged_model(checkpoint: Path, base_dir: Path, load: Callable[[Path], Any],
     state) to ``save_adapter_to`` when given. A full checkpoint is ``load(checkpoint)``. For QLoRA
     ``load`` gives the base un-quantized: merging into 4-bit weights would lose the adapter's update to
     rounding, and the result would not be a plain model.
+
+    An adapter that trained added tokens (``trainable_token_indices``) needs the base grown to them:
+    it is grown here, to the last such id, as :func:`grow_embeddings` grew it for training. peft
+    stores those rows' trained values (not a difference from their start), and since the vocabulary
+    grew it also stores the whole grown embedding and output matrices in the adapter (its
+    ``save_embedding_layers="auto"``), so the merge does not depend on how the new rows started.
     """
     if not (checkpoint / "adapter_config.json").is_file():
         return load(checkpoint)
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(load(base_dir), str(checkpoint))
+    base = load(base_dir)
+    indices = json.loads((checkpoint / "adapter_config.json").read_text()).get("trainable_token_indices")
+    if indices:
+        ids = indices if isinstance(indices, list) else [i for rows in indices.values() for i in rows]
+        _grow_to(base, max(ids) + 1)  # as grow_embeddings did for training
+    peft_model = PeftModel.from_pretrained(base, str(checkpoint))
     if save_adapter_to is not None:
         # peft keeps target_modules as a set and writes it in set order, which changes with each process's
         # string hash seed; sorted, the same training saves the same adapter bytes (bench/faults.py checks).
@@ -598,13 +763,17 @@ def merged_model(checkpoint: Path, base_dir: Path, load: Callable[[Path], Any],
 
 def write_model(model: Any, tok: Any, out: Path) -> None:
     """A standalone model dir, written atomically: weights, config, tokenizer, and for a generative
-    model a generation config that stops on ``<|end|>`` as well as EOS."""
+    model a generation config that stops on the end-of-turn token (``<|end|>``, or the one of the
+    tokenizer's own template) as well as EOS, and on the stop ids the base's config already had."""
     from stages.common.chat import stop_token_ids
 
     model.config.use_cache = True  # training turns the KV cache off; generation wants it
     model.config.pad_token_id = tok.pad_token_id
     if model.can_generate():
-        model.generation_config.eos_token_id = stop_token_ids(tok)
+        stops = stop_token_ids(tok)
+        before = model.generation_config.eos_token_id
+        stops += [i for i in ([before] if isinstance(before, int) else before or []) if i not in stops]
+        model.generation_config.eos_token_id = stops
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.bos_token_id = tok.bos_token_id
     with atomic_path(out) as tmp:

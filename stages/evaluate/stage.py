@@ -13,8 +13,9 @@ Models (``models``, default all five), each evaluated on the same ``tasks``:
                with the model dir's tokenizer (token-id requests, echo + logprobs)
 
 Tasks: lm-eval task names. ``heldout_ppl`` (perplexity of held-out documents) and ``heldout_mc``
-(pick the true continuation of a held-out passage) are built from ``tokenize.heldout`` into
-``results/tasks/`` (stages/evaluate/tasks.py documents the format) and loaded with
+(pick the true continuation of a held-out passage) are built from ``tokenize.heldout``, or with
+``heldout.source: files`` from the documents of ``heldout.files`` (JSONL or Parquet, a ``text`` per
+record), into ``results/tasks/`` (stages/evaluate/tasks.py documents the format) and loaded with
 ``TaskManager(include_path=...)``; any other name is a standard lm-eval task (mmlu, hellaswag,
 arc_easy, gsm8k...) whose dataset comes from the HF hub or its cache. With ``offline: true`` (the
 tiny default) the stage sets HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 so nothing is downloaded.
@@ -54,6 +55,8 @@ from typing import Any, Literal
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import write_json_atomic
+from pipeline.inputs import Problem
+from stages.common.models import ModelSource, ModelSourceError, model_dir, model_problems, model_state, parse_model
 from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks
 
 UNTRAINED = "untrained"
@@ -87,9 +90,9 @@ class EvalServerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    models: tuple[str, ...]  # which models to evaluate, in this order (a subset of untrained, pretrain, sft, ...)
-    tasks: tuple[str, ...]  # lm-eval task names; heldout_ppl / heldout_mc are built from tokenize.heldout
-    heldout: HeldoutTasksConfig  # size and shape of the local tasks
+    models: tuple[str, ...]  # in order: untrained, pretrain, sft, align, quantize, or name=<dir or hub id>
+    tasks: tuple[str, ...]  # lm-eval task names; heldout_ppl / heldout_mc are built from held-out documents
+    heldout: HeldoutTasksConfig  # source, size and shape of the local tasks
     num_fewshot: int | None  # few-shot examples per prompt (null: each task's own default)
     limit: int | None  # evaluate at most this many examples per task (null: all)
     batch_size: int  # requests per forward pass (hf) or per HTTP request (local-completions) (execution-only)
@@ -104,11 +107,13 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        unknown = [m for m in self.models if m not in ALL_MODELS]
-        if unknown:
-            problems.append(("models", f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)}"))
+        for entry in self.models:
+            try:
+                parse_entry(entry)
+            except EvalInputError as exc:
+                problems.append(("models", str(exc)))
         for key in ("models", "tasks"):
-            names = getattr(self, key)
+            names = [entry.partition("=")[0] for entry in getattr(self, key)]
             if not names:
                 problems.append((key, "must not be empty"))
             elif len(set(names)) != len(names):
@@ -118,6 +123,36 @@ class EvaluateConfig:
         if self.max_length is not None and self.max_length < 8:
             problems.append(("max_length", f"must be at least 8 tokens or null, got {self.max_length}"))
         Invalid.check(problems)
+
+
+def parse_entry(entry: str) -> tuple[str, ModelSource | None]:
+    """``(label, source)`` of one ``models`` entry: a stage's model by its name (``untrained``: None, the
+    pretrain architecture with random weights), or ``name=<model dir or hub id>``, an outside model such
+    as the base model before fine-tuning (stages/common/models.py reads the value)."""
+    name, eq, spec = entry.partition("=")
+    name = name.strip()
+    if not eq:
+        if name == UNTRAINED:
+            return name, None
+        if name not in MODEL_INPUTS:
+            raise EvalInputError(f"unknown model {entry!r}; choose from {list(ALL_MODELS)}, or name an outside "
+                                 f"model as name=<model dir or hub id> (e.g. base=meta-llama/Llama-2-7b-hf)")
+        return name, parse_model(name)
+    if not name.replace("-", "_").replace(".", "_").isidentifier():
+        raise EvalInputError(f"{entry!r}: the name before '=' must be a word (letters, digits, - _ .), got {name!r}")
+    if name in ALL_MODELS:
+        raise EvalInputError(f"{entry!r}: {name!r} is the name of a stage's model; call the outside model otherwise")
+    try:
+        source = parse_model(spec)
+    except ModelSourceError as exc:
+        raise EvalInputError(f"{entry!r}: {exc}") from exc
+    if source.kind == "stage":
+        raise EvalInputError(f"{entry!r}: write the stage's model as {spec!r} alone, not as {name}={spec}")
+    return name, source
+
+
+def model_sources(cfg: EvaluateConfig) -> list[tuple[str, ModelSource | None]]:
+    return [parse_entry(entry) for entry in cfg.models]
 
 
 @dataclass(frozen=True)
@@ -148,14 +183,39 @@ def go_offline() -> None:
 
 
 def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
-    """The configured models with their dirs, checked to be loadable HF model dirs."""
+    """The configured models with their dirs, checked to be loadable HF model dirs. A quantized model (the
+    quantize stage's, or an outside one whose config declares a quantization) is served by vLLM."""
     specs = []
-    for name in cfg.models:
-        path = Path(ctx.input(MODEL_INPUTS["pretrain" if name == UNTRAINED else name]))
+    for name, source in model_sources(cfg):
+        path = Path(ctx.input("pretrain.model")) if source is None else model_dir(source, ctx)
         if not (path / "config.json").is_file():
             raise EvalInputError(f"model '{name}': {path} is not a Hugging Face model dir (no config.json)")
-        specs.append(ModelSpec(name, path, "local-completions" if name == QUANTIZED else "hf"))
+        quantized = name == QUANTIZED or (source is not None and source.kind != "stage"
+                                          and "quantization_config" in json.loads((path / "config.json").read_text()))
+        specs.append(ModelSpec(name, path, "local-completions" if quantized else "hf"))
     return specs
+
+
+def needed_inputs(cfg: EvaluateConfig) -> tuple[str, ...]:
+    """The outputs of the stages whose models are evaluated (``untrained`` takes pretrain's shape), and
+    the held-out documents when a local task is built from them."""
+    refs = ["pretrain.model" if source is None else source.input_ref for _, source in model_sources(cfg)]
+    return tuple(r for r in refs if r) + needed_heldout(cfg)
+
+
+def outside_state(cfg: EvaluateConfig) -> dict[str, str] | None:
+    """The outside models' digests or hub commits (``models[<name>]``), and the held-out files'."""
+    state = {f"models[{name}]": model_state(source) for name, source in model_sources(cfg)
+             if source is not None and source.kind != "stage"}
+    state.update(external_state(cfg) or {})
+    return state or None
+
+
+def preflight_problems(cfg: EvaluateConfig) -> list[Problem]:
+    """The stage's ``preflight``: every outside model is a model dir or a cached hub model; held-out files."""
+    problems = [(key, f"{name}: {problem}") for name, source in model_sources(cfg)
+                if source is not None for key, problem in model_problems(source, "models")]
+    return problems + input_problems(cfg)
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
@@ -433,6 +493,40 @@ def evaluate_or_resume(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, resul
     return results
 
 
+def local_tasks(cfg: EvaluateConfig) -> tuple[str, ...]:
+    """The configured tasks built here from held-out documents (heldout_ppl, heldout_mc)."""
+    return tuple(t for t in cfg.tasks if t in LOCAL_TASKS)
+
+
+def needed_heldout(cfg: EvaluateConfig) -> tuple[str, ...]:
+    """``tokenize.heldout`` when a local task is built from it (``heldout.source: corpus``); else nothing:
+    the documents come from ``heldout.files``, or no local task is configured."""
+    return (HELDOUT_INPUT,) if local_tasks(cfg) and cfg.heldout.source == "corpus" else ()
+
+
+def _heldout_files(cfg: EvaluateConfig) -> tuple[str, ...]:
+    """The patterns of ``heldout.files`` when the local tasks read them, else none."""
+    return cfg.heldout.files if local_tasks(cfg) and cfg.heldout.source == "files" else ()
+
+
+def external_state(cfg: EvaluateConfig) -> dict[str, str] | None:
+    """The fingerprint's view of ``heldout.files``: ``{"heldout.files[<path>]": digest}`` per file
+    (stages/common/inputs.py files_state), so editing a file re-runs evaluate and ``llmpipe why`` names
+    it. None when the local tasks read no files."""
+    from stages.common.inputs import files_state
+
+    return files_state(_heldout_files(cfg), "heldout.files") or None
+
+
+def input_problems(cfg: EvaluateConfig) -> list[Problem]:
+    """Plan-time check of ``heldout.files`` (when a local task reads them): every pattern matches, every
+    file is JSONL (.jsonl, .jsonl.gz) or Parquet and starts like one."""
+    from stages.common.inputs import data_file_problems
+    from stages.evaluate.tasks import TEXT_SUFFIXES
+
+    return [("heldout.files", message) for _, message in data_file_problems(_heldout_files(cfg), TEXT_SUFFIXES)]
+
+
 def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.offline:
         go_offline()
@@ -440,10 +534,11 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     (results_dir / MODELS_DIR).mkdir(parents=True, exist_ok=True)
     specs = model_specs(cfg, ctx)
     metrics: dict[str, float] = {}
-    local = tuple(t for t in cfg.tasks if t in LOCAL_TASKS)
+    local = local_tasks(cfg)
     include = None
     if local:
-        built = build_local_tasks(ctx.input(HELDOUT_INPUT), results_dir / TASKS_DIR, cfg.heldout, local)
+        heldout = ctx.input(HELDOUT_INPUT) if needed_heldout(cfg) else None  # None: heldout.files
+        built = build_local_tasks(heldout, results_dir / TASKS_DIR, cfg.heldout, local)
         include = built.include_path
         metrics.update(built.metrics())
         ctx.log.info("local tasks %s: %d of %d held-out documents (not eligible: %s)", list(built.tasks),
@@ -472,6 +567,9 @@ STAGE = Stage(
     config=EvaluateConfig,
     run=run,
     inputs=("pretrain.model", "sft.model", "align.model", "quantize.model", HELDOUT_INPUT),
+    select_inputs=needed_inputs,
+    external=outside_state,
+    preflight=preflight_problems,
     outputs=("results",),
     unhashed=frozenset(["batch_size", "server.startup_timeout_s", "server.num_concurrent", "server.cpu_kvcache_gib"]),
     resumable=True,

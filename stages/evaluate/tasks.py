@@ -31,6 +31,11 @@ eligible (shorter ones are counted as ``too_short``); they are ranked by a hash 
 first ``docs`` are used by both tasks. The choice order and the distractors of each passage come
 from a random generator seeded by (seed, id). So the tasks depend only on the held-out documents
 and the config, not on shard layout or reading order, and rebuilding gives the same bytes.
+
+With ``heldout.source: files`` the documents are the records of ``heldout.files`` instead (JSONL or
+Parquet, paths or globs; a ``text`` field per record, ``id`` and ``url`` optional): a fine-tuning run
+without the data stages evaluates on the user's own text. A record without a string ``id`` is named
+by a digest of its text, so the sample still does not depend on how the files are split or ordered.
 """
 
 from __future__ import annotations
@@ -40,17 +45,21 @@ import heapq
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline import Invalid, LlmpipeError
 from pipeline.files import write_text_atomic
+from stages.common.training import TrainingDataError, expand_files, file_suffix, jsonl_records, source_problems
 
 PPL_TASK = "heldout_ppl"
 MC_TASK = "heldout_mc"
 LOCAL_TASKS = (PPL_TASK, MC_TASK)
 REQUIRED_COLUMNS = ("id", "url", "text")
+FILES_KEY = "stage.evaluate.heldout.files"
+TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # heldout.files: one document per record, in a text field
 
 
 class HeldoutDataError(LlmpipeError):
@@ -59,6 +68,8 @@ class HeldoutDataError(LlmpipeError):
 
 @dataclass(frozen=True, kw_only=True)
 class HeldoutTasksConfig:
+    source: Literal["corpus", "files"]  # corpus: the held-out split (tokenize.heldout) | files: the documents of files
+    files: tuple[str, ...]  # source=files: JSONL (.jsonl, .jsonl.gz) or Parquet paths or globs, a text field per record
     docs: int  # held-out documents sampled for both local tasks (bounds evaluation time)
     max_chars: int  # heldout_ppl: each document is cut at a word boundary to at most this many characters
     context_words: int  # heldout_mc: words of passage shown as the context
@@ -67,8 +78,10 @@ class HeldoutTasksConfig:
     seed: int  # salt of the document ranking and of the distractor / choice-order draws
 
     def __post_init__(self) -> None:
-        problems = [(name, f"must be at least 1, got {getattr(self, name)}")
-                    for name in ("docs", "max_chars", "context_words", "continuation_words") if getattr(self, name) < 1]
+        problems = source_problems(self.source, self.files, None)
+        problems += [(name, f"must be at least 1, got {getattr(self, name)}")
+                     for name in ("docs", "max_chars", "context_words", "continuation_words")
+                     if getattr(self, name) < 1]
         if self.choices < 2:
             problems.append(("choices", f"must be at least 2 (the true continuation and a distractor), "
                                         f"got {self.choices}"))
@@ -113,12 +126,8 @@ def _rng(seed: int, doc_id: str) -> random.Random:
     return random.Random(_rank(seed + 1, doc_id))
 
 
-def sample_passages(heldout_dir: Path, cfg: HeldoutTasksConfig) -> tuple[list[Passage], int, Counter]:
-    """The ``cfg.docs`` eligible documents of lowest rank, in rank order; also docs read and drops.
-
-    Streams the shards in batches and keeps only a bounded heap, so a large held-out split costs
-    reading it once, not holding it in memory.
-    """
+def shard_records(heldout_dir: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """(id, url, text) of every row of the held-out shards (tokenize.heldout), streamed in batches."""
     import pyarrow.parquet as pq
 
     from stages.common.shards import list_parquet
@@ -126,31 +135,86 @@ def sample_passages(heldout_dir: Path, cfg: HeldoutTasksConfig) -> tuple[list[Pa
     shards = list_parquet(heldout_dir)
     if not shards:
         raise HeldoutDataError(f"no Parquet shards in the held-out documents {heldout_dir}")
-    need = cfg.context_words + cfg.continuation_words
-    heap: list[tuple[int, str, str, str]] = []  # (-rank, id, url, text): the kept docs of lowest rank
-    seen: set[str] = set()
-    docs_in, dropped = 0, Counter()
     for shard in shards:
         pf = pq.ParquetFile(shard)
         missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
         if missing:
             raise HeldoutDataError(f"held-out shard {shard} lacks column(s) {missing}; it has {pf.schema_arrow.names}")
         for batch in pf.iter_batches(columns=list(REQUIRED_COLUMNS), batch_size=4096):
-            for doc_id, url, text in zip(*(batch.column(c).to_pylist() for c in REQUIRED_COLUMNS), strict=True):
-                docs_in += 1
-                if not isinstance(text, str) or not isinstance(doc_id, str):
-                    dropped["null"] += 1
-                elif doc_id in seen:
-                    dropped["duplicate_id"] += 1
-                elif len(text.split(None, need)) < need:
-                    dropped["too_short"] += 1
-                else:
-                    seen.add(doc_id)
-                    item = (-_rank(cfg.seed, doc_id), doc_id, url or "", text)
-                    if len(heap) < cfg.docs:
-                        heapq.heappush(heap, item)
-                    elif item > heap[0]:
-                        heapq.heapreplace(heap, item)
+            yield from zip(*(batch.column(c).to_pylist() for c in REQUIRED_COLUMNS), strict=True)
+
+
+def _file_record(record: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(id, url, text) of a record of a documents file: its own ``id`` and ``url`` when they are strings;
+    else the id is a digest of the text (so the sample does not depend on how the files are split or
+    ordered, and a repeated document counts as a duplicate) and the url is empty."""
+    text, doc_id, url = record.get("text"), record.get("id"), record.get("url")
+    if not isinstance(doc_id, str):
+        doc_id = "text-" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest() if isinstance(text, str) else None
+    return doc_id, url if isinstance(url, str) else "", text
+
+
+def file_records(patterns: tuple[str, ...]) -> Iterator[tuple[Any, Any, Any]]:
+    """(id, url, text) of every record of ``heldout.files`` (JSONL or Parquet with a ``text`` field or
+    column; ``id`` and ``url`` optional: :func:`_file_record`)."""
+    import pyarrow.parquet as pq
+
+    try:
+        paths = expand_files(patterns, FILES_KEY)
+    except TrainingDataError as exc:
+        raise HeldoutDataError(str(exc)) from exc
+    for path in paths:
+        suffix = file_suffix(path)
+        if suffix in (".jsonl", ".jsonl.gz"):
+            for row, record in jsonl_records(path):
+                if not isinstance(record, dict):
+                    raise HeldoutDataError(f"{FILES_KEY}: {path}, line {row + 1}: not a JSON object; documents "
+                                           'files hold one {"text": ...} object a line')
+                yield _file_record(record)
+        elif suffix == ".parquet":
+            pf = pq.ParquetFile(path)
+            columns = [c for c in REQUIRED_COLUMNS if c in pf.schema_arrow.names]
+            if "text" not in columns:
+                raise HeldoutDataError(f"{FILES_KEY}: {path} has no column 'text' (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=columns, batch_size=4096):
+                yield from map(_file_record, batch.to_pylist())
+        else:
+            raise HeldoutDataError(f"{FILES_KEY}: {path} has an unsupported type {suffix!r} "
+                                   f"(expected {', '.join(TEXT_SUFFIXES)})")
+
+
+def sample_passages(heldout_dir: Path | None, cfg: HeldoutTasksConfig) -> tuple[list[Passage], int, Counter]:
+    """The ``cfg.docs`` eligible documents of lowest rank, in rank order; also docs read and drops.
+    The documents are the held-out shards in ``heldout_dir`` (``source: corpus``) or those of ``cfg.files``.
+
+    Streams the documents in batches and keeps only a bounded heap, so a large held-out split costs
+    reading it once, not holding it in memory.
+    """
+    if cfg.source == "files":
+        records = file_records(cfg.files)
+    elif heldout_dir is None:
+        raise HeldoutDataError("heldout.source is corpus but no held-out documents (tokenize.heldout) were given")
+    else:
+        records = shard_records(heldout_dir)
+    need = cfg.context_words + cfg.continuation_words
+    heap: list[tuple[int, str, str, str]] = []  # (-rank, id, url, text): the kept docs of lowest rank
+    seen: set[str] = set()
+    docs_in, dropped = 0, Counter()
+    for doc_id, url, text in records:
+        docs_in += 1
+        if not isinstance(text, str) or not isinstance(doc_id, str):
+            dropped["null"] += 1
+        elif doc_id in seen:
+            dropped["duplicate_id"] += 1
+        elif len(text.split(None, need)) < need:
+            dropped["too_short"] += 1
+        else:
+            seen.add(doc_id)
+            item = (-_rank(cfg.seed, doc_id), doc_id, url or "", text)
+            if len(heap) < cfg.docs:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
     kept = sorted(heap, reverse=True)  # lowest rank first
     passages = [Passage(doc_id, url, text, tuple(text.split())) for _, doc_id, url, text in kept]
     return passages, docs_in, dropped
@@ -227,9 +291,11 @@ def _write_task(folder: Path, name: str, records: list[dict[str, Any]], body: di
     write_text_atomic(folder / f"{name}.yaml", yaml.safe_dump(_task_yaml(name, data_file, body), sort_keys=False))
 
 
-def build_local_tasks(heldout_dir: Path, folder: Path, cfg: HeldoutTasksConfig,
+def build_local_tasks(heldout_dir: Path | None, folder: Path, cfg: HeldoutTasksConfig,
                       tasks: tuple[str, ...] = LOCAL_TASKS) -> LocalTasks:
     """Write the requested local tasks (a subset of LOCAL_TASKS) into ``folder``; see the module docstring.
+    The documents: the held-out shards in ``heldout_dir`` (``cfg.source: corpus``), or the records of
+    ``cfg.files`` (``source: files``; ``heldout_dir`` is not read and may be None).
 
     Raises HeldoutDataError when fewer than two documents are eligible: no multiple choice can be
     made and a perplexity on one document says nothing.
@@ -239,8 +305,9 @@ def build_local_tasks(heldout_dir: Path, folder: Path, cfg: HeldoutTasksConfig,
         raise HeldoutDataError(f"unknown local task(s) {unknown}; the local tasks are {list(LOCAL_TASKS)}")
     passages, docs_in, dropped = sample_passages(heldout_dir, cfg)
     if len(passages) < 2:
+        where = f"{FILES_KEY} {list(cfg.files)}" if cfg.source == "files" else heldout_dir
         raise HeldoutDataError(
-            f"the held-out documents in {heldout_dir} give {len(passages)} usable document(s) of {docs_in} "
+            f"the held-out documents in {where} give {len(passages)} usable document(s) of {docs_in} "
             f"(dropped: {dict(dropped)}); the local tasks need at least 2 documents of at least "
             f"{cfg.context_words + cfg.continuation_words} words (stage.evaluate.heldout.context_words + "
             f"continuation_words)")

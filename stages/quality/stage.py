@@ -21,7 +21,6 @@ check, before anything runs, that each can be read and starts like its kind (``i
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -42,7 +41,6 @@ CLASSIFIER_DIR = "classifier"  # under the stage's output dir: the trained model
 MODEL_FILE = "model.bin"
 TRAIN_REPORT = "train.json"
 # Files up to this size are fingerprinted by content, bigger ones (a multi-GB model) by size and mtime.
-_HASH_LIMIT = 64 << 20
 
 
 class QualityError(LlmpipeError):
@@ -353,14 +351,11 @@ def existing_file(path: str, key: str) -> Path:
 
 
 def file_state(path: str) -> str:
-    """A short, deterministic description of a file's content for the fingerprint."""
-    p = Path(path)
-    if not p.is_file():
-        return "missing"
-    st = p.stat()
-    if st.st_size > _HASH_LIMIT:
-        return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
-    return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+    """The digest of a file's content for the fingerprint (pipeline/content.py: cached by stat), or
+    ``missing``."""
+    from pipeline.content import MISSING, content_digest
+
+    return content_digest(path) if Path(path).is_file() else MISSING
 
 
 def outside_files(cfg: QualityConfig) -> dict[str, str]:

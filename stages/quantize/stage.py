@@ -14,6 +14,9 @@ What it does, in order:
    windows; web documents are often shorter than one window). Shards are visited in an order
    seeded by ``calibration.seed`` and each shard's documents shuffled with it; reading stops once
    the samples are full, so the cost does not grow with the corpus. Rows without text are counted.
+   With ``calibration.source: files`` the documents come from ``calibration.files`` instead (JSONL
+   or Parquet, one document per record in a ``text`` field; paths or globs), packed the same way,
+   each file standing for a shard: a fine-tuned base model quantizes without the data stages.
 3. GPTQ with ``gptqmodel`` (``GPTQModel.load(dir, QuantizeConfig(...)).quantize(...)``, then
    ``.save``): bits, group size, symmetric or not, act-order (``desc_act``), gptqmodel's
    group-aware reordering and the Hessian dampening from the config. gptqmodel picks the device
@@ -30,7 +33,13 @@ What it does, in order:
    on the same windows: held-out documents, each followed by EOS as in pretraining, concatenated,
    cut to ``perplexity.max_tokens`` and split into ``perplexity.seq_len``-token windows. Both
    models run in the same dtype (``perplexity.dtype``; auto = float32 on CPU, which gptqmodel's
-   CPU kernel accepts, bfloat16 on CUDA), so the delta measures the quantization alone.
+   CPU kernel accepts, bfloat16 on CUDA), so the delta measures the quantization alone. With
+   ``perplexity.source: files`` the documents of ``perplexity.files`` are scored instead, in the
+   order the patterns list them.
+
+Inputs (:func:`needed_inputs`): ``pii.documents`` and ``tokenize.heldout`` only for the sources that
+read them. Outside files are checked at plan time (:func:`input_problems`) and hashed into the
+fingerprint (:func:`external_state`).
 
 Restart-safe and resumable: GPTQ goes layer by layer, and gptqmodel checkpoints each finished
 layer to ``<output>/gptq/checkpoint`` (``CheckpointConfig``; Llama-family models). A later attempt
@@ -70,7 +79,20 @@ from typing import Any, Literal
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import atomic_path, set_aside
+from pipeline.inputs import Problem
+from stages.common.models import (
+    ModelSource,
+    check_model_spec,
+    inputs_of,
+    model_dir,
+    model_problems,
+    model_state,
+    parse_model,
+)
 from stages.common.shards import list_parquet
+from stages.common.training import TrainingDataError, expand_files, file_suffix, jsonl_records, source_problems
+
+BASE_STAGES = ("align", "sft", "pretrain")  # the stages base_model may name
 
 MODEL = "model"
 WORK = "gptq"  # gptqmodel's working dir in the output: logs/, checkpoint/, offload/
@@ -85,6 +107,9 @@ GPTQ_BITS = (2, 3, 4, 8)  # what gptqmodel's GPTQ format stores; vLLM's CPU kern
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*", "*.model",
                    "chat_template*")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Outside documents files (calibration.files, perplexity.files): one document per record, in a text field.
+TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+SOURCE_INPUTS = {"corpus": "pii.documents", "heldout": "tokenize.heldout"}  # the pipeline input of each source
 
 
 class QuantizeError(LlmpipeError):
@@ -101,14 +126,17 @@ class CalibrationError(QuantizeError):
 
 @dataclass(frozen=True, kw_only=True)
 class CalibrationSettings:
+    source: Literal["corpus", "files"]  # corpus: the cleaned documents (pii.documents) | files: the documents of files
+    files: tuple[str, ...]  # source=files: JSONL (.jsonl, .jsonl.gz) or Parquet paths or globs, a text field per record
     samples: int  # calibration sequences (the GPTQ paper: 128 x 2048 tokens)
     max_tokens: int  # tokens per sequence: documents are packed EOS-separated into sequences this long
     seed: int  # seeds the order of shards and of documents within a shard
     batch_size: int  # samples per calibration forward pass (padded when > 1)
 
     def __post_init__(self) -> None:
-        problems = [(name, f"must be at least 1, got {getattr(self, name)}")
-                    for name in ("samples", "batch_size") if getattr(self, name) < 1]
+        problems = source_problems(self.source, self.files, None)
+        problems += [(name, f"must be at least 1, got {getattr(self, name)}")
+                     for name in ("samples", "batch_size") if getattr(self, name) < 1]
         if self.max_tokens < 2:
             problems.append(("max_tokens", f"must be at least 2, got {self.max_tokens}"))
         Invalid.check(problems)
@@ -116,13 +144,15 @@ class CalibrationSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PerplexitySettings:
+    source: Literal["heldout", "files"]  # heldout: the held-out split (tokenize.heldout) | files: those of files
+    files: tuple[str, ...]  # source=files: JSONL (.jsonl, .jsonl.gz) or Parquet paths or globs, a text field per record
     max_tokens: int  # held-out tokens to score (each model); 0: skip the perplexity comparison
     seq_len: int  # tokens per scored window; at most the model's context
     batch_size: int  # windows per forward pass (execution-only)
     dtype: Literal["auto", "float32", "bfloat16", "float16"]  # both models; auto: fp32 on CPU, bf16 on CUDA
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = source_problems(self.source, self.files, None)
         if self.max_tokens < 0:
             problems.append(("max_tokens", f"must be >= 0 (0 skips perplexity), got {self.max_tokens}"))
         if self.seq_len < 2:
@@ -134,6 +164,7 @@ class PerplexitySettings:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
+    base_model: str  # the model quantized: align, sft or pretrain (their output), a model dir, or org/name[@rev]
     bits: int  # weight bits (2, 3, 4 or 8; vLLM's CPU kernel runs 4)
     group_size: int  # input columns sharing one scale/zero; -1: one group per row
     sym: bool  # symmetric quantization (no zero point offset); vLLM's fast kernels want it
@@ -146,7 +177,7 @@ class QuantizeConfig:
     keep_checkpoint: bool  # keep gptqmodel's layer checkpoint after success (execution-only)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = check_model_spec(self.base_model, BASE_STAGES)
         if self.bits not in GPTQ_BITS:
             problems.append(("bits", f"must be one of {GPTQ_BITS}, got {self.bits}"))
         if self.group_size != -1 and self.group_size < 1:
@@ -198,6 +229,82 @@ def check_shapes(linears: Sequence[tuple[str, int, int]], group_size: int, model
                     f"vLLM's kernels need multiples of {KERNEL_MULTIPLE}; change the model shape")
 
 
+# ---------------------------------------------------------------- text sources
+
+
+def checks_perplexity(cfg: QuantizeConfig) -> bool:
+    """Whether the perplexity check reads any text (``perplexity.max_tokens: 0`` skips it)."""
+    return cfg.perplexity.max_tokens > 0
+
+
+def base_source(cfg: QuantizeConfig) -> ModelSource:
+    """Where the quantized model comes from (stages/common/models.py)."""
+    return parse_model(cfg.base_model, BASE_STAGES)
+
+
+def needed_inputs(cfg: QuantizeConfig) -> tuple[str, ...]:
+    """The pipeline's text inputs this config reads: ``pii.documents`` for calibration from the corpus,
+    ``tokenize.heldout`` for a perplexity check on the held-out split. With ``source: files`` (or no
+    perplexity check) neither is needed: a fine-tuned base model quantizes without the data stages.
+    The model input is chosen from ``base_model`` elsewhere."""
+    needed = []
+    if cfg.calibration.source == "corpus":
+        needed.append(SOURCE_INPUTS["corpus"])
+    if cfg.perplexity.source == "heldout" and checks_perplexity(cfg):
+        needed.append(SOURCE_INPUTS["heldout"])
+    return tuple(needed)
+
+
+def _files_blocks(cfg: QuantizeConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """(key, patterns) of each block that reads outside files."""
+    blocks = []
+    if cfg.calibration.source == "files":
+        blocks.append(("calibration.files", cfg.calibration.files))
+    if cfg.perplexity.source == "files" and checks_perplexity(cfg):
+        blocks.append(("perplexity.files", cfg.perplexity.files))
+    return blocks
+
+
+def external_state(cfg: QuantizeConfig) -> dict[str, str] | None:
+    """The fingerprint's view of the outside text: ``{"<key>[<path>]": digest}`` for every file of
+    ``calibration.files`` and ``perplexity.files`` (stages/common/inputs.py files_state), so editing a file
+    re-runs quantize and ``llmpipe why`` names it. None when no block reads files."""
+    from stages.common.inputs import files_state
+
+    state: dict[str, str] = {}
+    for key, patterns in _files_blocks(cfg):
+        state.update(files_state(patterns, key))
+    return state or None
+
+
+def input_problems(cfg: QuantizeConfig) -> list[Problem]:
+    """Plan-time check of ``calibration.files`` and ``perplexity.files`` (when read): every pattern matches,
+    every file is JSONL (.jsonl, .jsonl.gz) or Parquet and starts like one."""
+    from stages.common.inputs import data_file_problems
+
+    return [(key, message) for key, patterns in _files_blocks(cfg)
+            for _, message in data_file_problems(patterns, TEXT_SUFFIXES)]
+
+
+def document_files(settings: CalibrationSettings | PerplexitySettings, key: str, ctx: StageContext) -> list[Path]:
+    """The files a block reads documents from (absolute: gptqmodel runs in the work dir): its ``files``
+    expanded, with source files (a pattern that matches nothing is a QuantizeError naming
+    ``stage.quantize.<key>.files``), else the Parquet shards of its pipeline input."""
+    if settings.source == "files":
+        try:
+            return [path.resolve() for path in expand_files(settings.files, f"stage.quantize.{key}.files")]
+        except TrainingDataError as exc:
+            raise QuantizeError(str(exc)) from exc
+    return list_parquet(ctx.input(SOURCE_INPUTS[settings.source]).resolve())
+
+
+def source_name(settings: CalibrationSettings | PerplexitySettings, key: str, ctx: StageContext) -> str:
+    """Where a block's documents come from, for messages."""
+    if settings.source == "files":
+        return f"stage.quantize.{key}.files {list(settings.files)}"
+    return str(ctx.input(SOURCE_INPUTS[settings.source]))
+
+
 # ---------------------------------------------------------------- calibration
 
 
@@ -217,9 +324,22 @@ class Calibration:
 
 
 def read_texts(shard: Path) -> list[Any]:
-    """The ``text`` column of a documents shard (values as stored; the caller skips non-strings)."""
+    """The ``text`` column of a documents shard or Parquet file, or the ``text`` field of each record of a
+    JSONL file (.jsonl, .jsonl.gz; None for a record without one): values as stored, the caller skips
+    non-strings. A line that is not a JSON object is a QuantizeError naming the file and line."""
     import pyarrow.parquet as pq
 
+    suffix = file_suffix(shard)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        texts = []
+        for row, record in jsonl_records(shard):
+            if not isinstance(record, dict):
+                raise QuantizeError(f"{shard}, line {row + 1}: not a JSON object; documents files hold one "
+                                    '{"text": ...} object a line')
+            texts.append(record.get("text"))
+        return texts
+    if suffix != ".parquet":
+        raise QuantizeError(f"{shard}: unsupported file type {suffix!r} (expected {', '.join(TEXT_SUFFIXES)})")
     pf = pq.ParquetFile(shard)
     if "text" not in pf.schema_arrow.names:
         raise QuantizeError(f"{shard}: no column 'text' (columns: {pf.schema_arrow.names})")
@@ -538,15 +658,17 @@ def model_perplexity(model_dir: Path, windows: Sequence[list[int]], settings: Pe
             torch.cuda.empty_cache()
 
 
-def compare_perplexity(src: Path, dest: Path, heldout: Path, tokenizer: Any, settings: PerplexitySettings,
+def compare_perplexity(src: Path, dest: Path, heldout: Sequence[Path], tokenizer: Any, settings: PerplexitySettings,
                        work: Path, log: Any) -> dict[str, float]:
-    """Perplexity of the source and the quantized model on the same held-out windows, and the delta."""
+    """Perplexity of the source and the quantized model on the same held-out windows, and the delta.
+    ``heldout``: the documents files scored, in order (the held-out shards, or ``perplexity.files``)."""
     if settings.max_tokens == 0:
         log.info("perplexity.max_tokens is 0: skipping the perplexity comparison")
         return {}
-    windows = heldout_windows(list_parquet(heldout), tokenizer, settings.max_tokens, settings.seq_len)
+    windows = heldout_windows(heldout, tokenizer, settings.max_tokens, settings.seq_len)
     if not windows:
-        log.warning("the held-out split in %s has no tokens: no perplexity comparison", heldout)
+        where = f"perplexity.files {list(settings.files)}" if settings.source == "files" else "the held-out split"
+        log.warning("%s: no tokens in %d file(s): no perplexity comparison", where, len(heldout))
         return {}
     started = time.time()
     fp = model_perplexity(src, windows, settings)
@@ -568,10 +690,10 @@ def check_input(src: Path, cfg: QuantizeConfig) -> dict[str, Any]:
     """The source model's config.json, after checking it is an unquantized model dir that fits ``cfg``."""
     config_file = src / "config.json"
     if not config_file.is_file():
-        raise QuantizeError(f"input align.model {src} has no config.json: not a Hugging Face model dir")
+        raise QuantizeError(f"base model {src} has no config.json: not a Hugging Face model dir")
     config = json.loads(config_file.read_text())
     if not weight_bytes(src):
-        raise QuantizeError(f"input align.model {src} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise QuantizeError(f"base model {src} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     if config.get("quantization_config"):
         raise QuantizeError(f"input model {src} is already quantized ({config['quantization_config']}); "
                             f"GPTQ needs the full-precision model")
@@ -588,15 +710,16 @@ def check_input(src: Path, cfg: QuantizeConfig) -> dict[str, Any]:
 def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path, work: Path,
                    tokenizer: Any) -> dict[str, Any]:
     """Calibrate, run GPTQ and write the finished ``dest`` atomically; return the facts for metrics."""
-    cal = build_calibration(list_parquet(ctx.input("pii.documents").resolve()), tokenizer, cfg.calibration)
+    cal = build_calibration(document_files(cfg.calibration, "calibration", ctx), tokenizer, cfg.calibration)
+    unit = "files" if cfg.calibration.source == "files" else "shards"
     if not cal.samples:
-        raise CalibrationError(f"no calibration text in {ctx.input('pii.documents')} "
-                               f"({cal.shards_read} shards, {cal.skipped_empty} rows without text)")
+        raise CalibrationError(f"no calibration text in {source_name(cfg.calibration, 'calibration', ctx)} "
+                               f"({cal.shards_read} {unit}, {cal.skipped_empty} rows without text)")
     if len(cal.samples) < cfg.calibration.samples:
         ctx.log.warning("the corpus fills only %d of %d calibration samples of %d tokens", len(cal.samples),
                         cfg.calibration.samples, cfg.calibration.max_tokens)
-    ctx.log.info("calibrating on %d samples, %d tokens from %d documents in %d shards (%d rows without text)",
-                 len(cal.samples), cal.tokens, cal.documents, cal.shards_read, cal.skipped_empty)
+    ctx.log.info("calibrating on %d samples, %d tokens from %d documents in %d %s (%d rows without text)",
+                 len(cal.samples), cal.tokens, cal.documents, cal.shards_read, unit, cal.skipped_empty)
     with atomic_path(dest) as tmp:  # replaces the dest of an attempt that died before its info file
         gptq = run_gptq(src, tmp, cal, cfg, work, ctx.log)
         copy_tokenizer(src, tmp)
@@ -613,8 +736,8 @@ def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path
 def run(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    src = ctx.input("align.model").resolve()
-    heldout = ctx.input("tokenize.heldout").resolve()
+    src = model_dir(parse_model(cfg.base_model, BASE_STAGES), ctx).resolve()
+    heldout = document_files(cfg.perplexity, "perplexity", ctx) if checks_perplexity(cfg) else []
     out_dir = ctx.output_dir.resolve()
     dest, work = out_dir / MODEL, out_dir / WORK
     check_input(src, cfg)
@@ -644,7 +767,11 @@ STAGE = Stage(
     name="quantize",
     config=QuantizeConfig,
     run=run,
-    inputs=("align.model", "pii.documents", "tokenize.heldout"),
+    inputs=("align.model", "sft.model", "pretrain.model", "pii.documents", "tokenize.heldout"),
+    select_inputs=lambda cfg: inputs_of(base_source(cfg)) + needed_inputs(cfg),
+    external=lambda cfg: {**({"base_model": m} if (m := model_state(base_source(cfg))) else {}),
+                          **(external_state(cfg) or {})} or None,
+    preflight=lambda cfg: model_problems(base_source(cfg)) + input_problems(cfg),
     outputs=(MODEL,),
     unhashed=frozenset(["cpu_workers", "keep_checkpoint", "perplexity.batch_size"]),
     resumable=True,

@@ -2,7 +2,8 @@
 
 What the stage does, in order (``run``):
 
-1. Starts vLLM's server on ``quantize.model`` (stages/common/vllm_server.py: its own process
+1. Starts vLLM's server on ``base_model`` (the ``quantize.model`` output by default;
+   stages/common/vllm_server.py: its own process
    group, bound to 127.0.0.1 unless ``host`` says otherwise, a free port unless ``port`` is set,
    the API key read from the environment variable named by ``api_key_env``) and waits for
    ``/health``. On CPU ``VLLM_CPU_KVCACHE_SPACE`` is ``cpu_kvcache_space_gib``.
@@ -48,7 +49,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from stages.common.models import base_model_hooks, check_model_spec, model_dir, parse_model
 from stages.common.vllm_server import VllmServer, log_tail
+
+BASE_STAGES = ("quantize", "align", "sft", "pretrain")  # the stages base_model may name
 
 ENDPOINT_FILE = "endpoint.json"
 SERVER_LOG = "server.log"
@@ -97,6 +101,7 @@ class BenchConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
+    base_model: str  # the model served: quantize, align, sft or pretrain (their output), a model dir, or org/name[@rev]
     host: str  # bind address; 0.0.0.0 exposes the server beyond this machine
     port: int | None  # TCP port; null: a free port chosen at start
     api_key_env: str | None  # NAME of an environment variable holding the API key; null: no key
@@ -114,7 +119,7 @@ class ServeConfig:
     keep_alive: bool  # after the checks and the benchmark, keep serving until Ctrl-C / SIGTERM
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = check_model_spec(self.base_model, BASE_STAGES)
         if not self.prompts or not all(p.strip() for p in self.prompts):
             problems.append(("prompts", "must hold at least one non-empty prompt"))
         if self.tensor_parallel_size < 1:
@@ -365,8 +370,17 @@ def _installed(dist: str) -> bool:
 # ---------------------------------------------------------------- the stage
 
 
+def served_dir(cfg: ServeConfig, inputs: Any) -> Path:
+    """The model dir ``base_model`` names; ``inputs`` is a StageContext or a Plan (anything with ``input``
+    or ``committed``: `llmpipe serve` serves a committed output without running the stage)."""
+    source = parse_model(cfg.base_model, BASE_STAGES)
+    if source.input_ref and not hasattr(inputs, "input"):
+        return Path(inputs.committed(source.input_ref))
+    return model_dir(source, inputs)
+
+
 def run(cfg: ServeConfig, ctx: StageContext) -> dict[str, float]:
-    model_dir = ctx.input("quantize.model")
+    model_dir = served_dir(cfg, ctx)
     out = ctx.output("endpoint")
     out.mkdir(parents=True, exist_ok=True)
     server = make_server(cfg, model_dir, out / SERVER_LOG)
@@ -398,7 +412,8 @@ STAGE = Stage(
     name="serve",
     config=ServeConfig,
     run=run,
-    inputs=("quantize.model",),
+    inputs=("quantize.model", "align.model", "sft.model", "pretrain.model"),
+    **base_model_hooks(BASE_STAGES),
     outputs=("endpoint",),
     unhashed=frozenset(["host", "port", "api_key_env", "startup_timeout_s", "keep_alive"]),
     description="Serve with vLLM's OpenAI-compatible server; check and load-test it.",

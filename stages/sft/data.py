@@ -23,8 +23,23 @@ Three sources (``stage.sft.data.source``), all ending as lists of chat conversat
     seed, not on shard layout or reading order.
 
 ``files``
-    Local JSONL (.jsonl, .jsonl.gz) or Parquet files (globs allowed) with a ``messages`` column
-    (``data.messages_column``).
+    Local JSONL (.jsonl, .jsonl.gz) or Parquet files (globs allowed), each in one of three formats,
+    detected per file (one run may mix them) from the keys of its first record (the first line that
+    parses, for JSONL; the columns, for Parquet), checked in this order:
+
+    - ``messages`` (OpenAI): the column ``data.messages_column`` holds a list of ``{role, content}``.
+    - ``sharegpt``: ``conversations`` holds a list of ``{from, value}`` (``from``: human/user,
+      gpt/assistant/bot/chatgpt, system) or of ``{role, content}``; an optional ``system`` string
+      becomes the system message when the conversation has none.
+    - ``alpaca``: ``instruction`` and ``output`` (``input`` and ``system`` optional): the user says
+      the instruction, followed by a blank line and the input when there is one; the assistant
+      replies the output.
+
+    A file whose first record fits no format is an ``SftDataError`` naming the file, the line (or
+    row) and the keys found; a later record lacking its file's keys is counted
+    (``dropped_missing_messages``, ``dropped_missing_conversations``,
+    ``dropped_missing_instruction_or_output``) and skipped. ``format_<name>`` in the metrics counts
+    the conversations kept from each format.
 
 ``dataset``
     A ``datasets`` name loaded with ``load_dataset(name, split=...)`` (for clusters with a hub or a
@@ -42,20 +57,28 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.files import atomic_path
 from pipeline.schema import Invalid
 from stages.common.chat import message_problem, normalize_messages
-from stages.common.training import DataSource, TrainingDataError, source_problems
+from stages.common.training import (
+    INVALID_JSON,
+    DataSource,
+    TrainingDataError,
+    file_suffix,
+    jsonl_records,
+    source_problems,
+)
 
 TEMPLATES = ("continue", "continue_dialog", "first_sentence", "title")
 
@@ -63,6 +86,13 @@ TEMPLATES = ("continue", "continue_dialog", "first_sentence", "title")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
 MIN_SENTENCE_CHARS = 3  # shorter fragments ("1.", "a)") are merged into the next sentence
 TITLE_MAX_CHARS, TITLE_MAX_WORDS = 80, 12
+
+FORMATS = ("messages", "sharegpt", "alpaca")  # the formats of a data file, in the order they are detected
+SHAREGPT_COLUMN = "conversations"
+ALPACA_KEYS = ("instruction", "output")  # required; "input" and "system" are optional
+# ShareGPT speaker names (lower-cased) -> chat roles; any other name is left as is and dropped as unknown_role.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "bot": "assistant", "chatgpt": "assistant", "system": "system"}
 
 
 class SftDataError(TrainingDataError):
@@ -109,6 +139,7 @@ class Example:
     messages: list[dict[str, str]]
     split_key: str
     template: str = ""  # which derivation template made it ("" for loaded data)
+    format: str = ""  # loaded data: the format it was read in (FORMATS); "" for derived data
 
 
 @dataclass
@@ -120,12 +151,14 @@ class InstructionData:
     docs_in: int = 0  # documents read (corpus) or records read (files, dataset)
     dropped: Counter = field(default_factory=Counter)  # reason -> records skipped
     templates: Counter = field(default_factory=Counter)  # template -> examples derived
+    formats: Counter = field(default_factory=Counter)  # loaded data: format -> conversations kept (both splits)
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"records_in": self.docs_in, "train_examples": len(self.train),
                                  "validation_examples": len(self.validation)}
         out.update({f"dropped_{reason}": n for reason, n in sorted(self.dropped.items())})
         out.update({f"template_{name}": n for name, n in sorted(self.templates.items())})
+        out.update({f"format_{name}": n for name, n in sorted(self.formats.items())})
         return out
 
 
@@ -293,19 +326,117 @@ def examples_from_corpus(shards: Sequence[Path], cfg: SftDataConfig, data: Instr
 # ---------------------------------------------------------------- loading conversations
 
 
-def read_records(path: Path, column: str) -> Iterator[Any]:
-    """The ``column`` value of every record of a JSONL or Parquet file (markers for broken JSON lines
-    and records without the column, which the caller counts)."""
-    from stages.common.training import INVALID_JSON, file_suffix, jsonl_records
+@dataclass(frozen=True)
+class _Missing:
+    """A record that lacks its file format's keys: counted as ``dropped_<reason>`` and skipped."""
 
+    reason: str
+
+
+_MISSING_COLUMN = _Missing("missing_messages")  # a record without the messages column
+
+
+def detect_format(keys: Collection[str], column: str) -> str | None:
+    """The format (one of FORMATS) of a record with these keys: the first that fits, or None.
+
+    ``column`` is ``data.messages_column``. Set to ``conversations``, it names ShareGPT's column, and
+    the file is read as ShareGPT (which takes ``{role, content}`` turns too)."""
+    if column in keys and column != SHAREGPT_COLUMN:
+        return "messages"
+    if SHAREGPT_COLUMN in keys:
+        return "sharegpt"
+    if all(k in keys for k in ALPACA_KEYS):
+        return "alpaca"
+    return None
+
+
+def _format_columns(fmt: str, column: str) -> tuple[str, ...]:
+    """The keys a record of ``fmt`` is read from (the Parquet columns to read)."""
+    return {"messages": (column,), "sharegpt": (SHAREGPT_COLUMN, "system"),
+            "alpaca": ("system", "instruction", "input", "output")}[fmt]
+
+
+def _format_error(path: Path, where: str, keys: Collection[str] | None, column: str) -> SftDataError:
+    """The error for a file whose first record (at ``where``) has ``keys`` (None: not an object): no format fits."""
+    needs = [] if column == SHAREGPT_COLUMN else [f"{column!r} (messages: a list of {{role, content}})"]
+    needs += [f"{SHAREGPT_COLUMN!r} (ShareGPT: a list of {{from, value}})",
+              f"{' and '.join(map(repr, ALPACA_KEYS))} (Alpaca; 'input' and 'system' optional)"]
+    found = "none (not a JSON object)" if keys is None else ", ".join(sorted(map(str, keys))) or "none"
+    return SftDataError(f"{path}: no column {', '.join(needs[:-1])} or {needs[-1]} in its first record ({where}); "
+                        f"keys found: {found}. Convert the file to one of these formats, or set "
+                        f"stage.sft.data.messages_column to the key holding its conversations")
+
+
+def record_conversation(record: Any, fmt: str, column: str) -> Any:
+    """The conversation of one record of a ``fmt`` file as a list of ``{role, content}`` (checked later by
+    ``message_problem``, which names what is wrong), or a ``_Missing`` when it lacks the format's keys.
+
+    A key present with a null or malformed value is not "missing": it goes on to ``message_problem``."""
+    if fmt == "messages":
+        return record[column] if isinstance(record, Mapping) and column in record else _MISSING_COLUMN
+    if fmt == "sharegpt":
+        if not isinstance(record, Mapping) or SHAREGPT_COLUMN not in record:
+            return _Missing("missing_conversations")
+        turns = record[SHAREGPT_COLUMN]
+        if not isinstance(turns, list):
+            return turns
+        messages = [_sharegpt_turn(t) for t in turns]
+    else:
+        if not isinstance(record, Mapping) or any(k not in record for k in ALPACA_KEYS):
+            return _Missing("missing_instruction_or_output")
+        user, extra = record["instruction"], record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            user = extra  # an input that is not text: the conversation is dropped as non_text_content
+        elif extra and extra.strip() and isinstance(user, str):
+            user = f"{user}\n\n{extra}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    # An optional top-level system prompt (Alpaca, and ShareGPT variants), unless the conversation has one.
+    system = record.get("system")
+    first = messages[0] if messages and isinstance(messages[0], Mapping) else {}
+    if isinstance(system, str) and system.strip() and first.get("role") != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _sharegpt_turn(turn: Any) -> Any:
+    """A ShareGPT turn (``{from, value}``, or ``{role, content}``) as ``{role, content}``, speaker names mapped
+    to roles (SHAREGPT_ROLES); a turn without a speaker or a text is returned as is (malformed_message)."""
+    if not isinstance(turn, Mapping):
+        return turn
+    # A Parquet struct column holding both spellings has all four keys, the unused ones null.
+    role_key = "role" if turn.get("role") is not None else "from"
+    content_key = "content" if turn.get("content") is not None else "value"
+    if role_key not in turn or content_key not in turn:
+        return turn
+    role = turn[role_key]
+    return {"role": SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role,
+            "content": turn[content_key]}
+
+
+def read_records(path: Path, column: str) -> tuple[str, Iterator[Any]]:
+    """The format of a JSONL or Parquet file (detected from its first record: ``detect_format``) and the
+    conversation of each of its records (``record_conversation``), read lazily; markers stand for broken
+    JSON lines and records that lack the format's keys, which the caller counts.
+
+    A file whose first record fits no format is an SftDataError naming the file, the line (JSONL, from 1)
+    or row (Parquet, from 1), the keys found and the keys each format needs. A file with no record
+    that parses reads as "messages" (nothing to detect; its broken lines are still counted)."""
     suffix = file_suffix(path)
     if suffix in (".jsonl", ".jsonl.gz"):
-        for _, record in jsonl_records(path):
-            if record is INVALID_JSON:
-                yield INVALID_JSON
-            else:
-                yield record.get(column, _MISSING_COLUMN) if isinstance(record, dict) else _MISSING_COLUMN
-    elif suffix == ".parquet":
+        rows = jsonl_records(path)  # blank lines are skipped
+        head: list[Any] = []  # the broken lines before the first record that parses
+        for row, first in rows:
+            if first is INVALID_JSON:
+                head.append(INVALID_JSON)
+                continue
+            keys = list(first) if isinstance(first, Mapping) else None
+            fmt = detect_format(keys or (), column)
+            if fmt is None:
+                raise _format_error(path, f"line {row + 1}", keys, column)
+            rest = (r if r is INVALID_JSON else record_conversation(r, fmt, column) for _, r in rows)
+            return fmt, itertools.chain(head, [record_conversation(first, fmt, column)], rest)
+        return FORMATS[0], iter(head)
+    if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -313,26 +444,39 @@ def read_records(path: Path, column: str) -> Iterator[Any]:
             pf = pq.ParquetFile(path)
         except (OSError, pa.ArrowException) as exc:
             raise SftDataError(f"{path}: cannot read as Parquet: {exc}") from exc
-        if column not in pf.schema_arrow.names:
-            raise SftDataError(f"{path}: no column {column!r} (columns: {', '.join(pf.schema_arrow.names)}); "
-                               f"set stage.sft.data.messages_column")
-        for batch in pf.iter_batches(columns=[column], batch_size=1000):
-            yield from batch.column(0).to_pylist()
-    else:
-        raise SftDataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .jsonl.gz or .parquet)")
+        names = pf.schema_arrow.names
+        if pf.metadata.num_rows == 0:
+            return FORMATS[0], iter(())
+        # Every row of a Parquet file has the same keys (its columns): the first row's are the schema's.
+        fmt = detect_format(names, column)
+        if fmt is None:
+            raise _format_error(path, "row 1", names, column)
+        wanted = _format_columns(fmt, column)
+        columns = [c for c in names if c in wanted]
+
+        def parquet_rows() -> Iterator[Any]:
+            for batch in pf.iter_batches(columns=columns, batch_size=1000):
+                for record in batch.to_pylist():
+                    yield record_conversation(record, fmt, column)
+
+        return fmt, parquet_rows()
+    raise SftDataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .jsonl.gz or .parquet)")
 
 
-_MISSING_COLUMN = object()  # a record without the messages column
+def examples_from_files(paths: Iterable[Path], column: str, data: InstructionData) -> Iterator[Example]:
+    """The valid conversations of the data files, file by file, each read in its own detected format."""
+    for path in paths:
+        fmt, records = read_records(path, column)
+        yield from examples_from_records(records, data, fmt)
 
 
-def examples_from_records(records: Iterable[Any], data: InstructionData) -> Iterator[Example]:
-    """Valid conversations of ``records`` (values of the messages column); the rest counted and skipped."""
-    from stages.common.training import INVALID_JSON
-
+def examples_from_records(records: Iterable[Any], data: InstructionData, fmt: str = "messages") -> Iterator[Example]:
+    """Valid conversations of ``records`` (lists of {role, content}: values of the messages column, or the
+    records of a ``fmt`` file as ``record_conversation`` gives them); the rest counted and skipped."""
     for value in records:
         data.docs_in += 1
-        if value is _MISSING_COLUMN or value is INVALID_JSON:
-            data.dropped["missing_messages" if value is _MISSING_COLUMN else "invalid_json"] += 1
+        if value is INVALID_JSON or isinstance(value, _Missing):
+            data.dropped["invalid_json" if value is INVALID_JSON else value.reason] += 1
             continue
         problem = message_problem(value)
         if problem:
@@ -340,7 +484,7 @@ def examples_from_records(records: Iterable[Any], data: InstructionData) -> Iter
             continue
         messages = normalize_messages(value)
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-        yield Example(messages, split_key=key)
+        yield Example(messages, split_key=key, format=fmt)
 
 
 def dataset_records(cfg: SftDataConfig) -> Iterator[Any]:
@@ -361,7 +505,7 @@ def dataset_records(cfg: SftDataConfig) -> Iterator[Any]:
 def with_system_prompt(example: Example, prompt: str | None) -> Example:
     if prompt is None or example.messages[0]["role"] == "system":
         return example
-    return Example([{"role": "system", "content": prompt}, *example.messages], example.split_key, example.template)
+    return replace(example, messages=[{"role": "system", "content": prompt}, *example.messages])
 
 
 def split_examples(examples: Iterable[Example], cfg: SftDataConfig, data: InstructionData) -> None:
@@ -373,6 +517,8 @@ def split_examples(examples: Iterable[Example], cfg: SftDataConfig, data: Instru
     pool = [with_system_prompt(e, cfg.system_prompt) for e in pool]
     for e in pool:
         data.templates[e.template or "loaded"] += 1
+        if e.format:
+            data.formats[e.format] += 1
     keys = sorted({e.split_key for e in pool}, key=lambda k: (seeded_score(cfg.seed, "validation", k), k))
     n_val = 0
     if cfg.validation_fraction > 0 and len(keys) >= 2:
@@ -395,7 +541,7 @@ def load_instruction_data(cfg: SftDataConfig, corpus_shards: Sequence[Path]) -> 
         examples = examples_from_corpus(corpus_shards, cfg, data)
     elif cfg.source == "files":
         files = expand_files(cfg.files, "stage.sft.data.files")
-        examples = examples_from_records((v for f in files for v in read_records(f, cfg.messages_column)), data)
+        examples = examples_from_files(files, cfg.messages_column, data)
     else:
         examples = examples_from_records(dataset_records(cfg), data)
     split_examples(examples, cfg, data)

@@ -55,7 +55,8 @@ from pipeline import Stage, StageContext
 from pipeline.files import atomic_path, write_json_atomic
 from pipeline.inputs import Problem
 from pipeline.schema import Invalid
-from stages.common.inputs import training_data_problems
+from stages.common.inputs import training_data_problems, training_data_state
+from stages.common.models import check_model_spec, inputs_of, model_dir, model_problems, model_state, parse_model
 from stages.common.training import (
     UNHASHED_TRAIN,
     Attention,
@@ -70,7 +71,8 @@ from stages.sft.data import SftDataConfig
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_INFO = "adapter_info.json"
-BASE = "input pretrain.model"  # how messages name the base model
+BASE = "base model"  # how messages name the base model
+BASE_STAGES = ("pretrain",)  # the stages base_model may name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +84,7 @@ class QuantSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class SftConfig:
+    base_model: str  # the model fine-tuned: pretrain (the stage's output), a local HF model dir, or org/name[@rev]
     method: Literal["lora", "qlora", "full"]  # lora | qlora (4-bit base + LoRA) | full (all weights)
     precision: Precision  # auto: bf16 mixed precision on a bf16 GPU, else fp32
     attn_implementation: Attention  # attention kernel: sdpa | eager | flash_attention_2 (CUDA + flash-attn)
@@ -95,7 +98,7 @@ class SftConfig:
     dataset_num_proc: int | None  # processes for tokenizing the data; null: in process (execution-only)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = check_model_spec(self.base_model, BASE_STAGES)
         if self.method == "qlora" and self.quant is None:
             problems.append(("quant", "is null but method is 'qlora': set the 4-bit settings (stage/sft=qlora "
                                       "has them)"))
@@ -196,14 +199,26 @@ def to_dataset(examples: list[Any]) -> Any:
 def build_trainer(cfg: SftConfig, rt: Runtime, tok: Any, data: Any, base_dir: Path, checkpoints: Path,
                   resume: Resume) -> Any:
     """The SFTTrainer of this run. The eval before the first step is skipped on resume: the first
-    attempt measured it."""
+    attempt measured it.
+
+    A base model whose tokenizer lacked the chat markers (``load_tokenizer`` added them) grows its
+    embeddings to them here; under LoRA their embedding and output rows train beside the adapter.
+    """
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from stages.common.training import check_model, lora_config, training_args
+    from stages.common.training import (
+        check_model,
+        expose_trained_output_rows,
+        grow_embeddings,
+        lora_config,
+        trainable_token_targets,
+        training_args,
+    )
 
     set_seed(cfg.train.seed)  # before the LoRA weights are initialised
     model = load_base_model(base_dir, cfg, rt)
+    added = grow_embeddings(model, tok)
     check_model(model, tok, base_dir, stage="sft", source=BASE, max_length=cfg.train.max_length,
                 lora=cfg.lora if cfg.method != "full" else None)
     if cfg.method == "qlora":
@@ -216,14 +231,17 @@ def build_trainer(cfg: SftConfig, rt: Runtime, tok: Any, data: Any, base_dir: Pa
                          eval_on_start=resume.checkpoint is None,
                          max_length=cfg.train.max_length, packing=cfg.packing,
                          assistant_only_loss=cfg.assistant_only_loss, dataset_num_proc=cfg.dataset_num_proc)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=to_dataset(data.train),
         eval_dataset=to_dataset(data.validation) if has_eval else None,
         processing_class=tok,
-        peft_config=lora_config(cfg.lora) if cfg.method != "full" else None,
+        peft_config=(lora_config(cfg.lora, trainable_tokens=trainable_token_targets(model, added))
+                     if cfg.method != "full" else None),
     )
+    expose_trained_output_rows(trainer.model)
+    return trainer
 
 
 # ---------------------------------------------------------------- outputs
@@ -275,13 +293,17 @@ def log_sample(cfg: SftConfig, rt: Runtime, tok: Any, conversation: list[dict[st
 
 
 def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
+    from stages.common.hub import require_cached_data
     from stages.common.shards import list_parquet
     from stages.common.training import load_tokenizer, offline_hub, remove_checkpoints, train_or_resume
     from stages.sft.data import load_instruction_data, write_jsonl
 
     started = time.perf_counter()
     offline_hub()
-    base_dir = ctx.input("pretrain.model")
+    require_cached_data(cfg.data, "stage.sft.data")  # a hub dataset not fetched: HubError saying `llmpipe fetch`
+    base = parse_model(cfg.base_model, BASE_STAGES)
+    base_dir = model_dir(base, ctx)
+    ctx.log.info("base model: %s (%s)", base.describe(), base_dir)
     shards = list_parquet(ctx.input("pii.documents")) if cfg.data.source == "corpus" else []
     data = load_instruction_data(cfg.data, shards)
     write_jsonl(data.train, ctx.output_dir / "data" / "train.jsonl")
@@ -319,8 +341,24 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # the data files stages/sft
 
 
 def input_problems(cfg: SftConfig) -> list[Problem]:
-    """The stage's ``preflight`` (run by ``plan`` and ``run``): the data files or local dataset it names."""
-    return training_data_problems(cfg.data, DATA_SUFFIXES)
+    """The stage's ``preflight`` (run by ``plan`` and ``run``): the base model, and the data files or local
+    dataset it names."""
+    return model_problems(parse_model(cfg.base_model, BASE_STAGES)) + training_data_problems(cfg.data, DATA_SUFFIXES)
+
+
+def needed_inputs(cfg: SftConfig) -> tuple[str, ...]:
+    """The base model's stage, if it is one; the cleaned corpus only when the conversations derive from it."""
+    return inputs_of(parse_model(cfg.base_model, BASE_STAGES)) + (("pii.documents",) if cfg.data.source == "corpus"
+                                                                   else ())
+
+
+def outside_state(cfg: SftConfig) -> dict[str, str] | None:
+    """What the fingerprint holds of the outside inputs: the base model's digest or hub commit, each data
+    file's digest, the dataset's revision."""
+    state = training_data_state(cfg.data)
+    if (model := model_state(parse_model(cfg.base_model, BASE_STAGES))) is not None:
+        state["base_model"] = model
+    return state or None
 
 
 STAGE = Stage(
@@ -328,6 +366,8 @@ STAGE = Stage(
     config=SftConfig,
     run=run,
     inputs=("pretrain.model", "pii.documents"),
+    select_inputs=needed_inputs,
+    external=outside_state,
     outputs=("adapter", "model"),
     # The eval batch only groups the held-out loss computation (the align stage hashes its own: there it
     # also sets how many completions an RL evaluation samples together).

@@ -294,14 +294,14 @@ def tokenizer_state(cfg: TokenizeConfig) -> dict[str, str] | None:
     """Digest of the configured tokenizer's files, folded into the fingerprint (edits re-run the stage)."""
     if cfg.tokenizer is None:
         return None
+    from pipeline.content import content_digest
+
     root = Path(cfg.tokenizer)
     files = sorted({p for pattern in TOKENIZER_FILES for p in root.glob(pattern) if p.is_file()})
     if not files:
         return {"tokenizer": "missing"}
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {"tokenizer": digest.hexdigest()[:16]}
+    # the files the stage reads, by name and content digest (pipeline/content.py: cached by stat)
+    return {f"tokenizer[{path.name}]": content_digest(path) for path in files}
 
 
 def input_problems(cfg: TokenizeConfig) -> list[Problem]:

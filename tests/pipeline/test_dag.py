@@ -74,3 +74,27 @@ def test_real_registry_forms_a_dag_with_eleven_stages():
     assert dag.order == ["ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align",
                          "quantize", "serve", "evaluate"]
     assert dag.descendants("pii") >= {"tokenize", "pretrain", "sft", "align", "quantize", "serve", "evaluate"}
+
+
+def test_a_config_selects_the_inputs_and_the_run_keeps_only_what_its_final_stages_need():
+    from pipeline import ConfigError
+    from pipeline.dag import select
+
+    stages = [stage("data"), stage("pretrain", ["data.out"]), stage("sft", ["pretrain.out", "data.out"]),
+              stage("serve", ["sft.out"]), stage("evaluate", ["pretrain.out", "sft.out"])]
+    declared = build_dag(stages)
+    everything = select(declared, {s.name: s.inputs for s in stages})
+    assert everything.order == ["data", "pretrain", "sft", "serve", "evaluate"] and everything.left_out == ()
+    # sft from a model dir on files, evaluate of sft alone: no data, no pretrain
+    finetune = select(declared, {"data": (), "pretrain": ("data.out",), "sft": (), "serve": ("sft.out",),
+                                 "evaluate": ("sft.out",)})
+    assert finetune.order == ["sft", "serve", "evaluate"] and finetune.left_out == ("data", "pretrain")
+    assert finetune.parents["sft"] == ()
+    with pytest.raises(ConfigError, match="'pretrain' is not part of this config's pipeline"):
+        finetune.check_names(["pretrain"], "run.only")
+
+
+def test_select_inputs_may_only_pick_declared_inputs():
+    s = Stage("sft", Empty, lambda cfg, ctx: {}, ("pretrain.out",), ("out",), select_inputs=lambda cfg: ["x.out"])
+    with pytest.raises(ValueError, match="does not declare"):
+        s.needed_inputs(Empty())

@@ -2,9 +2,10 @@
 
 Shared by the model-stage tests (sft, align, quantize, serve, evaluate); import it read-only::
 
-    from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
+    from tests.stages.model_fixtures import build_base_model, build_tiny_model, corpus_texts, write_documents
 
     model_dir = build_tiny_model(tmp_path / "model", train_steps=40)   # an HF model dir
+    base_dir = build_base_model(tmp_path / "base")                     # the same, as a base from elsewhere
     docs_dir = write_documents(tmp_path / "docs", corpus_texts(200))    # Parquet id,url,text
 
     @pytest.fixture(scope="module", autouse=True)                       # tiny models: one torch thread
@@ -18,6 +19,9 @@ size a multiple of 32 and of the GPTQ group size (hidden 128 and intermediate 25
 ``<|pad|>``, chat markers) and llmpipe's chat template (stages/common/chat.py), so chat requests
 and ``apply_chat_template`` work on it. ``train_steps`` > 0 fits the random model on the corpus
 for a few seconds so that perplexities and generations are not those of pure noise.
+
+:func:`build_base_model` is a base model from elsewhere: its tokenizer has EOS (= BOS) as its only
+special token, no pad token, no chat markers and no chat template.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ def write_documents(directory: Path, texts: list[str], shards: int = 1, prefix: 
     return directory
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 512):
-    """A transformers fast tokenizer (byte-level BPE trained on ``texts``) with the chat template set."""
+def build_tokenizer(texts: list[str], vocab_size: int = 512, chat: bool = True):
+    """A transformers fast tokenizer (byte-level BPE trained on ``texts``) with the chat template set;
+    with ``chat=False`` a base model's: EOS only, no pad token, no chat markers, no template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,9 +76,13 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD, *MARKERS],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=[EOS, PAD, *MARKERS] if chat else [EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    if not chat:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, model_max_length=256,
+                                       clean_up_tokenization_spaces=False)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD,
                                      additional_special_tokens=list(MARKERS), model_max_length=256,
                                      clean_up_tokenization_spaces=False)
@@ -82,18 +91,19 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512):
 
 def build_tiny_model(directory: Path, hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 256,
                      vocab_size: int = 512, max_seq_len: int = 256, train_steps: int = 0, seed: int = 0,
-                     texts: list[str] | None = None) -> Path:
+                     texts: list[str] | None = None, chat: bool = True) -> Path:
     """Save a tiny random Llama (float32 safetensors) + its tokenizer into ``directory``; return it.
 
     ``texts`` (default :func:`corpus_texts`) train the tokenizer and, with ``train_steps`` > 0, the
     model: that many AdamW steps on batches of 8 packed 64-token windows (about 0.1 s a step at the
     default size). ``vocab_size`` is the BPE's target; the embedding has exactly the tokenizer's length.
+    ``chat=False``: a base model's tokenizer (see :func:`build_tokenizer`).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     texts = texts if texts is not None else corpus_texts()
-    tok = build_tokenizer(texts, vocab_size)
+    tok = build_tokenizer(texts, vocab_size, chat=chat)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max_seq_len, bos_token_id=tok.bos_token_id,
@@ -108,6 +118,12 @@ def build_tiny_model(directory: Path, hidden: int = 128, layers: int = 2, heads:
     model.save_pretrained(str(directory))
     tok.save_pretrained(str(directory))
     return directory
+
+
+def build_base_model(directory: Path, **kwargs) -> Path:
+    """:func:`build_tiny_model` (same arguments) with a base model's tokenizer: no pad, no chat markers,
+    no chat template (a base model from elsewhere, which the training stages must fit with them)."""
+    return build_tiny_model(directory, chat=False, **kwargs)
 
 
 def _fit(model, tok, texts: list[str], steps: int, seed: int, window: int = 64, batch: int = 8) -> None:

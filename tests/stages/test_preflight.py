@@ -20,8 +20,10 @@ def _check(stage: str, cfg) -> list[tuple[str, str]]:
 
 
 def test_every_stage_that_reads_outside_files_checks_them():
-    # The others read only their inputs from upstream stages (evaluate's models are stage names too).
-    assert {s.name for s in PROJECT.stages if s.preflight} == {"ingest", "quality", "tokenize", "sft", "align"}
+    # Every stage that takes a model (base_model, evaluate's name=<dir|hub id>) checks it; dedup and pii read
+    # only upstream outputs.
+    assert {s.name for s in PROJECT.stages if s.preflight} == {"ingest", "quality", "tokenize", "sft", "align",
+                                                                "quantize", "serve", "evaluate"}
 
 
 def test_plan_time_warc_check_agrees_with_the_stage(tmp_path):

@@ -12,12 +12,16 @@ from stages.common.chat import (
     END,
     MARKERS,
     ChatFormatError,
+    add_chat_markers,
     apply_chat_format,
     check_tokenizer,
+    end_of_turn_id,
     message_problem,
+    missing_markers,
     normalize_messages,
     parse_chat,
     stop_token_ids,
+    uses_llmpipe_format,
 )
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -119,6 +123,59 @@ def test_trl_accepts_the_template_for_assistant_only_loss(tok):
 
 def test_stop_tokens_are_end_then_eos(tok):
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids(END), tok.eos_token_id]
+
+
+def test_missing_markers_are_added_as_special_tokens_once():
+    plain = build_tokenizer(special=[EOS, PAD])
+    size = len(plain)
+    assert missing_markers(plain) == list(MARKERS)
+    added = add_chat_markers(plain)
+    assert added == list(range(size, size + len(MARKERS))) == [plain.convert_tokens_to_ids(m) for m in MARKERS]
+    check_tokenizer(plain)  # each one special token now
+    assert add_chat_markers(plain) == [] and len(plain) == size + len(MARKERS)
+
+
+def test_a_tokenizer_with_the_markers_gets_nothing_added(tok):
+    size = len(tok)
+    assert missing_markers(tok) == [] and add_chat_markers(tok) == [] and len(tok) == size
+
+
+def test_only_the_missing_markers_are_added():
+    partial = build_tokenizer(special=[EOS, PAD, END])
+    end, size = partial.convert_tokens_to_ids(END), len(partial)
+    assert add_chat_markers(partial) == list(range(size, size + 3))
+    assert partial.convert_tokens_to_ids(END) == end
+    check_tokenizer(partial)
+
+
+# A ChatML-style template of a base model's own, ending each turn with its own special token.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_stop_tokens_of_a_tokenizers_own_template_are_its_end_of_turn_then_eos():
+    chatml = build_tokenizer(special=[EOS, PAD, "<|im_start|>", "<|im_end|>"])
+    chatml.chat_template = CHATML
+    im_end = chatml.convert_tokens_to_ids("<|im_end|>")
+    assert not uses_llmpipe_format(chatml)
+    assert end_of_turn_id(chatml) == im_end
+    assert stop_token_ids(chatml) == [im_end, chatml.eos_token_id]
+    # A template that ends assistant turns with EOS (Mistral's style) stops on EOS alone.
+    eos_ended = build_tokenizer(special=[EOS, PAD])
+    eos_ended.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                               "' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+    assert end_of_turn_id(eos_ended) == eos_ended.eos_token_id
+    assert stop_token_ids(eos_ended) == [eos_ended.eos_token_id]
+    # One with no special token between turns: EOS only.
+    plain_text = build_tokenizer(special=[EOS, PAD])
+    plain_text.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    assert end_of_turn_id(plain_text) is None and stop_token_ids(plain_text) == [plain_text.eos_token_id]
+
+
+def test_a_tokenizer_without_a_template_counts_as_llmpipes(tok):
+    plain = build_tokenizer()
+    assert plain.chat_template is None and uses_llmpipe_format(plain) and uses_llmpipe_format(tok)
+    assert stop_token_ids(plain) == [plain.convert_tokens_to_ids(END), plain.eos_token_id]
 
 
 def test_unknown_role_is_a_template_error(tok):

@@ -309,6 +309,12 @@ def test_write_model_publishes_a_whole_dir_or_leaves_the_old_one(tmp_path):
                                                                   "bos_token_id": 0}  # stops on <|end|>, then EOS
     assert model.config.use_cache and model.config.pad_token_id == 1
 
+    # The stop ids the base's generation config had stay, after the end-of-turn token and EOS.
+    model = FakeModel()
+    model.generation_config.eos_token_id = [0, 9]
+    write_model(model, FakeTokenizer(), out)
+    assert json.loads((out / "generation.json").read_text())["eos_token_id"] == [5, 0, 9]
+
 
 def test_a_full_checkpoint_is_loaded_as_is_and_an_adapter_needs_its_base(tmp_path):
     full = write_checkpoint(tmp_path / "full", 4, 4)
@@ -389,10 +395,165 @@ def test_tokenizer_gets_the_chat_template_and_a_pad_token(tmp_path):
     plain.save_pretrained(str(tmp_path / "ok"))
     tok = training.load_tokenizer(tmp_path / "ok", "input pretrain.model", padding_side="left")
     assert tok.chat_template == CHAT_TEMPLATE and tok.pad_token == EOS and tok.padding_side == "left"
+    assert training.added_token_ids(tok) == []  # it has the markers: nothing added
 
-    build_tokenizer(special=[EOS, "<|pad|>"]).save_pretrained(str(tmp_path / "no_markers"))
-    with pytest.raises(TrainingError, match=r"input sft.model .*no_markers: .*lacks the chat markers"):
-        training.load_tokenizer(tmp_path / "no_markers", "input sft.model")
+    build_tokenizer(special=[EOS]).save_pretrained(str(tmp_path / "no_eos"))
+    (tmp_path / "no_eos" / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "no_eos" / "tokenizer_config.json").read_text()), "eos_token": None}))
+    with pytest.raises(TrainingError, match=r"input sft.model .*no_eos: the tokenizer has no eos_token"):
+        training.load_tokenizer(tmp_path / "no_eos", "input sft.model")
+
+
+def test_a_base_tokenizer_without_markers_or_template_gets_them_added(tmp_path, caplog):
+    from tests.stages.common.test_chat import EOS, MARKERS, build_tokenizer
+
+    base = build_tokenizer(special=[EOS, "<|pad|>"])
+    size = len(base)
+    base.save_pretrained(str(tmp_path / "base"))
+    with caplog.at_level(logging.INFO, logger="llmpipe.training"):
+        tok = training.load_tokenizer(tmp_path / "base", "input pretrain.model")
+    added = list(range(size, size + len(MARKERS)))
+    assert training.added_token_ids(tok) == added == [tok.convert_tokens_to_ids(m) for m in MARKERS]
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert f"added {list(MARKERS)} as special tokens {added}" in caplog.text
+    # Saved and loaded again (a resumed attempt, or align reading sft's output), nothing more is added.
+    tok.save_pretrained(str(tmp_path / "saved"))
+    again = training.load_tokenizer(tmp_path / "saved", "input sft.model")
+    assert training.added_token_ids(again) == [] and len(again) == len(tok)
+
+
+def save_with_template(tmp_path: Path, name: str, template: str, special: list[str]) -> Path:
+    from tests.stages.common.test_chat import EOS, build_tokenizer
+
+    tok = build_tokenizer(special=[EOS, "<|pad|>", *special])
+    tok.chat_template = template
+    tok.save_pretrained(str(tmp_path / name))
+    return tmp_path / name
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+          "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_tokenizers_own_template_with_generation_markers_is_kept(tmp_path):
+    from stages.common.chat import MARKERS, stop_token_ids
+
+    tok = training.load_tokenizer(save_with_template(tmp_path, "own", CHATML, ["<|im_start|>", "<|im_end|>"]),
+                                  "input pretrain.model")
+    assert tok.chat_template == CHATML and training.added_token_ids(tok) == []
+    assert not any(m in tok.get_vocab() for m in MARKERS)  # its own format needs no llmpipe marker
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+
+
+def test_a_template_trl_knows_gets_its_training_version(tmp_path):
+    from trl.chat_template_utils import qwen2_5_chat_template, qwen2_5_training_chat_template
+
+    from stages.common.chat import stop_token_ids
+
+    path = save_with_template(tmp_path, "qwen", qwen2_5_chat_template,
+                              ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"])
+    tok = training.load_tokenizer(path, "input pretrain.model")
+    assert tok.chat_template == qwen2_5_training_chat_template and training.added_token_ids(tok) == []
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    out = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+                                  return_dict=True, return_assistant_tokens_mask=True)
+    assert "ok<|im_end|>" in tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
+
+
+def test_an_unknown_template_without_generation_markers_falls_back_to_llmpipes(tmp_path, caplog):
+    from stages.common.chat import MARKERS, stop_token_ids
+
+    unknown = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    path = save_with_template(tmp_path, "unknown", unknown, ["<|im_start|>", "<|im_end|>"])
+    with caplog.at_level(logging.WARNING, logger="llmpipe.training"):
+        tok = training.load_tokenizer(path, "input pretrain.model")
+    assert "TRL has no training version of it" in caplog.text and "using llmpipe's chat template" in caplog.text
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert training.added_token_ids(tok) == [tok.convert_tokens_to_ids(m) for m in MARKERS]
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids(END), tok.eos_token_id]
+
+
+def tiny_llama(vocab: int, tied: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_added_rows_grow_from_the_mean_and_train_under_lora(tmp_path, tied):
+    import torch
+    from peft import get_peft_model
+
+    from tests.stages.common.test_chat import EOS, build_tokenizer
+
+    build_tokenizer(special=[EOS, "<|pad|>"]).save_pretrained(str(tmp_path / "base"))
+    tok = training.load_tokenizer(tmp_path / "base", "input pretrain.model")
+    added = training.added_token_ids(tok)
+    known = added[0]
+    model = tiny_llama(known, tied)
+    layers = (model.get_input_embeddings, model.get_output_embeddings)
+    means = [layer().weight.detach().mean(0) for layer in layers]
+    assert training.grow_embeddings(model, tok) == added
+    assert model.config.vocab_size == len(tok) == model.get_input_embeddings().weight.shape[0]
+    for layer, mean in zip(layers, means, strict=True):
+        weight = layer().weight
+        assert weight.shape[0] == len(tok) and torch.allclose(weight[added], mean.expand(len(added), -1)), layer
+    assert training.grow_embeddings(model, SimpleNamespace()) == []  # a tokenizer with nothing added
+
+    targets = training.trainable_token_targets(model, added)
+    assert targets == ({"model.embed_tokens": added} if tied else {"model.embed_tokens": added, "lm_head": added})
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",))
+    config = training.lora_config(lora, trainable_tokens=targets)
+    assert config.trainable_token_indices == targets and training.lora_config(lora).trainable_token_indices is None
+    peft_model = get_peft_model(model, config)
+    training.expose_trained_output_rows(peft_model)
+    # What TRL's fused LM head does: log-probs from lm_head.weight and lm_head.bias. The gradient reaches
+    # the output rows of the added tokens (tied: through the embedding's), and no other row of the base.
+    head = peft_model.get_output_embeddings()
+    assert head.bias is None
+    hidden = torch.randn(3, 32)
+    torch.nn.functional.linear(hidden, head.weight, head.bias)[:, added[-1]].sum().backward()
+    trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad and "trainable_tokens" in n}
+    delta = next(p for n, p in trained.items() if ("embed_tokens" if tied else "lm_head") in n)
+    assert delta.shape == (len(added), 32) and delta.grad[-1].abs().sum() > 0 and delta.grad[:-1].abs().sum() == 0
+    assert len(trained) == (1 if tied else 2)
+
+
+def test_a_model_not_grown_to_the_added_markers_is_sent_to_sft(tmp_path):
+    from tests.stages.common.test_chat import EOS, build_tokenizer
+
+    build_tokenizer(special=[EOS, "<|pad|>"]).save_pretrained(str(tmp_path / "base"))
+    tok = training.load_tokenizer(tmp_path / "base", "base model")
+    model = tiny_llama(training.added_token_ids(tok)[0], tied=False)
+    with pytest.raises(TrainingError, match=r"lacks llmpipe's chat markers .* the align stage does not train new "
+                                            r"tokens; fine-tune the model with the sft stage first"):
+        training.check_model(model, tok, tmp_path / "base", stage="align", source="base model", max_length=8)
+    training.grow_embeddings(model, tok)
+    training.check_model(model, tok, tmp_path / "base", stage="sft", source="base model", max_length=8)
+
+
+def test_an_output_layer_with_a_bias_is_refused_for_trainable_rows():
+    import torch
+
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert training.trainable_token_targets(Biased(), []) is None
+    with pytest.raises(TrainingError, match="output layer 'head' has a bias"):
+        training.trainable_token_targets(Biased(), [6, 7])
 
 
 def test_trainer_arguments_come_from_the_train_block():

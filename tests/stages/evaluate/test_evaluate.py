@@ -151,7 +151,7 @@ def test_cut_at_word():
 
 
 def test_config_checks():
-    with pytest.raises(Invalid, match=r"models: unknown model\(s\) \['gpt4'\]"):
+    with pytest.raises(Invalid, match=r"models: unknown model 'gpt4'; choose from"):
         shipped(models=("pretrain", "gpt4"))
     with pytest.raises(Invalid, match="tasks: repeats a name"):
         shipped(tasks=("heldout_ppl", "heldout_ppl"))

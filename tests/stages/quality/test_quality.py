@@ -495,7 +495,7 @@ def test_external_state_follows_file_contents(samples, tmp_path):
     cfg = shipped(classifier=trained_config(samples))
     before = quality.external_state(cfg)
     assert set(before) == {"classifier.positive", "classifier.negative"}
-    assert before["classifier.positive"].startswith("sha256:")
+    assert before["classifier.positive"].startswith("xxh3_128:")
     samples[0].write_text("something else\n")
     assert quality.external_state(cfg)["classifier.positive"] != before["classifier.positive"]
     assert quality.external_state(cfg) != before

@@ -316,7 +316,8 @@ def test_shipped_configs_compose_and_fit_their_model(top, overrides):
 
 
 def test_stage_declares_heldout_input_and_is_resumable():
-    assert STAGE.inputs == ("align.model", "pii.documents", "tokenize.heldout")
+    assert STAGE.inputs == ("align.model", "sft.model", "pretrain.model", "pii.documents", "tokenize.heldout")
+    assert STAGE.needed_inputs(SHIPPED) == ("align.model", "pii.documents", "tokenize.heldout")  # base_model: align
     assert STAGE.outputs == ("model",) and STAGE.resumable
     assert {"cpu_workers", "keep_checkpoint", "perplexity.batch_size"} <= STAGE.unhashed
 
