@@ -116,19 +116,23 @@ def _stable_order(parents: dict[str, tuple[str, ...]], registry_order: list[str]
     return order
 
 
-def select(declared: Dag, needed: Mapping[str, Sequence[str]]) -> Dag:
-    """The DAG one config runs: its final stages (those no stage declares as an input: serve and
-    evaluate in llmpipe) and what they need, through the inputs each stage's config selects
-    (``needed``: stage -> refs, a subset of its declared inputs). A fine-tune whose sft starts from a
-    model dir and reads files reaches no data stage and no pretrain: they are left out, not skipped."""
-    final = [n for n in declared.order if not declared.children[n]]
+def select(stages: Sequence[Stage], needed: Mapping[str, Sequence[str]]) -> Dag:
+    """The DAG one config runs: its final stages and what they need, through the inputs each stage's
+    config selects (``needed``: stage -> refs, a subset of its declared inputs). The final stages are
+    those no stage declares as an input (serve and evaluate in llmpipe; a declared input whose producer
+    is not registered does not count). A fine-tune whose sft starts from a model dir and reads files
+    reaches no data stage and no pretrain: they are left out, not skipped. A selected input that no
+    stage produces is a MissingInputError, as in build_dag."""
+    by_name = {s.name: s for s in stages}
+    producers = {s.output_ref(a): s.name for s in stages for a in s.outputs}
+    consumed = {producers[ref] for s in stages for ref in s.inputs if ref in producers}
     keep: set[str] = set()
-    todo = list(final)
+    todo = [s.name for s in stages if s.name not in consumed]
     while todo:
         n = todo.pop()
         if n not in keep:
             keep.add(n)
-            todo.extend(declared.producers[ref] for ref in needed[n])
-    dag = build_dag([declared.stages[n] for n in declared.order if n in keep], {n: needed[n] for n in keep})
+            todo.extend(producers[ref] for ref in needed[n] if ref in producers)
+    dag = build_dag([by_name[s.name] for s in stages if s.name in keep], {n: needed[n] for n in keep})
     return Dag(dag.stages, dag.producers, dag.parents, dag.children,
-               left_out=tuple(n for n in declared.order if n not in keep))
+               left_out=tuple(s.name for s in stages if s.name not in keep))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.dag import Dag, build_dag, select
+from pipeline.dag import Dag, select
 from pipeline.errors import InputError, OutputNotBuilt
 from pipeline.fingerprint import fingerprint, fingerprint_payload, without
 from pipeline.schema import to_plain
@@ -62,8 +62,7 @@ def hashed_config(stage: Stage, config: Any) -> dict[str, Any]:
 
 
 def make_plan(cfg: PipelineConfig, project: Project) -> Plan:
-    declared = build_dag(project.stages)
-    dag = select(declared, {s.name: s.needed_inputs(cfg.stages[s.name]) for s in project.stages})
+    dag = select(project.stages, {s.name: s.needed_inputs(cfg.stages[s.name]) for s in project.stages})
     store = Store(cfg.root)
     for key, names in (("run.only", cfg.run.only), ("run.force", cfg.run.force),
                        ("run.from", [cfg.run.from_] if cfg.run.from_ else [])):

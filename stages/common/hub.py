@@ -237,13 +237,16 @@ def require_cached_data(data: object, key: str) -> str | None:
 # ---------------------------------------------------------------- switching the hub off
 
 
-def hub_offline() -> None:
+def hub_offline(force: bool = False) -> None:
     """No hub access from this process: ``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE`` (unless the
-    environment sets them already) and the read-once constants of huggingface_hub and datasets when
-    they were imported before. Cached models and datasets still load (require_cached tells whether
-    they are there)."""
+    environment sets them already; ``force``: whatever it says) and the read-once constants of
+    huggingface_hub and datasets when they were imported before. Cached models and datasets still load
+    (require_cached tells whether they are there)."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
-        os.environ.setdefault(name, "1")
+        if force:
+            os.environ[name] = "1"
+        else:
+            os.environ.setdefault(name, "1")
     offline = os.environ["HF_HUB_OFFLINE"].upper() in _TRUE
     if "huggingface_hub.constants" in sys.modules:
         sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = offline

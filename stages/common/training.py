@@ -217,11 +217,13 @@ def resolve_runtime(stage: str, precision: str, attn_implementation: str, *, fro
 
 
 def offline_hub() -> None:
-    """Nothing in a training stage may reach a model hub (telemetry included); inputs are local dirs."""
+    """Nothing in a training stage may reach a model hub (telemetry included): models and datasets come
+    from local dirs or the HF cache that `llmpipe fetch` filled (stages/common/hub.py)."""
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from stages.common.hub import hub_offline
+
+    hub_offline()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -45,7 +45,6 @@ attempt evaluates only the models not yet in ``models/`` and rebuilds the table 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +55,7 @@ from typing import Any, Literal
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import write_json_atomic
 from pipeline.inputs import Problem
+from stages.common.hub import hub_offline
 from stages.common.models import ModelSource, ModelSourceError, model_dir, model_problems, model_state, parse_model
 from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks
 
@@ -165,21 +165,6 @@ class ModelSpec:
 
 
 # ---------------------------------------------------------------- environment and inputs
-
-
-def go_offline() -> None:
-    """No hub access: set the variables and, for modules already imported, their read-once constants."""
-    import sys
-
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    # datasets and huggingface_hub read these at import time; a process that imported them before the
-    # stage started (a test session, a notebook) would otherwise still try the network.
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
-        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
 
 
 def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
@@ -529,7 +514,7 @@ def input_problems(cfg: EvaluateConfig) -> list[Problem]:
 
 def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.offline:
-        go_offline()
+        hub_offline(force=True)  # stages/common/hub.py: also for hub libraries imported before
     results_dir = ctx.output("results")
     (results_dir / MODELS_DIR).mkdir(parents=True, exist_ok=True)
     specs = model_specs(cfg, ctx)

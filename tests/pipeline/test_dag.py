@@ -82,16 +82,20 @@ def test_a_config_selects_the_inputs_and_the_run_keeps_only_what_its_final_stage
 
     stages = [stage("data"), stage("pretrain", ["data.out"]), stage("sft", ["pretrain.out", "data.out"]),
               stage("serve", ["sft.out"]), stage("evaluate", ["pretrain.out", "sft.out"])]
-    declared = build_dag(stages)
-    everything = select(declared, {s.name: s.inputs for s in stages})
+    everything = select(stages, {s.name: s.inputs for s in stages})
     assert everything.order == ["data", "pretrain", "sft", "serve", "evaluate"] and everything.left_out == ()
     # sft from a model dir on files, evaluate of sft alone: no data, no pretrain
-    finetune = select(declared, {"data": (), "pretrain": ("data.out",), "sft": (), "serve": ("sft.out",),
+    finetune = select(stages, {"data": (), "pretrain": ("data.out",), "sft": (), "serve": ("sft.out",),
                                  "evaluate": ("sft.out",)})
     assert finetune.order == ["sft", "serve", "evaluate"] and finetune.left_out == ("data", "pretrain")
     assert finetune.parents["sft"] == ()
     with pytest.raises(ConfigError, match="'pretrain' is not part of this config's pipeline"):
         finetune.check_names(["pretrain"], "run.only")
+    # a project without pretrain: an sft that does not select it runs; one that does is a named error
+    partial = [stage("sft", ["pretrain.out"]), stage("serve", ["sft.out"])]
+    assert select(partial, {"sft": (), "serve": ("sft.out",)}).order == ["sft", "serve"]
+    with pytest.raises(MissingInputError, match="'sft' needs 'pretrain.out'"):
+        select(partial, {"sft": ("pretrain.out",), "serve": ("sft.out",)})
 
 
 def test_select_inputs_may_only_pick_declared_inputs():

@@ -511,3 +511,15 @@ def test_runtime_uses_bf16_on_a_cuda_gpu():
 
     rt = align.resolve_runtime(stage_config("align"))
     assert not rt.use_cpu and rt.bf16 == torch.cuda.is_bf16_supported()
+
+
+def test_align_starts_from_a_model_dir_on_the_example_preference_files(inputs, tmp_path):
+    """base_model: a local model dir (no sft input), data: both shipped preference files (text and messages)."""
+    examples = Path(__file__).resolve().parents[3] / "examples" / "data"
+    files = (str(examples / "preferences.jsonl"), str(examples / "preferences-messages.jsonl"))
+    data = dataclasses.replace(FEW, source="files", files=files)
+    cfg = config(base_model=str(inputs["sft.model"]), train=SHORT, data=data)
+    assert align.STAGE.needed_inputs(cfg) == ()
+    metrics = align.run(cfg, make_ctx(tmp_path, {}))  # the context holds no input at all
+    assert metrics["steps"] == 2 and metrics["data/records_read"] >= FEW.max_pairs
+    assert_loadable_model(tmp_path / "align-out" / "model")
