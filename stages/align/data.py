@@ -17,7 +17,9 @@
 
 Records that cannot be used are counted and skipped with a reason (``dropped_<reason>`` in the
 stage's metrics): bad JSON, a missing or malformed field, a multi-turn reply, chosen identical to
-rejected, a chat marker spelled inside content. Reading stops at ``max_pairs`` pairs.
+rejected, a chat marker spelled inside content. Every record is read; ``max_pairs`` usable pairs are
+kept, a seeded subset (the smallest seeded hashes of their content) that file order does not decide;
+``pairs_not_sampled`` counts the rest.
 
 The corpus scheme (deterministic: the same corpus and config give the same pairs, byte for byte):
 
@@ -56,6 +58,7 @@ so what the model was aligned on can be inspected.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -87,7 +90,7 @@ class PreferenceDataConfig:
     prompt_words: int  # source=corpus: words of the passage start shown in the prompt
     completion_words: int  # source=corpus: words of the chosen (true) and rejected (corrupted) continuations
     pairs_per_doc: int  # source=corpus: consecutive windows taken from the start of each document, at most
-    max_pairs: int  # stop reading once this many pairs exist (train + held out), any source
+    max_pairs: int  # pairs kept (train + held out): corpus reads until then; files/dataset keep a seeded subset
     corruptions: tuple[Corruption, ...]  # source=corpus: how rejected continuations are made, one drawn per pair
     eval_fraction: float  # share of documents (or records) whose pairs are held out for evaluation
     seed: int  # drives corruption draws and the held-out split
@@ -148,20 +151,29 @@ def build_pairs(documents: Path | None, cfg: PreferenceDataConfig) -> Preference
         return corpus_pairs(documents, cfg)
     counts: Counter = Counter()
     records = _file_records(cfg) if cfg.source == "files" else _dataset_records(cfg)
-    pairs = []
-    for key, record in records:
-        counts["records_read"] += 1
-        pair, problem = _record_pair(key, record)
-        if problem:
-            counts[f"dropped_{problem}"] += 1
-            continue
-        pairs.append(pair)
-        if len(pairs) >= cfg.max_pairs:
-            break
+
+    def usable() -> Iterator[Pair]:
+        for key, record in records:
+            counts["records_read"] += 1
+            pair, problem = _record_pair(key, record)
+            if problem:
+                counts[f"dropped_{problem}"] += 1
+            else:
+                yield pair
+
+    # A seeded subset that does not depend on file order (the first max_pairs records of UltraFeedback are
+    # one corner of it), as sft's max_examples: the pairs with the smallest seeded hash of their content.
+    pairs = heapq.nsmallest(cfg.max_pairs, usable(), key=lambda p: _subset_key(cfg.seed, p))
+    counts["pairs_not_sampled"] = counts["records_read"] - sum(v for k, v in counts.items()
+                                                               if k.startswith("dropped_")) - len(pairs)
     if not pairs:
         raise PreferenceDataError(f"{KEY}.source={cfg.source}: no usable (prompt, chosen, rejected) record in "
                                   f"{_source_name(cfg)} ({_reasons(counts)})")
     return _split(pairs, cfg, counts)
+
+
+def _subset_key(seed: int, pair: Pair) -> str:
+    return hashlib.sha256(f"{seed}\0subset\0{pair.prompt}\0{pair.chosen}\0{pair.rejected}".encode()).hexdigest()
 
 
 def corpus_pairs(documents: Path, cfg: PreferenceDataConfig) -> PreferenceData:

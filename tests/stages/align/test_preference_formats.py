@@ -119,3 +119,19 @@ def test_the_example_preference_files_load_without_drops():
     assert all(len(p.prompt) == 1 and p.prompt[0][0] == "user" for p in pairs)
     assert all(p.chosen != p.rejected and len(p.chosen) < 200 for p in pairs)
     assert len(data.eval) == 32
+
+
+def test_max_pairs_keeps_a_seeded_subset_that_file_order_does_not_decide(tmp_path):
+    records = [{"prompt": f"Say {i}", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(60)]
+    forward = write_jsonl(tmp_path / "a.jsonl", records)
+    backward = write_jsonl(tmp_path / "b.jsonl", records[::-1])
+
+    def kept(path, seed=0):
+        data = build_pairs(None, files_config(path, max_pairs=20, seed=seed))
+        assert data.counts["records_read"] == 60 and data.counts["pairs_not_sampled"] == 40
+        return {p.prompt for p in data.train + data.eval}
+
+    first = kept(forward)
+    assert len(first) == 20 and first == kept(backward)
+    assert first != {(("user", f"Say {i}"),) for i in range(20)}  # not the first 20 of the file
+    assert kept(forward, seed=1) != first

@@ -351,3 +351,11 @@ def test_gpu_hf_backend_uses_bf16_and_agrees_with_cpu(tmp_path, tiny_models):
     assert gpu["config"]["model_args"]["dtype"] == "bfloat16" and gpu["config"]["model_args"]["device"] == "cuda"
     assert gpu["results"][PPL_TASK]["word_perplexity,none"] == pytest.approx(
         cpu["results"][PPL_TASK]["word_perplexity,none"], rel=0.03)
+
+
+@pytest.mark.parametrize("conf", ["tiny", "llama-7b", "tiny-finetune", "llama-7b-finetune"])
+def test_the_quantized_model_is_scored_in_the_dtype_it_is_served_in(conf):
+    from llmpipe.project import load_config
+
+    cfg = load_config(conf)
+    assert cfg.stages["evaluate"].server.dtype == cfg.stages["serve"].dtype
