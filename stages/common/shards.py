@@ -7,6 +7,10 @@ outputs, so a restarted attempt redoes only the shards that did not finish. Each
 phase (``phase="signatures"``); a phase the stage lists in ``Stage.shard_phases`` runs on a cluster
 as a job array: each array task takes the shards ``index % tasks == task`` of that map and stops
 there (see ``pipeline.sharding``); the final job then finds every shard done.
+
+Every data stage's ``workers`` key is the size of that pool; null takes it from where the stage runs
+(``resolve_workers``): the allocation's ``SLURM_CPUS_PER_TASK`` in a Slurm job, else the CPUs this
+process may run on. Workers never change a stage's output (the key is execution-only).
 """
 
 from __future__ import annotations
@@ -27,6 +31,35 @@ from pipeline.files import atomic_path, write_json_atomic
 log = logging.getLogger("llmpipe.shards")
 
 DONE_DIR = "_shards"
+ALLOCATION_ENV = "SLURM_CPUS_PER_TASK"  # the CPUs Slurm gave the task (sbatch --cpus-per-task)
+
+
+def available_cpus() -> tuple[int, str]:
+    """The CPUs this process may use, and where that number comes from.
+
+    ``SLURM_CPUS_PER_TASK`` when set (a Slurm job: the allocation, not the node, is ours), else the
+    CPUs the process is pinned to (``sched_getaffinity``: cgroups, taskset, a container's cpuset),
+    else ``os.cpu_count()``.
+    """
+    value = os.environ.get(ALLOCATION_ENV, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value), ALLOCATION_ENV
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0))), "CPU affinity"
+    return max(1, os.cpu_count() or 1), "os.cpu_count()"
+
+
+def resolve_workers(workers: int | None) -> int:
+    """A data stage's ``workers``: the configured number, or with null the CPUs of ``available_cpus``."""
+    return available_cpus()[0] if workers is None else workers
+
+
+def workers_problem(workers: int | None) -> str | None:
+    """What is wrong with a configured ``workers`` value (None when it is fine), for the config checks."""
+    if workers is not None and workers < 1:
+        return f"must be at least 1, or null for the CPUs of the allocation ({ALLOCATION_ENV}) or machine, " \
+               f"got {workers}"
+    return None
 
 
 @dataclass
@@ -106,7 +139,7 @@ def map_shards(
     output_dir: Path,
     config: Any,
     *,
-    workers: int,
+    workers: int | None,
     desc: str,
     phase: str | None = None,
     on_progress: Callable[[int, ShardResult], None] | None = None,
@@ -120,11 +153,16 @@ def map_shards(
     ``phase`` names this map, for ``Stage.shard_phases``. In an array task of that phase, only the
     task's share of the shards runs and the stage run then ends with ``pipeline.sharding.SliceDone``
     (nothing after this map runs there). A map with no phase, or one not listed, runs whole.
+
+    ``workers`` processes run the shards (one: in this process); None: ``resolve_workers``.
     """
     from tqdm import tqdm
 
     from pipeline import sharding
 
+    if workers is None:
+        workers, source = available_cpus()
+        log.info("%s: %d worker processes (workers: null, from %s)", desc, workers, source)
     output_dir = Path(output_dir)
     (output_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
     indices = list(range(len(sources))) if shard_indices is None else list(shard_indices)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import Invalid, Stage, StageContext
+from stages.common.shards import workers_problem
 from stages.dedup.lsh import (
     DedupInputError,
     LshPlan,
@@ -62,7 +63,7 @@ class DedupConfig:
     verify: bool  # check LSH candidates by estimated Jaccard before linking them
     verify_margin: float  # link verified candidates whose estimate is >= threshold - margin (estimator noise)
     partitions: int  # spill partitions; one partition's keys must fit in memory (execution-only)
-    workers: int  # processes (execution-only)
+    workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
     keep_work: bool  # keep the _work scratch dir after success, for inspection (execution-only)
 
     def __post_init__(self) -> None:
@@ -70,7 +71,9 @@ class DedupConfig:
         if not 0.0 < self.threshold <= 1.0:
             problems.append(("threshold", f"must be in (0, 1], got {self.threshold}"))
         problems += [(key, f"must be >= 1, got {getattr(self, key)}")
-                     for key in ("ngram", "partitions", "workers") if getattr(self, key) < 1]
+                     for key in ("ngram", "partitions") if getattr(self, key) < 1]
+        if problem := workers_problem(self.workers):
+            problems.append(("workers", problem))
         if self.num_perm < 2:
             problems.append(("num_perm", f"must be >= 2, got {self.num_perm}"))
         if not 0.0 <= self.verify_margin < self.threshold:

@@ -1,6 +1,6 @@
 """evaluate: lm-evaluation-harness on every model the run produced, and one table comparing them.
 
-Models (``models``, default all five), each evaluated on the same ``tasks``:
+Models (``models``, default all five), each evaluated on the same ``tasks`` (``untrained``: the local ones):
 
 ``untrained``  the pretrain model's architecture with random weights (``from_config``, seeded): the
                floor the trained models must beat; built in memory and handed to lm-eval's ``hf``
@@ -20,12 +20,22 @@ record), into ``results/tasks/`` (stages/evaluate/tasks.py documents the format)
 arc_easy, gsm8k...) whose dataset comes from the HF hub or its cache. With ``offline: true`` (the
 tiny default) the stage sets HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 so nothing is downloaded.
 
+Few-shot (``num_fewshot``): null gives each standard task its published count (tasks.py
+PUBLISHED_FEWSHOT, the Llama 2 paper's: MMLU 5, GSM8K 8, HellaSwag and ARC 0...), else lm-eval's own
+default; an integer gives that count to every standard task (one whose lm-eval config pins 0 keeps 0,
+as lm-eval does); the local tasks are always 0-shot. Each model's JSON records the counts under
+lm-eval's "n-shot", and comparison.md lists them below the table.
+
+``untrained`` runs the local tasks only: random weights score chance on a standard benchmark, known
+without running it (and hours of a 7B on the hf backend); its cells in those columns stay blank.
+
 Output ``results``::
 
     tasks/                  the local tasks (YAML + JSONL), an lm-eval include_path
     models/<model>.json     lm-eval's results for one model (no per-sample logs), plus an
                             "llmpipe" block: backend, source dir, seconds
-    comparison.csv / .md    one row per model, one column per <task>.<metric>
+    comparison.csv / .md    one row per model, one column per <task>.<metric> (.md: and the
+                            few-shot count of each task below the table)
     comparison.png          the same as bar charts (perplexities on a log scale)
     vllm_server.log         the quantized model's server log
 
@@ -57,7 +67,7 @@ from pipeline.files import write_json_atomic
 from pipeline.inputs import Problem
 from stages.common.hub import hub_offline
 from stages.common.models import ModelSource, ModelSourceError, model_dir, model_problems, model_state, parse_model
-from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks
+from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks, fewshot_plan
 
 UNTRAINED = "untrained"
 QUANTIZED = "quantize"
@@ -93,7 +103,7 @@ class EvaluateConfig:
     models: tuple[str, ...]  # in order: untrained, pretrain, sft, align, quantize, or name=<dir or hub id>
     tasks: tuple[str, ...]  # lm-eval task names; heldout_ppl / heldout_mc are built from held-out documents
     heldout: HeldoutTasksConfig  # source, size and shape of the local tasks
-    num_fewshot: int | None  # few-shot examples per prompt (null: each task's own default)
+    num_fewshot: int | None  # standard tasks' examples per prompt (null: published, else lm-eval's); local: 0
     limit: int | None  # evaluate at most this many examples per task (null: all)
     batch_size: int  # requests per forward pass (hf) or per HTTP request (local-completions) (execution-only)
     device: str  # hf models: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1"...
@@ -120,6 +130,12 @@ class EvaluateConfig:
                 problems.append((key, f"repeats a name: {list(names)}"))
         if self.batch_size < 1:
             problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
+        if {e.partition("=")[0].strip() for e in self.models} == {UNTRAINED} and not set(self.tasks) & set(LOCAL_TASKS):
+            problems.append(("models", f"the untrained baseline runs only the local tasks {list(LOCAL_TASKS)}, "
+                                       f"and tasks {list(self.tasks)} has none: nothing would be evaluated"))
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            problems.append(("num_fewshot", f"must be at least 0 or null (each task's published count), "
+                                            f"got {self.num_fewshot}"))
         if self.max_length is not None and self.max_length < 8:
             problems.append(("max_length", f"must be at least 8 tokens or null, got {self.max_length}"))
         Invalid.check(problems)
@@ -242,6 +258,41 @@ def task_manager(cfg: EvaluateConfig, include_path: Path | None) -> Any:
     return manager
 
 
+def model_tasks(model: str, tasks: tuple[str, ...]) -> tuple[str, ...]:
+    """The configured tasks one model runs: all of them, except that the untrained baseline runs the
+    local tasks only. Random weights score chance on a standard benchmark (known without running it,
+    and hours of a 7B on the hf backend); on the held-out tasks they are the floor training must beat."""
+    return tuple(t for t in tasks if t in LOCAL_TASKS) if model == UNTRAINED else tasks
+
+
+def load_tasks(manager: Any, tasks: tuple[str, ...], num_fewshot: int | None, log: Any) -> list[Any]:
+    """lm-eval Task / Group objects for ``tasks``, every member task set to its few-shot count
+    (tasks.py fewshot_plan). simple_evaluate takes one num_fewshot for all tasks, so the counts are set
+    on the loaded tasks and it gets None (then it gives 0 only to a task left without a count). A task
+    whose lm-eval config pins 0 (truthfulqa: its prompt holds its own examples) keeps 0, as lm-eval's
+    own override does. Loading builds the datasets: call it before the model loads, so a missing
+    dataset fails in seconds."""
+    loaded_tasks = []
+    for name, shots in fewshot_plan(tasks, num_fewshot).items():
+        loaded = manager.load([name])
+        for task_name, task in loaded["tasks"].items():
+            if shots is None:
+                continue
+            if shots > 0 and task.get_config("num_fewshot") == 0:
+                log.info("task %s: its lm-eval config pins num_fewshot 0; keeping 0 (not %d)", task_name, shots)
+                continue
+            task.set_config(key="num_fewshot", value=shots)
+        # a group is passed whole (it aggregates its members); a tag is its tasks
+        loaded_tasks += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+    return loaded_tasks
+
+
+def fewshot_summary(tasks: tuple[str, ...], num_fewshot: int | None) -> str:
+    """``"heldout_ppl 0, mmlu 5, gsm8k 8, boolq lm-eval default"``: the planned counts, for the log."""
+    return ", ".join(f"{task} {'lm-eval default' if n is None else n}"
+                     for task, n in fewshot_plan(tasks, num_fewshot).items())
+
+
 # ---------------------------------------------------------------- one model
 
 
@@ -310,15 +361,17 @@ def evaluate_model(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_d
     from lm_eval.utils import handle_non_serializable
 
     started = time.perf_counter()
+    tasks = load_tasks(manager, model_tasks(spec.name, cfg.tasks), cfg.num_fewshot, log)
     with lm_for(spec, cfg, results_dir, log) as (model, model_args):
         results = lm_eval.simple_evaluate(
-            model=model, model_args=model_args or None, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+            model=model, model_args=model_args or None, tasks=tasks, num_fewshot=None,
             batch_size=cfg.batch_size, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters, log_samples=False,
             task_manager=manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed)
     del model  # the untrained baseline's weights: drop them before the next model loads
     release_gpu_memory()
     results = json.loads(json.dumps(results, default=handle_non_serializable))
+    results["n-shot"] = group_shots(results)
     results["llmpipe"] = {"model": spec.name, "backend": spec.backend, "source": str(spec.path),
                           "seconds": time.perf_counter() - started}
     return results
@@ -352,6 +405,32 @@ def model_metrics(name: str, results: dict, order: tuple[str, ...] = ()) -> dict
             out[f"{name}.{task}.{metric if filt == 'none' else f'{metric}_{filt}'}"] = float(value)
     out[f"{name}.eval_s"] = float(results["llmpipe"]["seconds"])
     return out
+
+
+def group_shots(results: dict) -> dict[str, int]:
+    """lm-eval's "n-shot" (task -> few-shot count) with each group's count filled in: that of all its
+    member tasks when they agree (none when they differ). lm-eval 0.4.13 gives a group the count of its
+    direct children only when it happens to see them first, so a group of groups (mmlu: mmlu_stem...)
+    is left without one."""
+    shots = {t: n for t, n in results.get("n-shot", {}).items() if isinstance(n, int)}
+    groups = results.get("group_subtasks", {})
+
+    def leaves(group: str, seen: frozenset = frozenset()) -> list[str]:
+        return [leaf for child in groups[group] if child not in seen
+                for leaf in (leaves(child, seen | {group}) if child in groups else [child])]
+
+    for group in groups:
+        counts = {shots.get(leaf) for leaf in leaves(group)}
+        if len(counts) == 1 and None not in counts:
+            shots[group] = counts.pop()
+    return dict(sorted(shots.items()))
+
+
+def task_shots(results: dict) -> dict[str, int]:
+    """The few-shot count of the top-level tasks and groups of one model's results (the table's tasks)."""
+    members = {m for group in results.get("group_subtasks", {}).values() for m in group}
+    shots = group_shots(results)
+    return {t: shots[t] for t in results["results"] if t not in members and t in shots}
 
 
 def load_done(path: Path) -> dict | None:
@@ -401,12 +480,13 @@ def _arrow(column: str, higher: dict[str, bool]) -> str:
 
 
 def write_table(per_model: dict[str, dict[str, float]], results_dir: Path,
-                higher: dict[str, bool] | None = None) -> tuple[Path, Path]:
+                higher: dict[str, bool] | None = None, shots: dict[str, set[int]] | None = None) -> tuple[Path, Path]:
     """comparison.csv (full precision) and comparison.md (4 significant digits, ↑/↓ = higher/lower is
-    better): one row per model, one column per ``<task>.<metric>``."""
+    better): one row per model, one column per ``<task>.<metric>``; the .md then lists ``shots``, the
+    few-shot count of each task (several, "5/0", only if the models' results disagree)."""
     import csv
 
-    higher = higher or {}
+    higher, shots = higher or {}, shots or {}
     models, columns, values = comparison(per_model)
     csv_path, md_path = results_dir / TABLE_CSV, results_dir / TABLE_MD
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -417,6 +497,10 @@ def write_table(per_model: dict[str, dict[str, float]], results_dir: Path,
     cell = lambda v: "" if v is None else f"{v:.4g}"
     lines = ["| model | " + " | ".join(c + _arrow(c, higher) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += ["| " + " | ".join([model, *(cell(values.get((model, c))) for c in columns)]) + " |" for model in models]
+    tasks = [t for t in dict.fromkeys(c.partition(".")[0] for c in columns) if t in shots]
+    if tasks:
+        lines += ["", "Few-shot examples per prompt (lm-eval n-shot): "
+                  + ", ".join(f"{t} {'/'.join(map(str, sorted(shots[t])))}" for t in tasks)]
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return csv_path, md_path
 
@@ -470,7 +554,7 @@ def evaluate_or_resume(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, resul
         ctx.log.info("model '%s': evaluated by a previous attempt (%s)", spec.name, path)
         return results
     ctx.log.info("model '%s': evaluating %s with lm-eval '%s' on %s", spec.name, spec.path, spec.backend,
-                 list(cfg.tasks))
+                 list(model_tasks(spec.name, cfg.tasks)))
     results = evaluate_model(spec, cfg, manager, results_dir, ctx.log)
     write_json_atomic(path, results, indent=2)
     ctx.log_metrics(model_metrics(spec.name, results, cfg.tasks))
@@ -529,17 +613,28 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
         ctx.log.info("local tasks %s: %d of %d held-out documents (not eligible: %s)", list(built.tasks),
                      built.docs_used, built.docs_in, built.dropped or "none")
     manager = task_manager(cfg, include)
+    ctx.log.info("few-shot examples per prompt: %s", fewshot_summary(cfg.tasks, cfg.num_fewshot))
 
     per_model: dict[str, dict[str, float]] = {}
     higher: dict[str, bool] = {}
+    shots: dict[str, set[int]] = {}
     for spec in specs:
+        tasks = model_tasks(spec.name, cfg.tasks)
+        skipped = [t for t in cfg.tasks if t not in tasks]
+        if skipped:
+            ctx.log.info("model '%s': skipping the standard tasks %s (random weights score chance on them)%s",
+                         spec.name, skipped, "" if tasks else "; no local task is configured, so it runs nothing")
+        if not tasks:
+            continue
         results = evaluate_or_resume(spec, cfg, manager, results_dir, ctx)
         per_model[spec.name] = model_metrics(spec.name, results, cfg.tasks)
         higher.update(directions(results))
+        for task, n in task_shots(results).items():
+            shots.setdefault(task, set()).add(n)
         metrics.update(per_model[spec.name])
         ctx.log_artifact(result_path(results_dir, spec.name))
 
-    csv_path, md_path = write_table(per_model, results_dir, higher)
+    csv_path, md_path = write_table(per_model, results_dir, higher, shots)
     chart = write_chart(per_model, results_dir, higher)
     for artifact in (csv_path, md_path, chart):
         ctx.log_artifact(artifact)
@@ -551,6 +646,7 @@ STAGE = Stage(
     name="evaluate",
     config=EvaluateConfig,
     run=run,
+    version=2,  # 2: published few-shot per task, untrained on local tasks only
     inputs=("pretrain.model", "sft.model", "align.model", "quantize.model", HELDOUT_INPUT),
     select_inputs=needed_inputs,
     external=outside_state,

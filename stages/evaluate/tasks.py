@@ -36,6 +36,10 @@ With ``heldout.source: files`` the documents are the records of ``heldout.files`
 Parquet, paths or globs; a ``text`` field per record, ``id`` and ``url`` optional): a fine-tuning run
 without the data stages evaluates on the user's own text. A record without a string ``id`` is named
 by a digest of its text, so the sample still does not depend on how the files are split or ordered.
+
+Few-shot: :data:`PUBLISHED_FEWSHOT` holds the published few-shot count of the standard tasks the
+recipes run, and :func:`fewshot_plan` says how many examples each configured task gets (the local
+tasks none: a document or passage alone is the whole prompt).
 """
 
 from __future__ import annotations
@@ -60,6 +64,36 @@ LOCAL_TASKS = (PPL_TASK, MC_TASK)
 REQUIRED_COLUMNS = ("id", "url", "text")
 FILES_KEY = "stage.evaluate.heldout.files"
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # heldout.files: one document per record, in a text field
+
+
+# Few-shot examples per prompt of the standard tasks, as the Llama 2 paper evaluates its base models
+# (Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models", arXiv:2307.09288,
+# section 2.3 and table 3): MMLU 5-shot; GSM8K 8-shot; the commonsense benchmarks 0-shot ("7-shot
+# results for CommonSenseQA and 0-shot results for all other benchmarks": HellaSwag, WinoGrande, ARC
+# easy and challenge...). The llama-7b recipe's figures are thus read against that paper's tables.
+# The Open LLM Leaderboard (v1) counts differently (ARC-challenge 25, HellaSwag 10, WinoGrande 5,
+# GSM8K 5, MMLU 5, TruthfulQA 0); lm-eval ships them as its `openllm` group
+# (lm_eval/tasks/benchmarks/openllm.yaml), which keeps its own counts when named in `tasks` with
+# num_fewshot null, since only the names below are looked up.
+PUBLISHED_FEWSHOT: dict[str, int] = {
+    "mmlu": 5,
+    "gsm8k": 8,  # lm-eval's own gsm8k default is 5 (the leaderboard's)
+    "hellaswag": 0,
+    "arc_easy": 0,
+    "arc_challenge": 0,
+    "winogrande": 0,
+    "truthfulqa_mc2": 0,  # not in the paper's base-model table: the leaderboard's, and lm-eval's pinned 0
+}
+
+
+def fewshot_plan(tasks: tuple[str, ...], num_fewshot: int | None,
+                 published: dict[str, int] = PUBLISHED_FEWSHOT) -> dict[str, int | None]:
+    """Few-shot examples per prompt for each task, in order: 0 for the local tasks; for a standard task
+    ``num_fewshot`` when set, else its published count (``published``), else None: lm-eval's own
+    default (the task config's ``num_fewshot``; 0 where it has none). A group (mmlu) gives its count
+    to every member task."""
+    return {task: 0 if task in LOCAL_TASKS else num_fewshot if num_fewshot is not None else published.get(task)
+            for task in tasks}
 
 
 class HeldoutDataError(LlmpipeError):

@@ -73,7 +73,7 @@ from typing import IO, Any, Literal
 from pipeline import Invalid, LlmpipeError, Stage, StageContext, one_or_many
 from pipeline.inputs import GZIP_MAGIC, Kind, Problem, file_problem, pattern_problems
 from stages.common.inputs import FASTTEXT_MODEL
-from stages.common.shards import ShardResult, ShardTask, Throughput, map_shards, write_parquet_atomic
+from stages.common.shards import ShardResult, ShardTask, Throughput, map_shards, workers_problem, write_parquet_atomic
 
 log = logging.getLogger("llmpipe.ingest")
 
@@ -91,7 +91,7 @@ class IngestConfig:
     extractor: Literal["resiliparse", "trafilatura"]  # main-text extractor
     language_model: str | None  # fastText language-id model (lid.176.bin); null: stop-word detector
     max_record_bytes: int  # larger HTTP bodies are dropped (too_large): bounds memory and time
-    workers: int  # processes (execution-only)
+    workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,8 +99,8 @@ class IngestConfig:
             problems.append(("input", "is empty: give at least one WARC path, glob or URL"))
         if self.max_record_bytes <= 0:
             problems.append(("max_record_bytes", f"must be positive, got {self.max_record_bytes}"))
-        if self.workers < 1:
-            problems.append(("workers", f"must be at least 1, got {self.workers}"))
+        if problem := workers_problem(self.workers):
+            problems.append(("workers", problem))
         Invalid.check(problems)
 
 

@@ -86,7 +86,15 @@ from typing import Any
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from stages.common.documents import read_documents as read_shard
 from stages.common.documents import text_bytes, with_column
-from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
+from stages.common.shards import (
+    ShardResult,
+    ShardTask,
+    Throughput,
+    list_parquet,
+    map_shards,
+    workers_problem,
+    write_parquet_atomic,
+)
 from stages.pii.detectors import (
     PII_TYPES,
     CreditCardConfig,
@@ -119,11 +127,11 @@ class PiiConfig:
     credit_card: CreditCardConfig  # payment card numbers
     ip_address: IpConfig  # IPv4 and IPv6 addresses
     phone: PhoneConfig  # phone numbers
-    workers: int  # processes (execution-only)
+    workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise Invalid("workers", f"must be at least 1, got {self.workers}")
+        if problem := workers_problem(self.workers):
+            raise Invalid("workers", problem)
 
     @property
     def enabled_types(self) -> tuple[str, ...]:

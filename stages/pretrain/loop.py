@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -96,15 +97,25 @@ class StepSampler:
         return max(0, self.stop - self.start) * self.share
 
 
-def eval_indices(n: int, limit: int, rank: int, world: int) -> tuple[list[int], list[bool]]:
-    """This rank's share of the first ``min(n, limit)`` val sequences, padded to the same length on
-    every rank (ZeRO-3 needs every rank in every forward); padding rows are flagged False and not counted."""
-    total = min(n, limit)
+def eval_rows(n: int, limit: int, seed: int) -> list[int]:
+    """The val sequences every evaluation scores: all of them when ``n <= limit``, else ``limit`` drawn
+    with ``seed`` across the whole split (the val shards hold documents in corpus order: its first rows
+    are one corner of the data), in ascending order. The same rows at every evaluation and on resume."""
+    if n <= limit:
+        return list(range(n))
+    return sorted(random.Random(f"{seed}\0eval-rows").sample(range(n), limit))
+
+
+def eval_indices(n: int, limit: int, rank: int, world: int, seed: int = 0) -> tuple[list[int], list[bool]]:
+    """This rank's share of the ``eval_rows`` of the val split, padded to the same length on every rank
+    (ZeRO-3 needs every rank in every forward); padding rows are flagged False and not counted."""
+    rows = eval_rows(n, limit, seed)
+    total = len(rows)
     per_rank = math.ceil(total / world)
     indices, real = [], []
     for k in range(per_rank):
         i = rank + k * world
-        indices.append(i if i < total else 0)
+        indices.append(rows[i] if i < total else rows[0] if rows else 0)
         real.append(i < total)
     return indices, real
 
@@ -255,14 +266,15 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> float:
-        """Mean loss per token over the first ``eval_sequences`` val sequences, all ranks together."""
+        """Mean loss per token over ``eval_sequences`` val sequences drawn across the split (eval_rows), all
+        ranks together."""
         import torch
         import torch.distributed as tdist
 
         from stages.common.token_shards import TokenDataset
 
         val = TokenDataset(self.job["tokens"], "val")
-        indices, real = eval_indices(len(val), self.cfg.eval_sequences, self.rank, self.world)
+        indices, real = eval_indices(len(val), self.cfg.eval_sequences, self.rank, self.world, self.cfg.seed)
         mb = self.cfg.micro_batch_size
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, token count
         self.engine.eval()

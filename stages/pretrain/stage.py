@@ -95,7 +95,7 @@ class PretrainConfig:
     gradient_checkpointing: bool  # recompute activations in the backward pass to save memory
     attention: Literal["sdpa", "eager", "flash_attention_2"]  # attention kernel
     eval_every: int  # steps between evaluations on the val split (also at step 0 and at the end)
-    eval_sequences: int  # held-out sequences per evaluation (at most the whole val split)
+    eval_sequences: int  # val sequences per evaluation, seeded across the split (all of a smaller split)
     checkpoint_every: int  # steps between checkpoints (also one at the end)
     keep_checkpoints: int  # newest complete checkpoints kept; 2+ leaves one to fall back to if the newest is corrupt
     log_every: int  # steps between metric records

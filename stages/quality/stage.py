@@ -16,6 +16,13 @@ sample per line) into ``<output_dir>/classifier/model.bin``; a resumed attempt r
 The contents of the sample files, the model and the bad-words list are folded into the stage's
 fingerprint (``Stage.external``), so editing them re-runs the stage. ``llmpipe plan`` and ``run``
 check, before anything runs, that each can be read and starts like its kind (``input_problems``).
+
+The shipped sample files are the embedded corpus's (``data/embedded/quality/``): paragraphs of Python
+docstrings against generated junk. A classifier trained on them keeps pages that look like docstrings,
+which is right for the embedded crawl and wrong for any other. So training on them while ``crawl``
+(``data.warc``) reads anything but the embedded corpus is an error, at plan time and at run time
+(``embedded_samples_problem``): give ``classifier.model_path`` (a fastText quality model for that
+crawl) or set ``classifier.enabled: false`` to filter with the heuristics alone.
 """
 
 from __future__ import annotations
@@ -28,16 +35,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from pipeline import Invalid, LlmpipeError, Stage, StageContext, one_or_many
 from pipeline.files import atomic_path, write_json_atomic
 from pipeline.inputs import NONEMPTY_TEXT, TEXT, Problem, file_problem
 from stages.common.documents import read_documents as read_shard
 from stages.common.documents import text_bytes, with_column
 from stages.common.inputs import FASTTEXT_MODEL
-from stages.common.shards import ShardResult, ShardTask, Throughput, list_parquet, map_shards, write_parquet_atomic
+from stages.common.shards import (
+    ShardResult,
+    ShardTask,
+    Throughput,
+    list_parquet,
+    map_shards,
+    workers_problem,
+    write_parquet_atomic,
+)
 from stages.quality.rules import C4Config, GopherQualityConfig, GopherRepetitionConfig, Rules, read_word_list
 
 CLASSIFIER_DIR = "classifier"  # under the stage's output dir: the trained model and its report
+# Where `make corpus` builds the embedded corpus (python -m llmpipe.corpus data/embedded), relative to the
+# project folder: conf/data/tiny.yaml reads its WARCs, conf/stage/quality/default.yaml its quality samples.
+EMBEDDED_CORPUS = "data/embedded"
 MODEL_FILE = "model.bin"
 TRAIN_REPORT = "train.json"
 # Files up to this size are fingerprinted by content, bigger ones (a multi-GB model) by size and mtime.
@@ -107,11 +125,14 @@ class QualityConfig:
     c4: C4Config  # C4 page rules
     classifier: ClassifierConfig  # fastText quality classifier
     write_dropped: bool  # write the dropped documents, with drop_reason, to the dropped artifact
-    workers: int  # processes (execution-only)
+    # The crawl the documents come from (data.warc); read only to check that the classifier's samples fit it
+    # (execution-only: the documents themselves come from dedup.documents).
+    crawl: tuple[str, ...] = one_or_many()
+    workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise Invalid("workers", f"must be at least 1, got {self.workers}")
+        if problem := workers_problem(self.workers):
+            raise Invalid("workers", problem)
 
 
 def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
@@ -123,6 +144,8 @@ def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.c4.bad_words_file:
         existing_file(cfg.c4.bad_words_file, "stage.quality.c4.bad_words_file")
     metrics: dict[str, float] = {}
+    if problem := embedded_samples_problem(cfg):
+        raise ClassifierError(f"stage.quality.{problem[0]}: {problem[1]}")
     if cfg.classifier.enabled:
         metrics.update(prepare_classifier(cfg.classifier, ctx.output_dir, ctx.log))
     for artifact in ("documents", "dropped"):
@@ -382,11 +405,41 @@ _KINDS = {"c4.bad_words_file": TEXT, "classifier.model_path": FASTTEXT_MODEL, "c
           "classifier.negative": NONEMPTY_TEXT}
 
 
+def _in_folder(spec: str, folder: Path) -> bool:
+    """Whether a local path or glob lies in ``folder`` (relative paths: from the project folder); URLs never do."""
+    if "://" in spec:
+        return False
+    return Path(spec).expanduser().resolve().is_relative_to(folder.resolve())
+
+
+def embedded_samples_problem(cfg: QualityConfig) -> Problem | None:
+    """The classifier would be trained on the embedded corpus's samples for a crawl that is not the embedded
+    corpus (see the module doc); None when it would not."""
+    c = cfg.classifier
+    if not c.enabled or c.model_path:
+        return None
+    embedded = Path(EMBEDDED_CORPUS)
+    samples = [key for key in ("positive", "negative") if getattr(c, key) and _in_folder(getattr(c, key), embedded)]
+    other = [spec for spec in cfg.crawl if not _in_folder(spec, embedded)]
+    if not samples or not other:
+        return None
+    given = " and ".join(f"{key}={getattr(c, key)}" for key in samples)
+    return ("classifier", f"would be trained on the embedded corpus's samples ({given}: Python docstring "
+                          f"paragraphs against generated junk) to filter a crawl that is not the embedded corpus "
+                          f"(data.warc: {', '.join(other)}); on web pages it keeps those that look like docstrings. "
+                          f"Give stage.quality.classifier.model_path a fastText quality model for this crawl (and "
+                          f"its positive_label), or set stage.quality.classifier.enabled=false to filter with the "
+                          f"heuristics alone")
+
+
 def input_problems(cfg: QualityConfig) -> list[Problem]:
     """The stage's ``preflight`` (run by ``plan`` and ``run``): every file the config points to is
-    readable and of its kind (a fastText model by its magic bytes, sample and word lists as UTF-8 text)."""
-    return [(key, problem) for key, path in outside_files(cfg).items()
-            if (problem := file_problem(path, _KINDS[key]))]
+    readable and of its kind (a fastText model by its magic bytes, sample and word lists as UTF-8 text),
+    and the classifier's samples fit the crawl (``embedded_samples_problem``)."""
+    problems = [(key, problem) for key, path in outside_files(cfg).items()
+                if (problem := file_problem(path, _KINDS[key]))]
+    mismatch = embedded_samples_problem(cfg)
+    return [*problems, mismatch] if mismatch else problems
 
 
 STAGE = Stage(
@@ -395,7 +448,7 @@ STAGE = Stage(
     run=run,
     inputs=("dedup.documents",),
     outputs=("documents", "dropped"),
-    unhashed=frozenset(["workers"]),
+    unhashed=frozenset(["workers", "crawl"]),
     resumable=True,
     shard_phases=("filter",),  # on Slurm: one job array over the shards, then the final job
     external=external_state,

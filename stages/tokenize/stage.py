@@ -3,12 +3,19 @@
 Three steps, each resumable:
 
 1. Held-out split. A document is held out when a hash of its id (salted with
-   ``validation_seed``) falls below ``validation_fraction``, so the split depends on nothing but
-   the id: not on sharding, order or worker count. If that picks no document of a corpus of two
-   or more, the one with the lowest hash is held out, so validation is never empty.
+   ``validation_seed``) falls below a fraction, so the split depends on nothing but the id: not
+   on sharding, order or worker count. If that picks no document of a corpus of two or more, the
+   one with the lowest hash is held out, so validation is never empty. The size is set either as
+   that fraction (``validation_fraction``) or in tokens (``heldout_tokens``: the fraction is then
+   derived from the tokenizer's tokens per byte, measured on the sample below; stages/tokenize/split.py).
 2. Tokenizer. With ``tokenizer: null`` a byte-level BPE is trained with the ``tokenizers``
-   library on the train split only (streamed from the Parquet shards), with these reserved
-   special tokens, ids 0-5 in this order:
+   library on the train split only. ``tokenizer_train_chars`` bounds what it reads: a seeded
+   sample of at most that many characters drawn across all shards, each shard giving its share in
+   proportion to its text size, within a shard the documents with the lowest hash of their id
+   (salted with ``tokenizer_train_seed``), the last one cut to fit (drawn by the worker pool into
+   ``_sample/``, removed once the tokenizer is saved; stages/tokenize/split.py). With null it
+   reads every train document, streamed from the Parquet shards. It has these reserved special
+   tokens, ids 0-5 in this order:
 
    ``<|endoftext|>``  end of a document and separator of packed documents (EOS, also BOS)
    ``<|pad|>``        padding (never inside packed documents)
@@ -32,7 +39,6 @@ so documents cannot forge document boundaries or chat turns.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import Invalid, LlmpipeError, Stage, StageContext
+from pipeline import Invalid, Stage, StageContext
 from pipeline.files import atomic_path, publish, temp_sibling, write_json_atomic
 from pipeline.inputs import Problem, dir_problem
 from stages.common.shards import (
@@ -50,8 +56,23 @@ from stages.common.shards import (
     Throughput,
     list_parquet,
     map_shards,
+    resolve_workers,
     shard_name,
+    workers_problem,
     write_parquet_atomic,
+)
+from stages.tokenize.split import (
+    MEASURE_CHARS,
+    HeldoutRule,
+    Sample,
+    ShardStats,
+    TokenizeInputError,
+    draw_sample,
+    drop_reason,
+    heldout_bound,
+    heldout_fraction,
+    heldout_rule,
+    open_shard,
 )
 
 EOS = "<|endoftext|>"
@@ -61,15 +82,8 @@ SPECIAL_TOKENS = (EOS, PAD, *CHAT_TOKENS)
 BYTE_ALPHABET = 256  # a byte-level BPE starts from one token per byte
 
 TAIL = "tail"  # name of the shard packed from the leftovers of all shards
-# Expected held-out documents above which the "at least one" fallback cannot matter: the chance that
-# the hash picks none is (1 - fraction) ** n < exp(-50), so the scan of all ids is skipped.
-SURE_HELDOUT = 50
 # Files of a tokenizer dir whose content is folded into the fingerprint (not model weights next to them).
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*", "*.model")
-
-
-class TokenizeInputError(LlmpipeError):
-    """An input shard or the configured tokenizer cannot be used (missing column, unreadable file...)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,127 +91,49 @@ class TokenizeConfig:
     tokenizer: str | None  # an existing local tokenizer dir to use as is; null: train a byte-level BPE
     vocab_size: int  # vocabulary to train (special tokens included); with `tokenizer`, an upper bound check
     min_frequency: int  # a pair must occur this often to become a BPE merge
-    tokenizer_train_chars: int | None  # train the BPE on the first this many characters; null: all
+    tokenizer_train_chars: int | None  # train the BPE on a sample this long drawn across all shards; null: all
+    tokenizer_train_seed: int  # salt of the id hash that draws that sample
     seq_len: int  # tokens per packed sequence
     keep_partial: bool  # pad and keep the last incomplete sequence of each split (false: drop it)
-    validation_fraction: float  # share of documents held out for validation, chosen by id hash
+    validation_fraction: float | None  # share of documents held out for validation, by id hash; or null
+    heldout_tokens: int | None  # or: hold out about this many tokens (documents by the same id hash)
     validation_seed: int  # salt of the id hash; change it to draw another held-out set
     batch_size: int  # documents per encode_batch call (execution-only)
-    workers: int  # processes (execution-only)
+    workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0.0 <= self.validation_fraction < 1.0:
+        if (self.validation_fraction is None) == (self.heldout_tokens is None):
+            problems.append(("", f"set one of validation_fraction (a share of documents) and heldout_tokens, and "
+                                 f"the other null (got validation_fraction={self.validation_fraction}, "
+                                 f"heldout_tokens={self.heldout_tokens})"))
+        if self.validation_fraction is not None and not 0.0 <= self.validation_fraction < 1.0:
             problems.append(("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}"))
+        if self.heldout_tokens is not None and self.heldout_tokens < 0:
+            problems.append(("heldout_tokens", f"must be 0 or more, got {self.heldout_tokens}"))
         if self.seq_len < 1:
             problems.append(("seq_len", f"must be at least 1, got {self.seq_len}"))
         if self.tokenizer is None and self.vocab_size < BYTE_ALPHABET + len(SPECIAL_TOKENS):
             problems.append(("vocab_size", f"{self.vocab_size} is too small for a byte-level BPE: it needs at least "
                                            f"{BYTE_ALPHABET + len(SPECIAL_TOKENS)} (bytes + special tokens)"))
         problems += [(name, f"must be at least 1, got {getattr(self, name)}")
-                     for name in ("min_frequency", "batch_size", "workers") if getattr(self, name) < 1]
+                     for name in ("min_frequency", "batch_size") if getattr(self, name) < 1]
+        if problem := workers_problem(self.workers):
+            problems.append(("workers", problem))
         if self.tokenizer_train_chars is not None and self.tokenizer_train_chars < 1:
             problems.append(("tokenizer_train_chars", f"must be positive or null, got {self.tokenizer_train_chars}"))
         Invalid.check(problems)
 
 
-# ---------------------------------------------------------------- held-out split
+# ---------------------------------------------------------------- tokenizer training texts
 
 
-@dataclass(frozen=True)
-class HeldoutRule:
-    """Which documents are held out: by a salted hash of the id, plus ids forced in (see module doc)."""
-
-    fraction: float
-    seed: int
-    forced: frozenset[str] = frozenset()
-
-    def score(self, doc_id: str) -> float:
-        """A uniform number in [0, 1) that depends only on the id and the seed."""
-        digest = hashlib.blake2b(f"{self.seed}\0{doc_id}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64
-
-    def __call__(self, doc_id: str) -> bool:
-        return self.score(doc_id) < self.fraction or doc_id in self.forced
-
-
-def heldout_rule(cfg: TokenizeConfig, shards: Sequence[Path], log: Any) -> HeldoutRule:
-    """The held-out rule for this corpus: the hash rule, or the lowest-hash id when the rule picks none."""
-    import pyarrow.parquet as pq
-
-    rule = HeldoutRule(cfg.validation_fraction, cfg.validation_seed)
-    if cfg.validation_fraction == 0:
-        return rule
-    n_docs = sum(_open_shard(p).metadata.num_rows for p in shards)
-    if n_docs < 2 or n_docs * cfg.validation_fraction >= SURE_HELDOUT:
-        return rule
-    lowest: tuple[float, str] | None = None
+def training_texts(shards: Sequence[Path], rule: HeldoutRule, batch_size: int) -> Iterator[list[str]]:
+    """Batches of every train-split text, for the BPE trainer with ``tokenizer_train_chars: null``."""
     for path in shards:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["id"]):
-            for doc_id in batch.column(0).to_pylist():
-                if doc_id is None:
-                    continue
-                if rule(doc_id):
-                    return rule
-                candidate = (rule.score(doc_id), doc_id)
-                lowest = candidate if lowest is None or candidate < lowest else lowest
-    if lowest is None:
-        return rule
-    log.info("no document id hashed below validation_fraction=%s; holding out %r so validation is not empty",
-             cfg.validation_fraction, lowest[1])
-    return HeldoutRule(rule.fraction, rule.seed, frozenset([lowest[1]]))
-
-
-# ---------------------------------------------------------------- input shards
-
-
-def _open_shard(path: Path) -> Any:
-    """A ParquetFile with string ``id`` and ``text`` columns, or a TokenizeInputError naming the file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise TokenizeInputError(f"{path}: cannot read as Parquet: {exc}") from exc
-    schema = pf.schema_arrow
-    for column in ("id", "text"):
-        if column not in schema.names:
-            raise TokenizeInputError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
-        if not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
-            raise TokenizeInputError(f"{path}: column {column!r} is {schema.field(column).type}, expected string")
-    return pf
-
-
-def drop_reason(doc_id: str | None, text: str | None) -> str | None:
-    """Why a record cannot be tokenized, or None when it can."""
-    if doc_id is None:
-        return "missing_id"
-    if text is None:
-        return "missing_text"
-    if not text:
-        return "empty_text"
-    return None
-
-
-def training_texts(shards: Sequence[Path], rule: HeldoutRule, max_chars: int | None,
-                   batch_size: int) -> Iterator[list[str]]:
-    """Batches of train-split texts for the BPE trainer, stopping after ``max_chars`` characters.
-
-    The cap is checked per document, so where it stops does not depend on ``batch_size``.
-    """
-    seen = 0
-    for path in shards:
-        for batch in _open_shard(path).iter_batches(batch_size=batch_size, columns=["id", "text"]):
-            texts = []
-            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-                if drop_reason(doc_id, text) or rule(doc_id):
-                    continue
-                texts.append(text)
-                seen += len(text)
-                if max_chars is not None and seen >= max_chars:
-                    yield texts
-                    return
+        for batch in open_shard(path).iter_batches(batch_size=batch_size, columns=["id", "text"]):
+            texts = [text for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+                     if not (drop_reason(doc_id, text) or rule(doc_id))]
             if texts:
                 yield texts
 
@@ -268,16 +204,27 @@ def save_tokenizer(tok: Any, out: Path, *, portable_class: bool) -> None:
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
 
-def prepare_tokenizer(cfg: TokenizeConfig, shards: Sequence[Path], rule: HeldoutRule, out: Path, log: Any) -> float:
-    """Make sure ``out`` holds the tokenizer (reused from an earlier attempt if there); return seconds spent."""
+def prepare_tokenizer(cfg: TokenizeConfig, shards: Sequence[Path], rule: HeldoutRule, sample: Sample | None,
+                      out: Path, log: Any) -> float:
+    """Make sure ``out`` holds the tokenizer (reused from an earlier attempt if there); return seconds spent.
+
+    A trained one reads ``sample`` when ``tokenizer_train_chars`` is set, else every document ``rule``
+    does not hold out.
+    """
     if (out / "tokenizer.json").is_file():
         log.info("reusing the tokenizer of the previous attempt in %s", out)
         return 0.0
     start = time.perf_counter()
     if cfg.tokenizer is None:
-        log.info("training a byte-level BPE: vocab_size=%d min_frequency=%d on the train split of %d shards",
-                 cfg.vocab_size, cfg.min_frequency, len(shards))
-        tok = train_tokenizer(cfg, training_texts(shards, rule, cfg.tokenizer_train_chars, cfg.batch_size))
+        if cfg.tokenizer_train_chars is not None and sample is not None:
+            texts = sample.batches(cfg.batch_size)
+            source = f"a sample of {sample.chars} characters of the train split drawn from {len(shards)} shards"
+        else:
+            texts = training_texts(shards, rule, cfg.batch_size)
+            source = f"the train split of {len(shards)} shards"
+        log.info("training a byte-level BPE: vocab_size=%d min_frequency=%d on %s", cfg.vocab_size,
+                 cfg.min_frequency, source)
+        tok = train_tokenizer(cfg, texts)
         save_tokenizer(tok, out, portable_class=True)
     else:
         log.info("loading the tokenizer %s", cfg.tokenizer)
@@ -329,18 +276,23 @@ class ShardJob:
 _TOKENIZERS: dict[tuple[str, int], Any] = {}  # per process: (path, mtime) -> tokenizers.Tokenizer
 
 
+def load_encoder(path: str) -> Any:
+    """The ``tokenizers.Tokenizer`` of a tokenizer.json, set up to encode documents as packing does."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    tok.encode_special_tokens = True  # "<|endoftext|>" inside a page is text, not a boundary
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
 def worker_tokenizer(path: str) -> Any:
     """The ``tokenizers.Tokenizer`` of ``path``, loaded once per process."""
     key = (path, os.stat(path).st_mtime_ns)
     tok = _TOKENIZERS.get(key)
     if tok is None:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(path)
-        tok.encode_special_tokens = True  # "<|endoftext|>" inside a page is text, not a boundary
-        tok.no_truncation()
-        tok.no_padding()
-        _TOKENIZERS[key] = tok
+        tok = _TOKENIZERS[key] = load_encoder(path)
     return tok
 
 
@@ -402,7 +354,7 @@ def tokenize_shard(task: ShardTask) -> ShardResult:
 
     job: ShardJob = task.config
     tok = worker_tokenizer(job.tokenizer_file)
-    pf = _open_shard(Path(task.source))
+    pf = open_shard(Path(task.source))
     result = ShardResult()
     writers = {s: PackedWriter(task.output_dir / "tokens" / s / f"{task.name}.bin", job.seq_len, job.dtype)
                for s in SPLITS}
@@ -526,9 +478,23 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
     if not shards:
         ctx.log.warning("no input shards in %s: the tokens and heldout outputs will be empty",
                         ctx.input("pii.documents"))
-    rule = heldout_rule(cfg, shards, ctx.log)
+    stats = ShardStats.read(shards)
+    n_docs = sum(stats.rows)
+    # Every document that may be held out, kept out of the tokenizer's training: with heldout_tokens the
+    # fraction is known only once the tokenizer is, and cannot exceed this bound (split.py).
+    if cfg.heldout_tokens is None:
+        bound = cfg.validation_fraction
+    else:
+        bound = heldout_bound(cfg.heldout_tokens, sum(stats.sizes))
+    may_hold_out = heldout_rule(bound, cfg.validation_seed, shards, n_docs, ctx.log)
+    sample = None
+    sampled_training = cfg.tokenizer is None and cfg.tokenizer_train_chars is not None
+    if sampled_training or cfg.heldout_tokens is not None:
+        budget = cfg.tokenizer_train_chars if sampled_training else MEASURE_CHARS
+        sample = draw_sample(shards, stats, may_hold_out, budget, cfg.tokenizer_train_seed, ctx.output_dir,
+                             cfg.workers, ctx.log)
     tokenizer_dir = ctx.output("tokenizer")
-    train_s = prepare_tokenizer(cfg, shards, rule, tokenizer_dir, ctx.log)
+    train_s = prepare_tokenizer(cfg, shards, may_hold_out, sample, tokenizer_dir, ctx.log)
 
     # Workers use tokenizer.json as saved, so what they encode with is exactly what ships.
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -542,6 +508,14 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.keep_partial and pad_id is None:
         raise TokenizeInputError(f"stage.tokenize.keep_partial pads the last sequence, but tokenizer "
                                  f"{cfg.tokenizer or tokenizer_dir} has no pad token: set keep_partial: false")
+    rule = may_hold_out
+    if cfg.heldout_tokens is not None:
+        encoder = load_encoder(str(tokenizer_dir / "tokenizer.json"))
+        split = heldout_fraction(cfg.heldout_tokens, bound, sample, lambda texts: sum(
+            len(e.ids) for e in encoder.encode_batch_fast(texts, add_special_tokens=False)), ctx.log)
+        rule = heldout_rule(split["fraction"], cfg.validation_seed, shards, n_docs, ctx.log)
+    if sample is not None:
+        sample.remove_texts()  # the tokenizer and the held-out fraction are saved: nothing reads it again
     job = ShardJob(str(tokenizer_dir / "tokenizer.json"), cfg.seq_len, token_dtype(id_space).name,
                    tok.eos_token_id, cfg.batch_size, rule)
     ctx.log.info("tokenizer: %d ids, eos_id=%d, pad_id=%s, token files in %s", id_space, job.eos_id, pad_id, job.dtype)
@@ -554,8 +528,9 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
                          "doc_tokens": total.counts["doc_tokens_train"] + total.counts["doc_tokens_val"]}, step=done)
 
     clock = Throughput()
-    with _serial_tokenizers_in_children(cfg.workers):
-        totals = map_shards(tokenize_shard, shards, ctx.output_dir, job, workers=cfg.workers,
+    workers = resolve_workers(cfg.workers)
+    with _serial_tokenizers_in_children(workers):
+        totals = map_shards(tokenize_shard, shards, ctx.output_dir, job, workers=workers,
                             desc="tokenize", phase="encode", on_progress=progress)
     seconds = clock.seconds
 
@@ -570,7 +545,7 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
                      m["tokens"], m["dropped_tokens"], m["pad_tokens"])
     if meta["splits"]["val"]["sequences"] == 0 and meta["splits"]["val"]["docs"]:
         ctx.log.warning("the %d held-out documents make fewer than seq_len=%d tokens: no validation sequence "
-                        "(set keep_partial: true or raise validation_fraction)", meta["splits"]["val"]["docs"],
+                        "(set keep_partial: true or hold out more)", meta["splits"]["val"]["docs"],
                         cfg.seq_len)
 
     doc_tokens = meta["splits"]["train"]["doc_tokens"] + meta["splits"]["val"]["doc_tokens"]
@@ -585,7 +560,10 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
         "tokens_per_s": doc_tokens / seconds if seconds > 0 else 0.0,  # includes shards done by earlier attempts
         "tokenizer_train_s": train_s,
         "vocab_size": id_space,
+        "heldout_fraction": rule.fraction,
     })
+    if sample is not None:
+        metrics.update({"tokenizer_sample_chars": sample.chars, "tokenizer_sample_docs": sample.docs})
     return metrics
 
 
@@ -595,6 +573,8 @@ STAGE = Stage(
     run=run,
     inputs=("pii.documents",),
     outputs=("tokenizer", "tokens", "heldout"),
+    # 2: tokenizer_train_chars draws a sample from every shard (1 read the first shards); heldout_tokens added
+    version=2,
     unhashed=frozenset(["workers", "batch_size"]),
     resumable=True,
     shard_phases=("encode",),  # on Slurm: one job array over the shards, then packing in the final job

@@ -169,6 +169,8 @@ def test_shipped_configs_build():
 
     conf = Path(__file__).resolve().parents[3] / "conf" / "stage" / "evaluate"
     default = yaml.safe_load((conf / "default.yaml").read_text())
+    assert default["server"]["dtype"] == "${stage.serve.dtype}"  # the served dtype (Hydra resolves it)
+    default["server"]["dtype"] = "auto"  # serve's shipped default
     assert build(EvaluateConfig, default, path="stage.evaluate") == SHIPPED
     big = {**default, **{k: v for k, v in yaml.safe_load((conf / "llama-7b.yaml").read_text()).items()
                          if k != "defaults"}}

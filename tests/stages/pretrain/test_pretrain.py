@@ -35,7 +35,7 @@ from stages.pretrain.checkpoints import (
     choose_resume,
     prune_checkpoints,
 )
-from stages.pretrain.loop import StepSampler, eval_indices, record_rank_error, step_batch
+from stages.pretrain.loop import StepSampler, eval_indices, eval_rows, record_rank_error, step_batch
 from stages.pretrain.stage import (
     STAGE,
     PretrainConfig,
@@ -281,12 +281,20 @@ def test_a_resumed_sampler_continues_exactly_where_the_full_run_was():
     assert resumed == full[9 * 4:] and len(StepSampler(64, 8, 1, 2, 7, 9, 20)) == 11 * 4
 
 
-def test_eval_shares_cover_the_val_sequences_once_with_equal_lengths():
+def test_eval_shares_cover_the_eval_rows_once_with_equal_lengths():
     for n, limit, world in ((10, 64, 4), (3, 64, 4), (100, 16, 2), (1, 5, 2)):
-        shares = [eval_indices(n, limit, r, world) for r in range(world)]
+        shares = [eval_indices(n, limit, r, world, seed=7) for r in range(world)]
         real = sorted(i for idx, ok in shares for i, flag in zip(idx, ok, strict=True) if flag)
-        assert real == list(range(min(n, limit)))
+        assert real == eval_rows(n, limit, 7) and len(real) == min(n, limit)
         assert len({len(idx) for idx, _ in shares}) == 1
+
+
+def test_eval_rows_are_seeded_and_drawn_across_the_whole_split():
+    assert eval_rows(10, 64, 0) == list(range(10))  # all of a small split
+    rows = eval_rows(10_000, 32, 0)
+    assert rows == sorted(set(rows)) and len(rows) == 32 and rows == eval_rows(10_000, 32, 0)
+    assert rows[-1] > 5_000 and rows != list(range(32))  # not the first rows: across the split
+    assert eval_rows(10_000, 32, 1) != rows
 
 
 # ---------------------------------------------------------------- inputs, model arithmetic, checkpoints

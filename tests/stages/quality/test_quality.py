@@ -200,6 +200,8 @@ def test_default_yaml_builds_with_the_published_values():
     from pipeline.schema import build
 
     data = OmegaConf.to_container(OmegaConf.load(REPO / "conf/stage/quality/default.yaml"))
+    assert data["crawl"] == "${data.warc}"  # resolved when the config is composed
+    data["crawl"] = list(shipped().crawl)
     assert build(QualityConfig, data, path="stage.quality") == shipped()
     assert shipped().gopher.min_words == 50 and shipped().c4.min_sentences == 3
 
@@ -505,7 +507,7 @@ def test_external_state_follows_file_contents(samples, tmp_path):
 
 
 def test_stage_declaration():
-    assert quality.STAGE.resumable and quality.STAGE.unhashed == frozenset({"workers"})
+    assert quality.STAGE.resumable and quality.STAGE.unhashed == frozenset({"workers", "crawl"})
     assert quality.STAGE.inputs == ("dedup.documents",) and quality.STAGE.outputs == ("documents", "dropped")
 
 
@@ -527,3 +529,47 @@ def test_a_cut_short_saved_classifier_is_not_published(tmp_path):
         os.truncate(path, path.stat().st_size - cut)
         with pytest.raises(ClassifierError, match="was not saved whole"):
             check_saved(model, path)
+
+
+# --- the embedded corpus's samples and another crawl ------------------------------------------------
+
+WEB = ("/data/crawl/*.warc.gz",)
+
+
+def test_embedded_samples_for_another_crawl_are_a_named_problem():
+    """The shipped samples (Python docstrings vs junk) fit only the embedded crawl: for any other crawl,
+    training on them is a problem that names the keys and both ways out."""
+    assert quality.embedded_samples_problem(shipped()) is None  # the shipped crawl is the embedded corpus
+    key, message = quality.embedded_samples_problem(shipped(crawl=WEB))
+    assert key == "classifier"
+    for words in ("positive=data/embedded/quality/positive.txt", "negative=data/embedded/quality/negative.txt",
+                  "data.warc: /data/crawl/*.warc.gz", "stage.quality.classifier.model_path",
+                  "stage.quality.classifier.enabled=false"):
+        assert words in message
+    assert (key, message) in quality.input_problems(shipped(crawl=WEB))
+    # A crawl elsewhere in part, or behind a URL, is another crawl too.
+    assert quality.embedded_samples_problem(shipped(crawl=("data/embedded/*.warc.gz", "s3://b/c/*.warc.gz")))
+    # The embedded corpus by an absolute path is the embedded corpus.
+    assert quality.embedded_samples_problem(shipped(crawl=(str(REPO / "data/embedded/*.warc.gz"),))) is None
+
+
+@pytest.mark.parametrize("classifier", [{"enabled": False}, {"model_path": "/models/web.bin"},
+                                        {"positive": "/samples/web-pos.txt", "negative": "/samples/web-neg.txt"}])
+def test_another_crawl_with_a_model_own_samples_or_no_classifier_is_fine(classifier):
+    assert quality.embedded_samples_problem(shipped(crawl=WEB, classifier=block("classifier", **classifier))) is None
+
+
+def test_embedded_samples_for_another_crawl_fail_the_run_before_training(corpus, tmp_path):
+    ctx = make_ctx(tmp_path, corpus)
+    with pytest.raises(ClassifierError, match=r"stage\.quality\.classifier: would be trained on the embedded"):
+        quality.run(shipped(crawl=WEB, workers=1), ctx)
+    assert not (ctx.output_dir / quality.CLASSIFIER_DIR).exists()
+
+
+def test_the_crawl_comes_from_data_warc_and_is_not_fingerprinted():
+    assert stage_config("quality").crawl == ("data/embedded/*.warc.gz",)
+    assert stage_config("quality", "data=web").crawl == stage_config("ingest", "data=web").input
+    assert "crawl" in quality.STAGE.unhashed
+    # The web recipe filters with the heuristics alone, so its plan-time check passes.
+    web = stage_config("quality", conf="llama-7b")
+    assert not web.classifier.enabled and quality.embedded_samples_problem(web) is None
