@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -322,8 +323,16 @@ def start_orchestrator(project: Project, conf_dir: Path, conf_name: str, overrid
                        **popen) -> subprocess.Popen:
     """``Runner(cfg, project).run()`` in a new process (its own session), the project dir being the
     conf dir's parent; ``popen`` goes to Popen (env, stdout...)."""
+    # As from an interactive shell: Ctrl-C raises KeyboardInterrupt. A test session started in the background
+    # by a non-interactive shell (`make test &`, CI runners) inherits SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: the orchestrator would then finish its run despite the test's Ctrl-C.
     return subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, project.import_path, str(conf_dir), conf_name,
-                             json.dumps(overrides), str(Path(conf_dir).parent)], start_new_session=True, **popen)
+                             json.dumps(overrides), str(Path(conf_dir).parent)], start_new_session=True,
+                            preexec_fn=_default_sigint, **popen)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 SLOW = ("stage.slow.step_s=0.3", "stage.slow.steps=40")
