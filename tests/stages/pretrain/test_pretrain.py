@@ -413,15 +413,15 @@ def test_a_failed_launch_names_the_first_failing_ranks_exception(tmp_path):
 # ---------------------------------------------------------------- real training (DeepSpeed launcher, 2 CPU ranks)
 
 
-def exported_val_loss(model_dir: Path, tokens_dir: Path, sequences: int) -> float:
-    """The mean val loss of the exported model, computed with plain transformers (no DeepSpeed)."""
+def exported_val_loss(model_dir: Path, tokens_dir: Path, sequences: int, seed: int) -> float:
+    """The mean val loss of the exported model over the stage's eval rows, with plain transformers (no DeepSpeed)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from stages.common.token_shards import TokenDataset
 
     val = TokenDataset(tokens_dir, "val")
-    ids = torch.from_numpy(np.stack([val[i] for i in range(min(sequences, len(val)))]))
+    ids = torch.from_numpy(np.stack([val[i] for i in eval_rows(len(val), sequences, seed)]))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
         return model(input_ids=ids, labels=ids).loss.item()
@@ -536,7 +536,7 @@ def test_a_stopped_run_resumes_under_zero3_learns_and_exports_a_loadable_model(c
         "step00000035", "step00000040", moved.name])  # the set-aside one is never pruned
     # ZeRO-3 shards were consolidated into a whole model: plain transformers gets the loss the ranks measured.
     assert_loads_and_generates(out / "model")
-    assert exported_val_loss(out / "model", tokens_dir, cfg.eval_sequences) == pytest.approx(
+    assert exported_val_loss(out / "model", tokens_dir, cfg.eval_sequences, cfg.seed) == pytest.approx(
         metrics["final_eval_loss"], abs=1e-3)
     # A finished output is reused by a later attempt, not trained again.
     started = time.time()
