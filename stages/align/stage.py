@@ -68,11 +68,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import Stage, StageContext
-from pipeline.inputs import Problem
 from stages.align.config import BASE_STAGES, CHECKPOINTS, ONLINE_METHODS, SFT, AlignConfig, base_model_dir, peft_config
 from stages.align.data import PreferenceData, build_pairs, conversational, datasets_for, write_pairs
-from stages.common.inputs import training_data_problems, training_data_state
-from stages.common.models import inputs_of, model_problems, model_state, parse_model
+from stages.common.models import training_stage_hooks
 from stages.common.training import UNHASHED_TRAIN, Runtime
 
 
@@ -301,37 +299,14 @@ def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".parquet")  # what stages/align/data.py reads (_file_records)
 
 
-def input_problems(cfg: AlignConfig) -> list[Problem]:
-    """The stage's ``preflight`` (run by ``plan`` and ``run``): the base model, and the data files or local
-    dataset it names."""
-    return model_problems(parse_model(cfg.base_model, BASE_STAGES)) + training_data_problems(cfg.data, DATA_SUFFIXES)
-
-
-def needed_inputs(cfg: AlignConfig) -> tuple[str, ...]:
-    """The base model's stage, if it is one; the cleaned corpus only when the pairs derive from it."""
-    return inputs_of(parse_model(cfg.base_model, BASE_STAGES)) + (("pii.documents",) if cfg.data.source == "corpus"
-                                                                   else ())
-
-
-def outside_state(cfg: AlignConfig) -> dict[str, str] | None:
-    """The fingerprint's view of the outside inputs: the base model's digest or hub commit, each data
-    file's digest, the dataset's revision."""
-    state = training_data_state(cfg.data)
-    if (model := model_state(parse_model(cfg.base_model, BASE_STAGES))) is not None:
-        state["base_model"] = model
-    return state or None
-
-
 STAGE = Stage(
     name="align",
     config=AlignConfig,
     run=run,
     inputs=("sft.model", "pretrain.model", "pii.documents"),
-    select_inputs=needed_inputs,
-    external=outside_state,
+    **training_stage_hooks(BASE_STAGES, DATA_SUFFIXES),
     outputs=("model",),
     unhashed=frozenset([*UNHASHED_TRAIN, "sample_max_new_tokens"]),
     resumable=True,
-    preflight=input_problems,
     description="Preference alignment (DPO by default) with TRL.",
 )

@@ -157,3 +157,21 @@ def base_model_hooks(allowed_stages: Sequence[str]) -> dict[str, Any]:
 
     return {"select_inputs": lambda cfg: inputs_of(source(cfg)), "external": external,
             "preflight": lambda cfg: model_problems(source(cfg))}
+
+
+def training_stage_hooks(allowed_stages: Sequence[str], data_suffixes: Sequence[str]) -> dict[str, Any]:
+    """``select_inputs``, ``external`` and ``preflight`` of sft and align, which read a ``base_model`` and a
+    ``data`` block (source corpus | files | dataset): the base model's stage, if it is one, and pii's
+    documents only for the corpus source; the model's and the data's state; the checks of both."""
+    from stages.common.inputs import training_data_problems, training_data_state
+
+    base = base_model_hooks(allowed_stages)
+
+    def external(cfg: Any) -> dict[str, str] | None:
+        state = {**training_data_state(cfg.data), **(base["external"](cfg) or {})}
+        return state or None
+
+    return {"select_inputs": lambda cfg: (*base["select_inputs"](cfg),
+                                          *(("pii.documents",) if cfg.data.source == "corpus" else ())),
+            "external": external,
+            "preflight": lambda cfg: base["preflight"](cfg) + training_data_problems(cfg.data, data_suffixes)}

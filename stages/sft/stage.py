@@ -53,10 +53,8 @@ from typing import Any, Literal
 
 from pipeline import Stage, StageContext
 from pipeline.files import atomic_path, write_json_atomic
-from pipeline.inputs import Problem
 from pipeline.schema import Invalid
-from stages.common.inputs import training_data_problems, training_data_state
-from stages.common.models import check_model_spec, inputs_of, model_dir, model_problems, model_state, parse_model
+from stages.common.models import check_model_spec, model_dir, parse_model, training_stage_hooks
 from stages.common.training import (
     UNHASHED_TRAIN,
     Attention,
@@ -340,39 +338,16 @@ def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # the data files stages/sft/data.py reads (read_records)
 
 
-def input_problems(cfg: SftConfig) -> list[Problem]:
-    """The stage's ``preflight`` (run by ``plan`` and ``run``): the base model, and the data files or local
-    dataset it names."""
-    return model_problems(parse_model(cfg.base_model, BASE_STAGES)) + training_data_problems(cfg.data, DATA_SUFFIXES)
-
-
-def needed_inputs(cfg: SftConfig) -> tuple[str, ...]:
-    """The base model's stage, if it is one; the cleaned corpus only when the conversations derive from it."""
-    return inputs_of(parse_model(cfg.base_model, BASE_STAGES)) + (("pii.documents",) if cfg.data.source == "corpus"
-                                                                   else ())
-
-
-def outside_state(cfg: SftConfig) -> dict[str, str] | None:
-    """What the fingerprint holds of the outside inputs: the base model's digest or hub commit, each data
-    file's digest, the dataset's revision."""
-    state = training_data_state(cfg.data)
-    if (model := model_state(parse_model(cfg.base_model, BASE_STAGES))) is not None:
-        state["base_model"] = model
-    return state or None
-
-
 STAGE = Stage(
     name="sft",
     config=SftConfig,
     run=run,
     inputs=("pretrain.model", "pii.documents"),
-    select_inputs=needed_inputs,
-    external=outside_state,
+    **training_stage_hooks(BASE_STAGES, DATA_SUFFIXES),
     outputs=("adapter", "model"),
     # The eval batch only groups the held-out loss computation (the align stage hashes its own: there it
     # also sets how many completions an RL evaluation samples together).
     unhashed=frozenset([*UNHASHED_TRAIN, "train.eval_batch_size", "sample_max_new_tokens", "dataset_num_proc"]),
     resumable=True,
-    preflight=input_problems,
     description="LoRA / QLoRA / full supervised fine-tuning with TRL.",
 )
