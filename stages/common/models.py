@@ -144,34 +144,33 @@ def inputs_of(source: ModelSource) -> tuple[str, ...]:
     return (source.input_ref,) if source.input_ref else ()
 
 
-def base_model_hooks(allowed_stages: Sequence[str]) -> dict[str, Any]:
-    """``select_inputs``, ``external`` and ``preflight`` for a Stage whose only outside input is its
-    ``base_model`` (quantize, serve): the upstream stage it names, or the dir or hub model's state."""
+def base_model_hooks(allowed_stages: Sequence[str], *, inputs: Any = None, external: Any = None,
+                     preflight: Any = None) -> dict[str, Any]:
+    """``select_inputs``, ``external`` and ``preflight`` for a Stage that reads a ``base_model``: the
+    upstream stage it names, or the dir or hub model's state, and its checks; each combined with the
+    stage's own hook for its other outside inputs when given (``inputs(cfg)``, ``external(cfg)``,
+    ``preflight(cfg)``)."""
 
     def source(cfg: Any) -> ModelSource:
         return parse_model(cfg.base_model, allowed_stages)
 
-    def external(cfg: Any) -> dict[str, str] | None:
-        state = model_state(source(cfg))
-        return None if state is None else {KEY: state}
+    def state(cfg: Any) -> dict[str, str] | None:
+        merged = dict((external(cfg) if external else None) or {})
+        if (model := model_state(source(cfg))) is not None:
+            merged[KEY] = model
+        return merged or None
 
-    return {"select_inputs": lambda cfg: inputs_of(source(cfg)), "external": external,
-            "preflight": lambda cfg: model_problems(source(cfg))}
+    return {"select_inputs": lambda cfg: (*inputs_of(source(cfg)), *(inputs(cfg) if inputs else ())),
+            "external": state,
+            "preflight": lambda cfg: [*model_problems(source(cfg)), *(preflight(cfg) if preflight else [])]}
 
 
 def training_stage_hooks(allowed_stages: Sequence[str], data_suffixes: Sequence[str]) -> dict[str, Any]:
-    """``select_inputs``, ``external`` and ``preflight`` of sft and align, which read a ``base_model`` and a
-    ``data`` block (source corpus | files | dataset): the base model's stage, if it is one, and pii's
-    documents only for the corpus source; the model's and the data's state; the checks of both."""
+    """The hooks of sft and align, which read a ``base_model`` and a ``data`` block (source corpus | files
+    | dataset): pii's documents only for the corpus source; the data's state and checks."""
     from stages.common.inputs import training_data_problems, training_data_state
 
-    base = base_model_hooks(allowed_stages)
-
-    def external(cfg: Any) -> dict[str, str] | None:
-        state = {**training_data_state(cfg.data), **(base["external"](cfg) or {})}
-        return state or None
-
-    return {"select_inputs": lambda cfg: (*base["select_inputs"](cfg),
-                                          *(("pii.documents",) if cfg.data.source == "corpus" else ())),
-            "external": external,
-            "preflight": lambda cfg: base["preflight"](cfg) + training_data_problems(cfg.data, data_suffixes)}
+    return base_model_hooks(allowed_stages,
+                            inputs=lambda cfg: ("pii.documents",) if cfg.data.source == "corpus" else (),
+                            external=lambda cfg: training_data_state(cfg.data),
+                            preflight=lambda cfg: training_data_problems(cfg.data, data_suffixes))

@@ -81,12 +81,9 @@ from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import atomic_path, set_aside
 from pipeline.inputs import Problem
 from stages.common.models import (
-    ModelSource,
+    base_model_hooks,
     check_model_spec,
-    inputs_of,
     model_dir,
-    model_problems,
-    model_state,
     parse_model,
 )
 from stages.common.shards import list_parquet
@@ -235,11 +232,6 @@ def check_shapes(linears: Sequence[tuple[str, int, int]], group_size: int, model
 def checks_perplexity(cfg: QuantizeConfig) -> bool:
     """Whether the perplexity check reads any text (``perplexity.max_tokens: 0`` skips it)."""
     return cfg.perplexity.max_tokens > 0
-
-
-def base_source(cfg: QuantizeConfig) -> ModelSource:
-    """Where the quantized model comes from (stages/common/models.py)."""
-    return parse_model(cfg.base_model, BASE_STAGES)
 
 
 def needed_inputs(cfg: QuantizeConfig) -> tuple[str, ...]:
@@ -768,10 +760,7 @@ STAGE = Stage(
     config=QuantizeConfig,
     run=run,
     inputs=("align.model", "sft.model", "pretrain.model", "pii.documents", "tokenize.heldout"),
-    select_inputs=lambda cfg: inputs_of(base_source(cfg)) + needed_inputs(cfg),
-    external=lambda cfg: {**({"base_model": m} if (m := model_state(base_source(cfg))) else {}),
-                          **(external_state(cfg) or {})} or None,
-    preflight=lambda cfg: model_problems(base_source(cfg)) + input_problems(cfg),
+    **base_model_hooks(BASE_STAGES, inputs=needed_inputs, external=external_state, preflight=input_problems),
     outputs=(MODEL,),
     unhashed=frozenset(["cpu_workers", "keep_checkpoint", "perplexity.batch_size"]),
     resumable=True,
