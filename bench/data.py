@@ -762,7 +762,7 @@ def bench_tokenize(b: Bench, docs_dir: Path) -> None:
     print(f"tokenizer: byte-level BPE, vocab {vocab}, trained on {TOKENIZER_TRAIN_CHARS / 1e6:g} MB of text in "
           f"{time.perf_counter() - t0:.1f}s (untimed)", flush=True)
 
-    run = run_stage("tokenize", b.path("llmpipe-tokenize"), {"pii.documents": docs_dir},
+    run = run_stage("tokenize", b.path("llmpipe-tokenize"), {"decontaminate.documents": docs_dir},
                     b.path("llmpipe-tokenize.log"), workers=b.workers, tokenizer=str(tok_dir))
     metrics = run.metrics
     ours_tokens = int(metrics["doc_tokens_train"] + metrics["doc_tokens_val"] - metrics["docs_out"])  # without EOS

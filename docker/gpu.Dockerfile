@@ -1,5 +1,7 @@
-# GPU nodes: CUDA torch, DeepSpeed, bitsandbytes, gptqmodel and vLLM, pinned in requirements/gpu.txt at the
-# CPU lock's versions (tests/docker checks both). For Slurm with pyxis/enroot:
+# GPU nodes: CUDA torch, DeepSpeed, bitsandbytes, gptqmodel and vLLM, pinned in requirements/gpu.lock at the
+# CPU lock's versions but for the CUDA builds (tests/docker checks both), installed by `make setup PROFILE=gpu`
+# as on a cluster's shared file system. CUDA 13.0, as torch's wheels: the nodes need an NVIDIA driver >= 580
+# (README, "GPU clusters"). For Slurm with pyxis/enroot:
 #   docker build -f docker/gpu.Dockerfile -t llmpipe:gpu .
 #   enroot import -o /shared/images/llmpipe-gpu.sqsh dockerd://llmpipe:gpu
 #   llmpipe run -c llama-7b cluster.slurm.container_image=/shared/images/llmpipe-gpu.sqsh \
@@ -23,13 +25,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/llmpipe
-# The pinned environment first, in its own layer. With dependencies: torch's CUDA libraries are its pins.
+# The pinned environment first, in its own layer (editing the code does not reinstall it), with the Makefile's GPU
+# profile's own command: every package pinned, torch's CUDA libraries included, so no resolver (--no-deps).
 COPY requirements/ requirements/
 RUN python3.11 -m venv .venv \
     && .venv/bin/python -m pip install pip==26.3 setuptools==78.1.1 wheel==0.48.0 \
-    && .venv/bin/python -m pip install --requirement requirements/gpu.txt
+    && .venv/bin/python -m pip install --no-deps --requirement requirements/gpu.lock
 COPY . .
-RUN .venv/bin/python -m pip install --no-deps --no-build-isolation --editable . \
-    && .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else f'no CUDA torch: {torch.__version__}')"
+# The Makefile's own setup: finds the pins installed, adds the project (editable) and checks the CUDA torch.
+RUN make setup PROFILE=gpu PYTHON=python3.11
 ENV PATH=/opt/llmpipe/.venv/bin:$PATH
 CMD ["llmpipe", "plan", "--config-name", "llama-7b"]

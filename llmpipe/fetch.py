@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.files import write_json_atomic
+from stages.common.benchmarks import LOCAL_TASKS
 from stages.common.hub import HubError, HubRef, cached_revision, parse_hub_id, require_cached
-from stages.evaluate.tasks import LOCAL_TASKS
 
 FETCHED = "fetched.json"
 MODEL_KEY = "base_model"
@@ -72,9 +72,10 @@ def wanted(resolved: Mapping[str, Any]) -> list[Wanted]:
         if isinstance(data, Mapping) and data.get("source") == "dataset" and isinstance(data.get("dataset"), str):
             if ref := parse_hub_id(data["dataset"], "dataset"):
                 add("dataset", str(ref), f"stage.{stage}.data.dataset", ref)
-    for task in evaluate.get("tasks") or ():
-        if task not in LOCAL_TASKS:
-            add("task", str(task), "stage.evaluate.tasks")
+    for stage in ("evaluate", "decontaminate"):  # decontaminate reads the evaluation tasks' texts too
+        for task in (stages.get(stage) or {}).get("tasks") or ():
+            if task not in LOCAL_TASKS:
+                add("task", str(task), f"stage.{stage}.tasks")
     return list(found.values())
 
 

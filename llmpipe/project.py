@@ -13,12 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import Project
-from stages import align, dedup, evaluate, ingest, pii, pretrain, quality, quantize, serve, sft, tokenize
+from stages import (
+    align,
+    decontaminate,
+    dedup,
+    evaluate,
+    ingest,
+    pii,
+    pretrain,
+    quality,
+    quantize,
+    serve,
+    sft,
+    tokenize,
+)
 from stages.common.config import DataConfig, ModelConfig
 
 PROJECT = Project(
     name="llmpipe",
-    stages=tuple(m.STAGE for m in (ingest, dedup, quality, pii, tokenize, pretrain, sft, align, quantize,
+    stages=tuple(m.STAGE for m in (ingest, dedup, quality, pii, decontaminate, tokenize, pretrain, sft, align, quantize,
                                    serve, evaluate)),
     import_path="llmpipe.project:PROJECT",
     shared={"model": ModelConfig, "data": DataConfig},

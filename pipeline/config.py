@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pipeline import secrets
 from pipeline.errors import ConfigError
 from pipeline.schema import Invalid, build, field_paths, suggest, unknown_key
-from pipeline.stage import Project
+from pipeline.stage import FINAL_PHASE, Project
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,23 @@ class SlurmResources:
     mem_gb: float | None = None  # memory per node, GB
     array_tasks: int | None = None  # tasks of each job array of a stage with shard_phases; 1: no array
     container_image: str | None = None  # pyxis/enroot image for this stage's jobs
+    signal_lead_s: int | None = None  # seconds between the time-limit signal and the limit (see SlurmConfig)
     sbatch: Mapping[str, str | int | bool] = field(default_factory=dict)  # extra sbatch options, over cluster.slurm's
+    # Per phase of the stage (a name of its shard_phases, or "final": the job that commits): these settings over
+    # the stage's, e.g. tokenize: {phases: {tokenizer: {cpus_per_task: 32, mem_gb: 256}}}.
+    phases: Mapping[str, SlurmResources] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        Invalid.check(_resource_problems(self))
+        problems = _resource_problems(self)
+        problems += [(f"phases.{name}.phases", "a phase has no phases of its own")
+                     for name, own in self.phases.items() if own.phases]
+        Invalid.check(problems)
 
 
 def _resource_problems(res: SlurmResources | SlurmConfig) -> list[tuple[str, str]]:
     """Bad values among the resource fields SlurmResources and SlurmConfig share (None: not set)."""
     problems = []
-    for name in ("time_min", "nodes", "cpus_per_task", "array_tasks"):
+    for name in ("time_min", "nodes", "cpus_per_task", "array_tasks", "signal_lead_s"):
         value = getattr(res, name)
         if value is not None and value < 1:
             problems.append((name, f"must be at least 1, got {value}"))
@@ -95,6 +102,10 @@ class SlurmConfig:
     setup: tuple[str, ...] = ()  # shell lines run before the stage in every job (module load ..., source ...)
     sbatch: Mapping[str, str | int | bool] = field(default_factory=dict)  # extra sbatch options: {constraint: h100}
     requeue_timeouts: int = 3  # a resumable stage that hits its time limit is requeued (and resumes) this often
+    # Slurm signals the job this long before its time limit (sbatch --signal=B:USR2@...): a training stage saves
+    # at its next step boundary and stops, then the job is requeued and resumes from that step. Must hold a step
+    # and a checkpoint save; Slurm may signal up to 60 s earlier.
+    signal_lead_s: int = 600
     poll_s: float = 2.0  # seconds between two looks at the queue (one squeue for every job)
     stages: Mapping[str, SlurmResources] = field(default_factory=dict)  # per-stage overrides, by stage name
 
@@ -106,19 +117,40 @@ class SlurmConfig:
             problems.append(("requeue_timeouts", f"must be 0 or more, got {self.requeue_timeouts}"))
         if self.poll_s <= 0:
             problems.append(("poll_s", f"must be positive, got {self.poll_s}"))
+        if not problems:
+            problems += self._lead_problems()
         Invalid.check(problems)
 
-    def for_stage(self, name: str) -> SlurmResources:
-        """The effective settings of one stage: its overrides over the cluster-wide values."""
+    def _lead_problems(self) -> list[tuple[str, str]]:
+        """signal_lead_s must fall inside the job's time limit, wherever either is set (cluster, stage, phase)."""
+        places: list[tuple[str, SlurmResources | SlurmConfig, SlurmResources | SlurmConfig]] = [("", self, self)]
+        for name, own in self.stages.items():
+            places.append((f"stages.{name}.", own, self.for_stage(name)))
+            places += [(f"stages.{name}.phases.{phase}.", mine, self.for_stage(name, phase))
+                       for phase, mine in own.phases.items()]
+        problems = []
+        for key, own, res in places:
+            if own is not self and own.signal_lead_s is None and own.time_min is None:
+                continue  # the values it inherits were checked where they are set
+            if res.signal_lead_s >= res.time_min * 60:
+                problems.append((f"{key}signal_lead_s", f"{res.signal_lead_s} s is not below the job's time limit "
+                                                        f"(time_min={res.time_min}: {res.time_min * 60} s); lower it "
+                                                        "or raise time_min"))
+        return problems
+
+    def for_stage(self, name: str, phase: str | None = None) -> SlurmResources:
+        """The effective settings of one stage, or of one phase's jobs: the phase's overrides over the
+        stage's, over the cluster-wide values."""
         own = self.stages.get(name, SlurmResources())
+        layers = [own.phases.get(phase, SlurmResources()), own] if phase else [own]
 
         def pick(key: str):
-            value = getattr(own, key)
-            return getattr(self, key) if value is None else value
+            return next((v for layer in layers if (v := getattr(layer, key)) is not None), getattr(self, key))
 
         keys = ("partition", "account", "qos", "time_min", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb",
-                "array_tasks", "container_image")
-        return SlurmResources(**{k: pick(k) for k in keys}, sbatch={**self.sbatch, **own.sbatch})
+                "array_tasks", "container_image", "signal_lead_s")
+        sbatch = {**self.sbatch, **own.sbatch, **(own.phases[phase].sbatch if phase in own.phases else {})}
+        return SlurmResources(**{k: pick(k) for k in keys}, sbatch=sbatch)
 
 
 @dataclass(frozen=True)
@@ -205,9 +237,14 @@ def validate(
             problems.append(_unknown_stage(key, project))
     stages = {s.name: section(f"stage.{s.name}", s.config, stage_data.get(s.name)) for s in project.stages}
     if sections["cluster"] is not None:
-        for key in sections["cluster"].slurm.stages:
+        for key, res in sections["cluster"].slurm.stages.items():
             if key not in project.stage_names:
                 problems.append(f"cluster.slurm.stages.{key}: unknown stage" + suggest(key, project.stage_names))
+                continue
+            phases = (*project.stage(key).shard_phases, FINAL_PHASE)
+            problems += [f"cluster.slurm.stages.{key}.phases.{phase}: stage '{key}' has no phase '{phase}' (its "
+                         f"jobs: {', '.join(phases)})" + suggest(phase, phases)
+                         for phase in res.phases if phase not in phases]
 
     if problems:
         raise ConfigError("\n  ".join([f"invalid configuration in {source}:", *problems]))

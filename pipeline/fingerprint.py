@@ -57,18 +57,25 @@ def canonical_json(value: Any) -> str:
 
 
 def without(config: Mapping[str, Any], dotted: Iterable[str]) -> dict[str, Any]:
-    """A deep copy of ``config`` minus the given dotted paths."""
+    """A deep copy of ``config`` minus the given dotted paths; a ``*`` part stands for every key of a
+    mapping (``sources.*.weight``: the weight of every source)."""
     out = json.loads(json.dumps(config))
     for path in dotted:
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        _drop(out, path.split("."))
     return out
+
+
+def _drop(node: Any, parts: list[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    head, *rest = parts
+    if not rest:
+        node.pop(head, None)
+    elif head == "*":
+        for child in node.values():
+            _drop(child, rest)
+    else:
+        _drop(node.get(head), rest)
 
 
 def fingerprint_payload(

@@ -188,6 +188,9 @@ class Runner:
 
     def run(self, plan: Plan | None = None) -> RunResult:
         self.plan = plan or make_plan(self.cfg, self.project)
+        preflight = getattr(self.executor, "preflight", None)  # Slurm: GPU stages' torch, before any job or tracking
+        if preflight is not None:
+            preflight([sp.name for sp in self.plan.to_run()])
         self.started = time.time()
         self.followed: dict[str, _Followed] = {}
         self.outcomes: dict[str, Outcome] = {}

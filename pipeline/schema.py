@@ -272,13 +272,17 @@ def to_plain(value: Any) -> Any:
 
 
 def field_paths(cls: type, prefix: str = "") -> set[str]:
-    """Every dotted field path of a dataclass schema, nested dataclasses included."""
+    """Every dotted field path of a dataclass schema, nested dataclasses included; the values of a mapping of
+    dataclasses (``sources: Mapping[str, SourceConfig]``) under ``*`` (``sources.*.weight``)."""
     paths = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         p = _join(prefix, key_of(f))
         paths.add(p)
-        tp = hints[f.name]
+        tp = _without_none(hints[f.name])
         if dataclasses.is_dataclass(tp):
             paths |= field_paths(tp, p)
+        elif typing.get_origin(tp) in (dict, Mapping) and len(args := typing.get_args(tp)) == 2 \
+                and dataclasses.is_dataclass(args[1]):
+            paths |= field_paths(args[1], f"{p}.*")
     return paths

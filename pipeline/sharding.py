@@ -15,6 +15,13 @@ succeeded:
 A map whose phase is not listed (or has none) always runs whole. Phases are named, not counted, so a
 stage that adds a map does not renumber the arrays of the others.
 
+A phase may also be one step of the stage's own work rather than a map: ``single("tokenizer")`` in
+``shard_phases`` marks it. On a cluster it is one task (an array of one, with its own resources:
+``cluster.slurm.stages.<stage>.phases.<phase>``) that runs the stage up to its :func:`end_phase`
+call and ends there; the arrays and the final job after it find that work done (the stage is
+resumable) and go on. So tokenize trains its tokenizer once, on a node sized for it, instead of in
+the first encode task with a slice's resources while the other tasks wait for the lock.
+
 The work a stage does before its split map (listing inputs, training a tokenizer, writing a plan
 file) runs in every task, so it runs under an exclusive lock, one task at a time: the first does it,
 the others find it done (the stage is resumable). The lock is released when the split map starts,
@@ -22,7 +29,8 @@ and by the kernel if the task dies. A stage that never reaches its split map the
 one task after the other: wasted work, never two writers at once.
 
 The slice travels as an environment variable, so a stage's code needs nothing beyond calling
-:func:`claim_map` with the phase's name at the start of each map over shards (map_shards does).
+:func:`claim_map` with the phase's name at the start of each map over shards (map_shards does), and
+:func:`end_phase` where the work of a single phase ends.
 """
 
 from __future__ import annotations
@@ -82,6 +90,32 @@ class SliceDone(BaseException):  # noqa: N818 - a signal, not an error
         self.shards = shards
 
 
+class PhaseDone(SliceDone):
+    """The task of a single phase reached the end of that phase's work (:func:`end_phase`): the run ends here."""
+
+    def __init__(self, shard_slice: ShardSlice):
+        BaseException.__init__(self, f"the task of phase '{shard_slice.phase}' did the stage's work up to the end "
+                                     "of that phase")
+        self.slice = shard_slice
+        self.shards = 0
+
+
+class SinglePhase(str):
+    """The name of a phase that is one step of a stage's work, not a map over shards: one task runs it."""
+
+    __slots__ = ()
+
+
+def single(name: str) -> SinglePhase:
+    """Mark ``name`` in a stage's ``shard_phases`` as a single phase: a task of its own, ended by :func:`end_phase`."""
+    return SinglePhase(name)
+
+
+def tasks_of(phase: str, array_tasks: int) -> int:
+    """How many tasks a cluster gives ``phase`` when maps are split ``array_tasks`` ways: one for a single phase."""
+    return 1 if isinstance(phase, SinglePhase) else array_tasks
+
+
 _prelude_lock: IO | None = None
 
 
@@ -124,3 +158,14 @@ def claim_map(phase: str | None) -> ShardSlice | None:
         return None
     _end_prelude()
     return shard_slice
+
+
+def end_phase(phase: str) -> None:
+    """Call in the stage's own process where the work of single phase ``phase`` is done (and saved).
+
+    The task of that phase ends here (:class:`PhaseDone`, which the worker takes as success); any
+    other run of the stage (local, another phase's task, the final job) goes on.
+    """
+    shard_slice = current()
+    if shard_slice is not None and shard_slice.phase == phase:
+        raise PhaseDone(shard_slice)

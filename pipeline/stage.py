@@ -48,8 +48,9 @@ class Stage:
     description: str = ""
     # The phases (named maps over shards: map_shards(..., phase=...)) a cluster may split across the
     # tasks of a job array, one array per phase, in the order the stage runs them; a map not named
-    # here always runs whole; (): the stage always runs as one job. Needs resumable=True (the tasks
-    # share the partial output). See pipeline/sharding.py.
+    # here always runs whole; (): the stage always runs as one job. sharding.single(name) marks a phase
+    # that is a step of the stage's own work, ended by sharding.end_phase(name): one task of its own.
+    # Needs resumable=True (the tasks share the partial output). See pipeline/sharding.py.
     shard_phases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

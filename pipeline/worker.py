@@ -126,7 +126,8 @@ def run_task(task: dict[str, Any]) -> int:
         if shard_slice:
             raise RuntimeError(f"stage '{stage.name}' ran as array task {shard_slice.encode()} but returned without "
                                f"reaching its map over shards '{shard_slice.phase}' (it declares shard_phases="
-                               f"{stage.shard_phases}): no map_shards(..., phase='{shard_slice.phase}') call ran")
+                               f"{stage.shard_phases}): no map_shards(..., phase='{shard_slice.phase}') call ran, "
+                               f"nor sharding.end_phase('{shard_slice.phase}')")
         missing = [a for a in stage.outputs if not ctx.output(a).exists()]
         if missing:
             raise RuntimeError(f"stage '{stage.name}' returned without writing its declared outputs {missing}")

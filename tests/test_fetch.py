@@ -103,7 +103,8 @@ def test_dry_run_lists_revisions_from_the_cache(tmp_path, hf_home, no_hub):
         "org/chat": f"dataset org/chat {SHA2} stage.sft.data.dataset",
         "org/other@v2": "model org/other@v2 not cached stage.evaluate.models[1]",
         "org/prefs": f"dataset org/prefs {SHA} (incomplete) stage.align.data.dataset",
-        "mmlu": "task mmlu not fetched stage.evaluate.tasks",  # heldout_ppl is built locally: not listed
+        # heldout_ppl is built locally: not listed; decontaminate reads the evaluation tasks (its default: evaluate's)
+        "mmlu": "task mmlu not fetched stage.evaluate.tasks, stage.decontaminate.tasks",
     }
     assert not root.exists()  # nothing written
 

@@ -1,7 +1,7 @@
 """The tiny default pipeline end to end, through the real CLI, on a freshly built embedded corpus.
 
 This is the integration test CI runs: every stage's real library on the real code path, at tiny
-sizes, all eleven stages (ingest -> evaluate, vLLM included). It runs the pipeline once (module
+sizes, every stage (ingest -> evaluate, vLLM included). It runs the pipeline once (module
 fixture) and checks what each stage did against the issues' acceptance criteria, then that a
 second run is fully cached and that an edit re-runs exactly the affected stages.
 """
@@ -16,7 +16,8 @@ from tests.tiny_run import REPO, llmpipe, plan_rows
 # Metric names of the training stages that the acceptance checks read.
 SFT_INITIAL_LOSS, SFT_FINAL_LOSS, SFT_CURVE = "initial_eval_loss", "final_eval_loss", "train_loss"
 ALIGN_REWARD_ACCURACY, ALIGN_CURVE = "heldout/reward_accuracy", "train_loss"
-STAGES = ("ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align", "quantize", "serve", "evaluate")
+STAGES = ("ingest", "dedup", "quality", "pii", "decontaminate", "tokenize", "pretrain", "sft", "align", "quantize",
+          "serve", "evaluate")
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +47,15 @@ def test_every_data_stage_does_visible_work(tiny):
     pii = info(root, "pii")["metrics"]
     for kind in ("email", "phone", "ip_address", "credit_card", "iban", "secret"):
         assert pii[f"pii_{kind}"] > 0, kind
+    # conf/tiny.yaml checks the corpus against examples/data/eval-stdlib-quiz.jsonl, which quotes two crawled pages
+    decontaminate = info(root, "decontaminate")
+    assert decontaminate["metrics"]["contaminated.eval-stdlib-quiz"] == 2
+    assert decontaminate["metrics"]["docs_out"] == pii["docs_out"] - 2
+    import pyarrow.parquet as pq
+
+    [removed] = (root / "decontaminate").glob("decontaminate-*/contaminated")
+    assert sorted(u.rsplit("/", 1)[1] for u in pq.read_table(removed).column("url").to_pylist()) == [
+        "smtplib.html", "zipfile.html"]
 
 
 def test_no_planted_junk_or_pii_survives(tiny):
@@ -217,7 +227,7 @@ def finetune(tiny, tmp_path_factory):
 def test_finetune_runs_only_what_it_needs_from_an_outside_model_and_files(finetune):
     root = finetune["root"]
     made = {p.name for p in root.iterdir() if p.is_dir()}
-    assert {"sft", "align", "quantize", "serve", "evaluate"} <= made and not made & set(STAGES[:6])
+    assert {"sft", "align", "quantize", "serve", "evaluate"} <= made and not made & set(STAGES[:7])
     sft = info(root, "sft")
     assert {sft["metrics"][f"format_{f}"] for f in ("messages", "sharegpt", "alpaca")} == {120.0}
     assert sft["inputs"] == {} and sft["payload"]["external"]["base_model"].startswith("xxh3_128:")

@@ -8,7 +8,7 @@ from llmpipe.project import PROJECT, load_config
 from pipeline.plan import check_inputs, make_plan
 from stages.common.models import ModelSourceError, parse_model
 
-DATA_STAGES = {"ingest", "dedup", "quality", "pii", "tokenize"}
+DATA_STAGES = {"ingest", "dedup", "quality", "pii", "decontaminate", "tokenize"}
 
 
 @pytest.fixture
@@ -39,7 +39,9 @@ def test_the_finetune_recipe_plans_no_data_stage_and_no_pretrain(tmp_path, base_
 
 def test_the_tiny_pipeline_still_plans_every_stage(tmp_path):
     plan = plan_of("tiny", root=tmp_path / "runs")
-    assert len(plan.stages) == 11 and plan.dag.left_out == ()
+    from llmpipe.project import PROJECT
+
+    assert plan.stages.keys() == set(PROJECT.stage_names) and plan.dag.left_out == ()
     assert plan.stages["sft"].inputs.keys() == {"pretrain.model", "pii.documents"}
 
 

@@ -4,7 +4,8 @@ One stage attempt becomes:
 
 - for a stage with ``shard_phases = ("signatures", "buckets")`` (and ``array_tasks = n > 1``): one job
   array of ``n`` tasks per phase, each task running its share of that named map over shards
-  (pipeline/sharding.py), then
+  (pipeline/sharding.py; a single phase, ``sharding.single("tokenizer")``, is an array of one task),
+  each phase's jobs with the stage's resources or its own (``cluster.slurm.stages.<stage>.phases``), then
 - one final job, which runs the stage as a local run does and **commits its output itself**
   (``pipeline.worker`` with a ``commit`` section), so that a downstream job chained with
   ``--dependency=afterok`` finds its inputs committed when it starts, whether or not the
@@ -14,9 +15,13 @@ Every job runs ``python -m pipeline.worker task.json`` — the same entry point 
 as the local executor — from a small callable that submitit pickles (:class:`StageJob`). The batch script runs
 that callable directly on the first node of the allocation (``use_srun=False``): a multi-node
 training stage then starts its ranks with ``srun`` from there (stages/common/launch.py), and the
-batch shell ``exec``-s Python so that the time-limit signal (``--signal=B:USR2@...``) reaches
-submitit, which stops the stage and requeues the job when the stage is resumable (it resumes from
-its partial output; the job id, and so every ``afterok`` chained on it, stays).
+batch shell ``exec``-s Python so that the time-limit signal (``--signal=B:USR2@<signal_lead_s>``)
+reaches submitit, which calls :meth:`StageJob.checkpoint`. For a resumable stage, that asks the stage
+to save (pipeline/save_request.py: a training stage saves at its next step boundary and exits),
+waits for it up to the lead less a margin, stops what is left and requeues the job: the stage
+resumes from its partial output, and the job id, so every ``afterok`` chained on it, stays. A stage
+that is not resumable is stopped at once and its job fails; one that finishes while it is waited
+for ends its job as a success.
 
 The worker in every job holds the output's job lock on the shared file system while any of its
 processes runs (shared by the tasks of an array, exclusive for the final job; pipeline/store.py),
@@ -26,7 +31,8 @@ that no longer finds the jobs in the queue still waits for a straggler before a 
 Where things are, for stage S at fingerprint F under the run root R:
 
     R/S/.slurm/S-F/                 submitit folder: sbatch scripts, pickles, Slurm's own stdout,
-                                    task-<attempt>-<job>.json, jobs.json (the ids of the last submission)
+                                    task-<attempt>-<job>.json, jobs.json (the ids of the last submission),
+                                    save-request-<job>.<restart> once a job attempt is asked to save
     R/S/.partial/S-F/stage.log      the final job's stage output (it moves with the commit)
     R/S/.partial/S-F/_logs/         one log per array task: <phase>-task<i>.log
 
@@ -55,7 +61,7 @@ from submitit.helpers import Checkpointable
 from submitit.slurm.slurm import SlurmExecutor as _SubmititSlurmExecutor
 from submitit.slurm.slurm import _make_sbatch_string
 
-from pipeline import sharding
+from pipeline import save_request, sharding
 from pipeline.config import ClusterConfig, SlurmResources
 from pipeline.executors.base import JobState, Task
 from pipeline.executors.slurm_queue import ACTIVE_STATES, JobRecord, SlurmError, base_id, sacct, scontrol_show, squeue
@@ -63,14 +69,15 @@ from pipeline.files import write_json_atomic
 from pipeline.processes import child_env, die_with_parent, terminate_group
 from pipeline.stage import FINAL_PHASE
 from pipeline.store import LOG_FILE
-from pipeline.worker import read_error
+from pipeline.worker import clear_error, read_error
 
 log = logging.getLogger("llmpipe.slurm")
 
 FINAL = FINAL_PHASE  # the label of the job that commits; an array's label is its phase's name
 JOBS_FILE = "jobs.json"
 ARRAY_LOG_DIR = "_logs"
-SIGNAL_LEAD_S = 120  # the stage gets this long between the time-limit signal and Slurm's kill
+SAVE_MARGIN_S = 30.0  # of the signal's lead, kept back to stop what is left and requeue (at most a third of it)
+SIGNAL_EARLY_S = 90.0  # Slurm may signal up to 60 s early; the job started a little before the stage process
 # Recorded into stage_info.json's "executor" section by the job that commits.
 RECORD_ENV = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_JOB_PARTITION",
               "SLURM_JOB_ACCOUNT", "SLURM_JOB_QOS", "SLURM_CLUSTER_NAME", "SLURM_RESTART_COUNT")
@@ -81,51 +88,87 @@ class StageJobFailed(RuntimeError):
 # ---------------------------------------------------------------- inside the job
 
 
+@dataclass(frozen=True)
+class TimeLimit:
+    """What a job knows of its time limit: the limit, how long before it the signal comes, the requeues allowed."""
+
+    limit_s: float  # the job's wall-clock limit (time_min)
+    lead_s: float  # the signal comes this long before it (signal_lead_s)
+    requeues: int  # how often a resumable stage is requeued after its time limit (requeue_timeouts)
+
+    @property
+    def margin_s(self) -> float:
+        """The end of the lead, kept to stop what is left of the stage and to requeue before Slurm's kill."""
+        return min(SAVE_MARGIN_S, self.lead_s / 3)
+
+    @property
+    def wait_s(self) -> float:
+        """How long the stage has to save and exit after the signal."""
+        return self.lead_s - self.margin_s
+
+
+class _FinishedMeanwhile(Exception):  # noqa: N818 - a verdict, not an error
+    """Raised from the signal handler into :meth:`StageJob.__call__`: the stage ended well while it was waited for."""
+
+
 class StageJob(Checkpointable):
     """What a Slurm job runs: ``python -m pipeline.worker TASK`` with its output in the stage log.
 
     ``shard_slice`` makes the process one array task (pipeline/sharding.py). On the time-limit
-    signal, submitit calls :meth:`checkpoint`: the stage is stopped, and a resumable one is
-    requeued to continue from its partial output.
+    signal, submitit calls :meth:`checkpoint`: a resumable stage is asked to save and stop (the file
+    named by ``LLMPIPE_SAVE_REQUEST``), then stopped and requeued to continue from its partial output.
+    ``limit`` (None: unknown) bounds that wait and counts the time limits: submitit's own count takes a
+    signal that comes more than 10 minutes before the limit for a preemption, so it never runs out.
     """
 
     def __init__(self, task_file: str, log_file: str, shard_slice: str | None, resumable: bool,
-                 env: Mapping[str, str], cwd: str | None):
+                 env: Mapping[str, str], cwd: str | None, *, limit: TimeLimit | None = None, timeouts: int = 0):
         self.task_file = task_file
         self.log_file = log_file
         self.shard_slice = shard_slice
         self.resumable = resumable
         self.env = dict(env)
         self.cwd = cwd
+        self.limit = limit
+        self.timeouts = timeouts  # time limits this job reached before, each followed by a requeue
         self._proc: subprocess.Popen | None = None
+        self._started = time.monotonic()
+        self._request: Path | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_started", "_request")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._proc = None
+        self.__dict__.update({"limit": None, "timeouts": 0, **state})  # a job submitted by an older llmpipe
+        self._proc, self._started, self._request = None, time.monotonic(), None
 
     def __call__(self) -> str:
         env = child_env(self.env, pythonpath=[self.cwd] if self.cwd else ())
         env.pop(sharding.ENV, None)
         if self.shard_slice:
             env[sharding.ENV] = self.shard_slice
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        self._started = time.monotonic()
+        self._request = save_request_file(self.task_file)
+        save_request.withdraw(self._request)  # each attempt of the job starts without one
+        env[save_request.ENV] = str(self._request)
+        if restart and not self.shard_slice:
+            clear_error(_output_dir(self.task_file))  # "saved at step N" is the last attempt's end, not this one's
         log_file = Path(self.log_file)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
-            job = os.environ.get("SLURM_JOB_ID", "?")
-            if os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
-            where = f"Slurm job {job} on {os.uname().nodename}"
+            where = f"Slurm job {_job_id()} on {os.uname().nodename}"
             part = f", array task {self.shard_slice}" if self.shard_slice else ""
-            log.write(f"\n===== {where}{part} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+            again = f", requeued {restart} time(s)" if restart else ""
+            log.write(f"\n===== {where}{part}{again} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
             log.flush()
             self._proc = subprocess.Popen([sys.executable, "-u", "-m", "pipeline.worker", self.task_file],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                           start_new_session=True, preexec_fn=die_with_parent)
             try:
                 returncode = self._proc.wait()
+            except _FinishedMeanwhile:
+                returncode = 0
             except BaseException:  # the time-limit signal (requeue) or a cancellation
                 self.stop()
                 raise
@@ -136,27 +179,106 @@ class StageJob(Checkpointable):
     def stop(self, grace_s: float = 60.0) -> None:
         """SIGTERM the stage's process group (the worker forwards it to launchers and ranks), then SIGKILL."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.returncode is not None:
             return
         terminate_group(proc, grace_s)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
-        """Called by submitit on the time-limit (or preemption) signal, before it requeues the job."""
-        self.stop()
-        with open(self.log_file, "a", encoding="utf-8") as log_file:
-            log_file.write(f"===== time limit (or preemption) signal at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                           f"stage stopped; {'requeued to resume' if self.resumable else 'not resumable, not requeued'}"
-                           " =====\n")
+        """Called by submitit on the time-limit (or preemption) signal, before it requeues the job.
+
+        It runs in the signal handler, which interrupted :meth:`__call__` waiting for the stage. A
+        resumable stage is asked to save and given the lead, less a margin, to exit; one that ends
+        well meanwhile ends the job as a success (:class:`_FinishedMeanwhile`, raised into
+        ``__call__``: a requeue would run the committed stage again). What is left is then stopped.
+        """
+        timed_out = self._timed_out()
+        grace = min(60.0, self.limit.lead_s / 2) if self.limit else 60.0  # SIGTERM to SIGKILL, within the lead
+        saved = ""
+        if self.resumable and self.limit and self._request and self._proc:
+            status = self._save_and_wait()
+            if status == 0:
+                self._say("the stage finished while it was waited for: the job ends here, not requeued")
+                raise _FinishedMeanwhile
+            saved = "the stage exited; " if status is not None else "the stage did not exit in time; "
+            grace = self.limit.margin_s / 2
+        self.stop(grace)
         if not self.resumable:
+            self._say(f"time limit (or preemption) signal at {time.strftime('%Y-%m-%d %H:%M:%S')}: stage stopped; "
+                      "not resumable, not requeued")
             return None  # submitit then fails the job: a restart would begin from scratch anyway
+        if timed_out and self.limit and self.timeouts >= self.limit.requeues:
+            self._say(f"{saved}stage stopped; not requeued: this is its time limit number {self.timeouts + 1} "
+                      f"(cluster.slurm.requeue_timeouts={self.limit.requeues})")
+            return None
+        self._say(f"{saved}stage stopped; requeued to resume")
         return DelayedSubmission(StageJob(self.task_file, self.log_file, self.shard_slice, self.resumable,
-                                          self.env, self.cwd))
+                                          self.env, self.cwd, limit=self.limit,
+                                          timeouts=self.timeouts + int(timed_out)))
+
+    def _timed_out(self) -> bool:
+        """Whether the signal is the time limit's (not a preemption's): it came within the lead of the limit."""
+        if self.limit is None:
+            return True
+        return time.monotonic() - self._started >= self.limit.limit_s - self.limit.lead_s - SIGNAL_EARLY_S
+
+    def _save_and_wait(self) -> int | None:
+        """Ask the stage to save (the request file) and wait for it to exit, up to the lead less the margin:
+        its exit status, or None while it still runs."""
+        assert self.limit is not None and self._request is not None
+        save_request.request(self._request, f"time-limit signal to Slurm job {_job_id()}")
+        self._say(f"time-limit signal at {time.strftime('%Y-%m-%d %H:%M:%S')}: save requested ({self._request}); "
+                  f"waiting up to {self.limit.wait_s:.0f} s for the stage to save and exit")
+        deadline = time.monotonic() + self.limit.wait_s
+        while (status := self._exit_status()) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return status
+
+    def _exit_status(self) -> int | None:
+        """The stage process's exit status once it ended, reaped here: Popen's own wait, which this signal
+        handler interrupted, holds the lock that poll() needs."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return None if proc is None else proc.returncode
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: it ended, its status is lost
+            return -1
+        if pid == 0:
+            return None
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode
+
+    def _say(self, what: str) -> None:
+        """A line in the stage log, between the stage's own; in Slurm's output file of the job once the log
+        moved with the committed output (opened without creating its folder: a partial dir is never revived)."""
+        line = f"===== {what} =====\n"
+        try:
+            with open(self.log_file, "a", encoding="utf-8") as log_file:
+                log_file.write(line)
+        except OSError:
+            sys.stderr.write(line)
+
+
+def save_request_file(task_file: str | Path) -> Path:
+    """The save-request file of this job attempt (pipeline/save_request.py), beside its task file on the
+    shared file system: one per job (array task) and restart."""
+    restart = os.environ.get("SLURM_RESTART_COUNT") or "0"
+    return Path(task_file).parent / f"save-request-{_job_id()}.{restart}"
+
+
+def _job_id() -> str:
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
+    return os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
+
+
+def _output_dir(task_file: str | Path) -> Path:
+    return Path(json.loads(Path(task_file).read_text())["output_dir"])
 
 
 def stage_error(task_file: str | Path, returncode: int) -> str:
     """The stage's own account of its failure (``_error.json``), else its exit status."""
-    task = json.loads(Path(task_file).read_text())
-    error = read_error(Path(task["output_dir"]))
+    error = read_error(_output_dir(task_file))
     if error:
         return error
     if returncode < 0:
@@ -257,19 +379,22 @@ class SlurmExecutor:
         return self.root / stage / ".slurm" / f"{stage}-{fp}"
 
     def specs(self, stage: str, phases: tuple[str, ...]) -> list[JobSpec]:
-        """One array per phase the stage may split (in its order), then the job that commits."""
-        n = self.cfg.for_stage(stage).array_tasks or 1
-        arrays = [JobSpec(phase, n, phase) for phase in phases] if n > 1 else []
+        """One array per phase the stage may split (in its order; a single phase's has one task), then the
+        job that commits. With ``array_tasks`` 1 the stage runs whole in that job; a phase may set its own."""
+        if (self.cfg.for_stage(stage).array_tasks or 1) <= 1:
+            return [JobSpec(FINAL)]
+        arrays = [JobSpec(phase, sharding.tasks_of(phase, self.cfg.for_stage(stage, phase).array_tasks or 1), phase)
+                  for phase in phases]
         return [*arrays, JobSpec(FINAL)]
 
     def parameters(self, stage: str, spec: JobSpec, dependency: Sequence[str] = ()) -> dict[str, Any]:
         """submitit's parameters for one job of ``stage`` (the #SBATCH lines it writes)."""
-        res: SlurmResources = self.cfg.for_stage(stage)
+        res: SlurmResources = self.cfg.for_stage(stage, spec.label)
         params: dict[str, Any] = {
             "job_name": f"llmpipe.{stage}" + ("" if spec.label == FINAL else f".{spec.label}"),
             "time": res.time_min, "nodes": res.nodes, "ntasks_per_node": 1, "cpus_per_task": res.cpus_per_task,
             "use_srun": False, "stderr_to_stdout": True, "wckey": None,
-            "signal_delay_s": SIGNAL_LEAD_S, "array_parallelism": self.cfg.array_parallelism,
+            "signal_delay_s": res.signal_lead_s, "array_parallelism": self.cfg.array_parallelism,
         }
         for key in ("partition", "account", "qos"):
             if getattr(res, key):
@@ -281,7 +406,7 @@ class SlurmExecutor:
         if dependency:
             params["dependency"] = "afterok:" + ":".join(dependency)
         # B: the time-limit signal goes to the batch shell, which is submitit's Python after `exec`.
-        extra: dict[str, Any] = {"signal": f"B:USR2@{SIGNAL_LEAD_S}", "kill-on-invalid-dep": "yes"}
+        extra: dict[str, Any] = {"signal": f"B:USR2@{res.signal_lead_s}", "kill-on-invalid-dep": "yes"}
         if res.container_image:
             extra["container-image"] = res.container_image
             if self.cfg.container_mounts:
@@ -296,6 +421,11 @@ class SlurmExecutor:
         if setup:
             params["setup"] = setup
         return params
+
+    def time_limit(self, stage: str, spec: JobSpec) -> TimeLimit:
+        """What the jobs of ``spec`` know of their time limit (StageJob.checkpoint)."""
+        res = self.cfg.for_stage(stage, spec.label)
+        return TimeLimit(res.time_min * 60, res.signal_lead_s, self.cfg.requeue_timeouts)
 
     def _submitit(self, stage: str, fp: str, spec: JobSpec, dependency: Sequence[str]) -> _Submitit:
         ex = _Submitit(self.folder(stage, fp), max_num_timeout=self.cfg.requeue_timeouts, python=self.cfg.python)
@@ -343,14 +473,15 @@ class SlurmExecutor:
             write_json_atomic(task_file, data, indent=2, private=True)  # read by the job (same user); may hold secrets
             ex = self._submitit(task.stage, task.fingerprint, spec, deps)
             try:
+                limit = self.time_limit(task.stage, spec)
                 if spec.tasks:
                     fns = [StageJob(str(task_file), str(task.output_dir / array_log(spec.phase, i)),
                                     sharding.ShardSlice(i, spec.tasks, spec.phase).encode(), resumable,
-                                    task.env, cwd) for i in range(spec.tasks)]
+                                    task.env, cwd, limit=limit) for i in range(spec.tasks)]
                     job_id = ex.submit_array(fns)[0].job_id.split("_")[0]
                 else:
                     job_id = ex.submit(StageJob(str(task_file), str(task.log_file), None, resumable,
-                                                task.env, cwd)).job_id
+                                                task.env, cwd, limit=limit)).job_id
             except Exception as exc:  # sbatch missing or refusing: a named error with Slurm's words
                 if jobs:
                     self.cancel_ids([j["id"] for j in jobs])
@@ -443,3 +574,10 @@ class SlurmExecutor:
         if not path.is_file():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def preflight(self, stages: Sequence[str]) -> None:
+        """Before the runner submits ``stages``: refuse GPU stages whose jobs would run a CPU-only torch
+        (CpuOnlyInterpreter; pipeline/executors/interpreter.py)."""
+        from pipeline.executors.interpreter import check_gpu_interpreters
+
+        check_gpu_interpreters(self.cfg, stages)

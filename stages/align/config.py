@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pipeline.schema import Invalid
 from stages.align.data import PreferenceDataConfig
+from stages.common.launch import LaunchConfig
 from stages.common.models import check_model_spec
 from stages.common.training import Attention, LoraSettings, Precision, TrainSettings
 
@@ -27,6 +28,7 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 ONLINE_METHODS = ("rloo", "grpo")
 CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/<phase>
+PREFERENCES = "preferences"  # <output_dir>/preferences/{train,eval}.parquet: the pairs, for audit and for the ranks
 SFT = "base model"  # how messages name the model being aligned (base_model: the sft output by default)
 
 
@@ -111,6 +113,7 @@ class AlignConfig:
     reward_model: RewardModelSettings  # method: rloo / grpo, phase 1
     rl: OnlineRlSettings  # method: rloo / grpo, phase 2
     sample_max_new_tokens: int  # tokens greedily generated from a held-out prompt at the end, logged; 0: skip
+    launch: LaunchConfig  # how ranks start (pretrain's launcher); one rank trains in the stage process (execution-only)
 
     def __post_init__(self) -> None:
         Invalid.check(config_problems(self))

@@ -441,3 +441,15 @@ def write_pairs(data: PreferenceData, out_dir: Path) -> None:
     for split, pairs in (("train", data.train), ("eval", data.eval)):
         columns = {c: [p.prompt_messages() if c == "prompt" else getattr(p, c) for p in pairs] for c in PAIR_COLUMNS}
         write_parquet_atomic(pa.table(columns, schema=schema), out_dir / f"{split}.parquet")
+
+
+def read_pairs(out_dir: Path) -> PreferenceData:
+    """The pairs :func:`write_pairs` wrote, in order (no counts): how launched ranks read the pairs the stage
+    process built (building them again in every rank would cost time and could differ)."""
+    import pyarrow.parquet as pq
+
+    def pairs(split: str) -> list[Pair]:
+        rows = pq.read_table(out_dir / f"{split}.parquet").to_pylist()
+        return [Pair(**{**row, "prompt": tuple((t["role"], t["content"]) for t in row["prompt"])}) for row in rows]
+
+    return PreferenceData(train=pairs("train"), eval=pairs("eval"))

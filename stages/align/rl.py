@@ -19,11 +19,14 @@ TRL's names: ``reward``, ``kl``, completion lengths, and the same on held-out pr
 (``eval_reward``). trl 1.16 has no PPO trainer; RLOO is its critic-free replacement.
 
 Both phases train through stages/common/training.py (checkpoints, resume, metrics), as the
-offline methods of stages/align/stage.py do.
+offline methods of stages/align/stage.py do, in the stage process or in launched ranks (each phase
+a launch of its own: the stage process merges and saves the reward model between them, so that
+exactly one process writes it and every rank of phase 2 reads the same one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,26 +42,39 @@ REWARD_MODEL = "reward_model"  # the phase: its checkpoints, its output dir and 
 SEQ_CLS = "AutoModelForSequenceClassification"
 
 
-def train_reward_model(cfg: AlignConfig, ctx: StageContext, rt: Runtime, data: PreferenceData) -> tuple[Path, dict]:
-    """Phase 1: train (or reuse) the reward model; its dir and metrics."""
-    from stages.common.training import (
-        check_model,
-        load_model,
-        load_tokenizer,
-        merged_model,
-        train_or_resume,
-        write_model,
-    )
+def reward_model(cfg: AlignConfig, ctx: StageContext, rt: Runtime,
+                 train_phase: Callable[[str], tuple[Path, dict]]) -> dict[str, float]:
+    """Phase 1: the reward model, trained by ``train_phase(REWARD_MODEL)`` (here or in launched ranks), merged
+    and saved to ``<output_dir>/reward_model`` by this process, or reused from an earlier attempt; its metrics."""
+    from stages.common.training import load_model, load_tokenizer, merged_model, write_model
 
     out = ctx.output_dir / REWARD_MODEL
     if (out / "config.json").exists():  # saved atomically, so present means complete
         ctx.log.info("reward model: reusing %s from an earlier attempt", out)
-        return out, {f"{REWARD_MODEL}/reused": 1.0}
+        return {f"{REWARD_MODEL}/reused": 1.0}
+    final, metrics = train_phase(REWARD_MODEL)
+    sft = base_model_dir(cfg, ctx)
+    model = merged_model(final, sft, lambda path: load_model(path, "model", rt, dtype=rt.export_dtype,
+                                                             auto_class=SEQ_CLS, num_labels=1))
+    write_model(model, load_tokenizer(sft, SFT), out)
+    ctx.log.info("reward model: held-out accuracy %.3f, margin %.3f",
+                 metrics.get(f"{REWARD_MODEL}/final_eval_accuracy", float("nan")),
+                 metrics.get(f"{REWARD_MODEL}/final_eval_margin", float("nan")))
+    return metrics
+
+
+def train_reward_model(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
+                       data: PreferenceData) -> tuple[Path, dict]:
+    """Phase 1's training (in this process or a launched rank): the final checkpoint and its metrics. The
+    reward model pads on the right with its own copy of the tokenizer (``tok``, the policy's, pads left)."""
+    from stages.common.train_ranks import synced
+    from stages.common.training import check_model, load_model, load_tokenizer, train_or_resume
+
     sft = base_model_dir(cfg, ctx)
     rm = cfg.reward_model
     settings = replace(cfg.train, lr=rm.lr, max_steps=rm.max_steps, batch_size=rm.batch_size)
     checkpoints = ctx.output_dir / CHECKPOINTS / REWARD_MODEL
-    tok = load_tokenizer(sft, SFT, padding_side="right")
+    rm_tok = load_tokenizer(sft, SFT, padding_side="right")
 
     def build(resume: Any) -> Any:
         from transformers import set_seed
@@ -70,29 +86,23 @@ def train_reward_model(cfg: AlignConfig, ctx: StageContext, rt: Runtime, data: P
                              center_rewards_coefficient=rm.center_rewards_coefficient)
         set_seed(cfg.train.seed)  # the new score head is initialised here
         model = load_model(sft, SFT, rt, auto_class=SEQ_CLS, num_labels=1)
-        check_model(model, tok, sft, stage="align", source=SFT, max_length=cfg.train.max_length,
+        check_model(model, rm_tok, sft, stage="align", source=SFT, max_length=cfg.train.max_length,
                     lora=cfg.lora if cfg.tuning == "lora" else None)
         train, held_out = datasets_for(data)
         return RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                             processing_class=tok, peft_config=peft_config(cfg, "SEQ_CLS"))
+                             processing_class=rm_tok, peft_config=peft_config(cfg, "SEQ_CLS"))
 
-    final, metrics = train_or_resume(build, checkpoints, ctx, prefix=f"{REWARD_MODEL}/")
-    model = merged_model(final, sft, lambda path: load_model(path, "model", rt, dtype=rt.export_dtype,
-                                                             auto_class=SEQ_CLS, num_labels=1))
-    write_model(model, load_tokenizer(sft, SFT), out)
-    ctx.log.info("reward model: held-out accuracy %.3f, margin %.3f",
-                 metrics.get(f"{REWARD_MODEL}/final_eval_accuracy", float("nan")),
-                 metrics.get(f"{REWARD_MODEL}/final_eval_margin", float("nan")))
-    return out, metrics
+    return train_or_resume(synced(build, rt), checkpoints, ctx, prefix=f"{REWARD_MODEL}/")
 
 
 def train_online(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
                  data: PreferenceData) -> tuple[Path, dict]:
-    """Phase 1 then phase 2; the policy's final checkpoint and the metrics of both phases."""
-    from stages.common.training import free_memory, load_model, load_tokenizer, train_or_resume
+    """Phase 2 (in this process or a launched rank), against the reward model phase 1 saved: the policy's
+    final checkpoint and its metrics."""
+    from stages.common.train_ranks import synced
+    from stages.common.training import load_model, load_tokenizer, train_or_resume
 
-    rm_dir, metrics = train_reward_model(cfg, ctx, rt, data)
-    free_memory()  # the reward model's copies, before the policy, its reference and the reward model load
+    rm_dir = ctx.output_dir / REWARD_MODEL
     checkpoints = ctx.output_dir / CHECKPOINTS / cfg.method
 
     def build(resume: Any) -> Any:
@@ -119,6 +129,4 @@ def train_online(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
                          reward_processing_classes=load_tokenizer(rm_dir, "reward model", padding_side="right"),
                          peft_config=peft_config(cfg, "CAUSAL_LM"))
 
-    final, policy_metrics = train_or_resume(build, checkpoints, ctx)
-    metrics.update(policy_metrics)
-    return final, metrics
+    return train_or_resume(synced(build, rt), checkpoints, ctx)

@@ -56,8 +56,14 @@ checkpointed is not trained again, and a reward model already saved is reused. T
 deleted at the end of a successful attempt unless ``train.keep_checkpoints``.
 
 Device and precision are chosen at run time: CUDA when present (bf16 where supported with
-``precision: auto``), else CPU (``use_cpu=True``, float32). One process; a multi-GPU launch
-(accelerate/DeepSpeed) is not wired yet.
+``precision: auto``), else CPU (``use_cpu=True``, float32). Ranks (``launch:``, the same block and
+launcher as pretrain's, stages/common/train_ranks.py): one rank trains in this process (the tiny
+default, a one-GPU node); several GPUs, nodes or ``launch.cpu_ranks`` start
+``python -m stages.align.ranks`` in each rank for each training phase, as DDP or under DeepSpeed
+ZeRO (``train.zero_stage`` >= 1). This process prepares the pairs, saves the reward model between
+the phases, and merges, samples and scores the final model as above. ``train.batch_size`` is per
+rank: a step takes ``batch_size x grad_accum x ranks`` examples (``global_batch_size`` in the
+metrics, with ``world_size``).
 """
 
 from __future__ import annotations
@@ -68,10 +74,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import Stage, StageContext
-from stages.align.config import BASE_STAGES, CHECKPOINTS, ONLINE_METHODS, SFT, AlignConfig, base_model_dir, peft_config
+from stages.align.config import (
+    BASE_STAGES,
+    CHECKPOINTS,
+    ONLINE_METHODS,
+    PREFERENCES,
+    SFT,
+    AlignConfig,
+    base_model_dir,
+    peft_config,
+)
 from stages.align.data import PreferenceData, build_pairs, conversational, datasets_for, write_pairs
 from stages.common.models import training_stage_hooks
 from stages.common.training import UNHASHED_TRAIN, Runtime
+
+RANKS_MODULE = "stages.align.ranks"  # what each launched rank runs
+POLICY = "policy"  # the training phase of every method (rloo/grpo: after the reward model's)
 
 
 def resolve_runtime(cfg: AlignConfig) -> Runtime:
@@ -134,6 +152,7 @@ OFFLINE_TRAINERS = {"dpo": dpo_trainer, "orpo": orpo_trainer, "kto": kto_trainer
 def train_offline(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
                   data: PreferenceData) -> tuple[Path, dict]:
     """DPO, ORPO or KTO on the pairs, resumably; the final checkpoint and the metrics."""
+    from stages.common.train_ranks import synced
     from stages.common.training import check_model, load_model, train_or_resume
 
     sft = base_model_dir(cfg, ctx)
@@ -145,7 +164,29 @@ def train_offline(cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
                     lora=cfg.lora if cfg.tuning == "lora" else None)
         return OFFLINE_TRAINERS[cfg.method](cfg, rt, tok, data, policy, checkpoints)
 
-    return train_or_resume(build, checkpoints, ctx)
+    return train_or_resume(synced(build, rt), checkpoints, ctx)
+
+
+def train_phase(phase: str, cfg: AlignConfig, ctx: StageContext, rt: Runtime, tok: Any,
+                data: PreferenceData) -> tuple[Path, dict]:
+    """One training phase (POLICY, or rl.REWARD_MODEL) in this process or in a launched rank
+    (stages/align/ranks.py): its final checkpoint and metrics."""
+    from stages.align.rl import REWARD_MODEL, train_online, train_reward_model
+
+    if phase == REWARD_MODEL:
+        return train_reward_model(cfg, ctx, rt, tok, data)
+    if cfg.method in ONLINE_METHODS:
+        return train_online(cfg, ctx, rt, tok, data)
+    return train_offline(cfg, ctx, rt, tok, data)
+
+
+def phase_checkpoints(phase: str, cfg: AlignConfig, ctx: StageContext) -> dict[str, Path]:
+    """The checkpoint dir of a phase by its metric prefix (what stages/common/train_ranks.py cleans before a launch)."""
+    from stages.align.rl import REWARD_MODEL
+
+    if phase == REWARD_MODEL:
+        return {f"{REWARD_MODEL}/": ctx.output_dir / CHECKPOINTS / REWARD_MODEL}
+    return {"": ctx.output_dir / CHECKPOINTS / cfg.method}
 
 
 # ---------------------------------------------------------------- final checks
@@ -244,6 +285,7 @@ def heldout_metrics(cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: An
 
 def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
     from stages.common.hub import require_cached_data
+    from stages.common.train_ranks import cuda_device_count, layout_metrics, plan_ranks, train_in_ranks
     from stages.common.training import (
         free_memory,
         load_model,
@@ -265,18 +307,31 @@ def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
     # Left padding for the trainers: generation needs it; the preference collators pad themselves.
     tok = load_tokenizer(sft, SFT, padding_side="left")
     data = build_pairs(ctx.input("pii.documents") if cfg.data.source == "corpus" else None, cfg.data)
-    write_pairs(data, ctx.output_dir / "preferences")
+    write_pairs(data, ctx.output_dir / PREFERENCES)
     metrics = data.metrics()
     ctx.log.info("preference pairs: %d train, %d held out (%s)", len(data.train), len(data.eval),
                  ", ".join(f"{k}={v}" for k, v in sorted(data.counts.items())))
 
-    if cfg.method in ONLINE_METHODS:
-        from stages.align.rl import train_online
+    plan = plan_ranks(cfg.launch, cfg.train, ctx.output_dir, RANKS_MODULE, stage="align",
+                      cuda_devices=cuda_device_count())
+    layout = layout_metrics(cfg.train, plan.world_size if plan else 1)
+    ctx.log.info("%d rank(s)%s, %d examples per step", layout["world_size"],
+                 f" (ZeRO-{cfg.train.zero_stage})" if plan and cfg.train.zero_stage else "",
+                 layout["global_batch_size"])
 
-        trained, phase_metrics = train_online(cfg, ctx, rt, tok, data)
-    else:
-        trained, phase_metrics = train_offline(cfg, ctx, rt, tok, data)
+    def train(phase: str) -> tuple[Path, dict]:
+        if plan is None:
+            return train_phase(phase, cfg, ctx, rt, tok, data)
+        return train_in_ranks(ctx, cfg, plan, phase_checkpoints(phase, cfg, ctx), phase=phase)
+
+    if cfg.method in ONLINE_METHODS:
+        from stages.align.rl import reward_model
+
+        metrics.update(reward_model(cfg, ctx, rt, train))
+        free_memory()  # the reward model's copies, before the policy, its reference and the reward model load
+    trained, phase_metrics = train(POLICY)
     metrics.update(phase_metrics)
+    metrics.update(layout)
     model = merged_model(trained, sft, lambda path: load_model(path, "model", rt, dtype=rt.export_dtype))
     write_model(model, load_tokenizer(sft, SFT), ctx.output("model"))  # the tokenizer as saved, padding included
     del model
@@ -306,7 +361,9 @@ STAGE = Stage(
     inputs=("sft.model", "pretrain.model", "pii.documents"),
     **training_stage_hooks(BASE_STAGES, DATA_SUFFIXES),
     outputs=("model",),
-    unhashed=frozenset([*UNHASHED_TRAIN, "sample_max_new_tokens"]),
+    # launch: where the ranks run; their number sets the global batch (train.batch_size is per rank), but it is
+    # the machine's to decide (every visible GPU by default), like the cluster settings, which never count.
+    unhashed=frozenset([*UNHASHED_TRAIN, "sample_max_new_tokens", "launch"]),
     resumable=True,
     description="Preference alignment (DPO by default) with TRL.",
 )

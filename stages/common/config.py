@@ -7,9 +7,14 @@ value (tests and benchmarks start from there too, through ``llmpipe.project.stag
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline import Invalid, one_or_many
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # it names metrics: source.<name>.tokens_train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +44,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One data source of a mixture (``data.sources.<name>``)."""
+
+    input: tuple[str, ...] = one_or_many()  # its WARC files: one or a list of globs, paths or URLs
+    weight: float  # its share of the training tokens, relative to the other sources' weights
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.input:
+            problems.append(("input", "names no WARC file, glob or URL"))
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            problems.append(("weight", f"must be a positive number, got {self.weight}"))
+        Invalid.check(problems)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    name: str  # a label for the corpus
+    name: str  # a label for the corpus; the `source` of every document when there is one input (warc)
     warc: tuple[str, ...] = one_or_many()  # WARC inputs of the crawl: one or a list of globs, paths or URLs
+    # Several sources instead of warc: {<name>: {input: [...], weight: <float>}}; tokenize makes each source's
+    # share of the training tokens its weight's share (stages/tokenize/mixture.py); ingest tags every document
+    sources: Mapping[str, SourceConfig]
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.sources and self.warc:
+            problems.append(("warc", "set it to [] when data.sources lists the inputs (each source has its own input)"))
+        if not self.sources and not self.warc:
+            problems.append(("warc", "names no input: give data.warc or data.sources"))
+        problems += [("sources", f"{name!r} is not a source name (letters, digits, '_' and '-')")
+                     for name in self.sources if not SOURCE_NAME.fullmatch(name)]
+        Invalid.check(problems)

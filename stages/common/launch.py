@@ -19,29 +19,42 @@ The launcher is ``python -m deepspeed.launcher.runner`` (what the ``deepspeed`` 
 with this interpreter, so the ranks use the same virtual environment wherever PATH points.
 Ranks run the training script as a module (``--module``) and read ``LOCAL_RANK`` from the
 environment (``--no_local_rank``), so the script needs no argument parsing for the launcher.
+
+A rank that fails records why in ``<output>/rank_errors/rank<N>.json`` (:func:`record_rank_error`);
+the stage process names the first failing rank's exception in its error (:func:`rank_failure`),
+not only in the log, where the other ranks' "connection closed" noise would bury it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import socket
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pipeline import Invalid, LlmpipeError
+from pipeline.files import write_json_atomic
 from pipeline.processes import child_env, terminate_tree
 
 DEFAULT_MULTINODE_PORT = 29500  # torch.distributed's default; every node must agree on it
 REPO_ROOT = Path(__file__).resolve().parents[2]  # ranks import stages.* from here
+RANK_ERRORS = "rank_errors"  # <output>/rank_errors/rank<N>.json: why a rank failed (record_rank_error)
 
 
 class LaunchError(LlmpipeError):
     """The launch settings or the cluster environment do not describe a runnable job."""
+
+
+class RanksFailed(LlmpipeError):
+    """The launched ranks exited with an error; the message carries the first failing rank's exception."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,3 +335,53 @@ def run_launch(plan: LaunchPlan, hostfile: str | Path, cwd: str | Path | None = 
     finally:
         if proc.poll() is None:
             terminate_tree(proc)
+
+
+# ---------------------------------------------------------------- inside a rank
+
+
+def rank_start(description: str, argv: list[str] | None = None) -> tuple[dict, int]:
+    """What every launched rank does first: read its job file (``--job``, written by the stage process), learn
+    its ``RANK`` and set up logging, rank 0 speaking for all (the others log only problems)."""
+    import argparse
+    import logging
+    import os
+
+    from pipeline.logs import setup_logging
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--job", required=True, help="the job file written by the stage process")
+    job = json.loads(Path(parser.parse_args(argv).job).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(stream=sys.stdout)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return job, rank
+
+
+# ---------------------------------------------------------------- rank failures
+
+
+def record_rank_error(output_dir: Path, rank: int, exc: BaseException) -> None:
+    """Why this rank failed, for the stage process (:func:`rank_failure`); call it in the ``except`` block."""
+    write_json_atomic(output_dir / RANK_ERRORS / f"rank{rank}.json",
+                      {"rank": rank, "t": time.time(), "type": type(exc).__name__, "message": str(exc),
+                       "traceback": traceback.format_exc()}, indent=2)
+
+
+def rank_failure(output_dir: Path) -> str | None:
+    """``"rank <N>: <type>: <message>"`` of the rank that failed first in the last launch, or None.
+
+    The first by time: the others usually fail *because* it did (a collective whose peer is gone).
+    """
+    errors = []
+    for path in (output_dir / RANK_ERRORS).glob("rank*.json"):
+        try:
+            errors.append(json.loads(path.read_text()))
+        except ValueError:  # cut short as its rank died: the others still say something
+            continue
+    if not errors:
+        return None
+    first = min(errors, key=lambda e: e["t"])
+    return f"rank {first['rank']}: {first['type']}: {first['message']}"

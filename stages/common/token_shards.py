@@ -7,6 +7,10 @@ Layout of a ``tokens`` artifact::
     tokens/train/<shard>.bin    raw C-order array of shape (sequences, seq_len), no header
     tokens/val/<shard>.bin      the same for the held-out documents
 
+    tokens/train/mixture.npy    with ``data.sources``: the training stream, int64 row indices into the train
+                                split (rows of a small source repeated, of a large one subsampled; see
+                                stages/tokenize/mixture.py); meta.json's ``splits.train.mixture`` names it
+
 Every row is exactly ``seq_len`` tokens of the document stream ``doc, EOS, doc, EOS, ...``; a
 document may continue from one row into the next. Rows hold no padding unless the stage ran with
 ``keep_partial: true``, in which case the very last row of a split may end in ``pad_id`` tokens
@@ -80,12 +84,34 @@ def open_split(tokens_dir: str | Path, split: str) -> list[np.memmap]:
     return maps
 
 
+def stream_rows(tokens_dir: str | Path, meta: dict[str, Any], split: str) -> np.ndarray | None:
+    """The row indices of a split's training stream when the tokenize stage mixed sources (None: every row once)."""
+    mixture = meta["splits"][split].get("mixture")
+    if not mixture:
+        return None
+    path = Path(tokens_dir) / mixture["file"]
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise TokenShardError(f"{path}: cannot read the mixture index: {exc}") from exc
+    if len(rows) != int(mixture["sequences"]):
+        raise TokenShardError(f"{path}: {len(rows)} rows, meta.json says {mixture['sequences']}")
+    return rows
+
+
+def stream_sequences(meta: dict[str, Any], split: str) -> int:
+    """How many sequences a trainer sees per epoch of a split: the mixture's length, else the split's rows."""
+    mixture = meta["splits"][split].get("mixture")
+    return int(mixture["sequences"]) if mixture else int(meta["splits"][split]["sequences"])
+
+
 class TokenDataset:
     """One split of a tokens artifact as a map-style dataset of int64 arrays of ``seq_len`` tokens.
 
     Works as a ``torch.utils.data.Dataset`` (the default collate stacks the arrays into a
     LongTensor). The memory maps open lazily and are not pickled, so DataLoader worker processes
-    each map the files themselves instead of receiving a copy of the data.
+    each map the files themselves instead of receiving a copy of the data. A split with a mixture
+    index (``data.sources``) is read through it: item ``i`` is row ``mixture[i]``.
     """
 
     def __init__(self, tokens_dir: str | Path, split: str = "train"):
@@ -102,9 +128,21 @@ class TokenDataset:
         rows = [int(s["sequences"]) for s in meta["splits"][split]["shards"] if int(s["sequences"])]
         self._ends = np.cumsum(rows).tolist()  # row i lives in the first shard whose end exceeds i
         self._maps: list[np.memmap] | None = None
+        self._meta = meta
+        stream = stream_rows(self.tokens_dir, meta, split)
+        self._stream_len = None if stream is None else len(stream)
+        if stream is not None and len(stream) and int(stream.max()) >= self.rows:
+            raise TokenShardError(f"{self.tokens_dir}/{meta['splits'][split]['mixture']['file']}: row "
+                                  f"{int(stream.max())} is past the {self.rows} rows of the {split} split")
+        self._stream = stream
+
+    @property
+    def rows(self) -> int:
+        """The split's packed rows (without the mixture's repeats)."""
+        return self._ends[-1] if self._ends else 0
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return self.rows if self._stream_len is None else self._stream_len
 
     def __getitem__(self, index: int) -> np.ndarray:
         n = len(self)
@@ -114,11 +152,15 @@ class TokenDataset:
             raise IndexError(f"index {index} out of range for {n} sequences in {self.tokens_dir}/{self.split}")
         if self._maps is None:
             self._maps = open_split(self.tokens_dir, self.split)
+        if self._stream_len is not None:
+            if self._stream is None:
+                self._stream = stream_rows(self.tokens_dir, self._meta, self.split)
+            index = int(self._stream[index])
         shard = bisect.bisect_right(self._ends, index)
         start = self._ends[shard - 1] if shard else 0
         return np.asarray(self._maps[shard][index - start], dtype=np.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"] = None
+        state["_maps"] = state["_stream"] = None  # each worker process maps the files itself
         return state

@@ -19,7 +19,9 @@ bottom and calls what it needs.
   model pretrained without ``<|end|>`` must learn to read and to emit it. Under full fine-tuning
   every row trains anyway.
 - **Trainer arguments** (:func:`training_args`) from the ``train:`` block, every value set (TRL's
-  defaults differ from transformers' and change between releases).
+  defaults differ from transformers' and change between releases). In launched ranks
+  (stages/common/train_ranks.py): gloo on CPU, and the DeepSpeed config of ``train.zero_stage``
+  (:func:`deepspeed_config`).
 - **Metrics** (:func:`metrics_callback`, :func:`history_metrics`): one name per quantity in every
   training stage's curves: ``train_loss``, ``eval_loss``, ``lr``, ``grad_norm``, ``tokens_per_s``
   (pretrain's DeepSpeed loop logs the same names). Method-specific figures keep TRL's names
@@ -62,6 +64,7 @@ from typing import Any, Literal
 
 from pipeline.errors import LlmpipeError
 from pipeline.files import MANIFEST, ManifestMismatch, atomic_path, set_aside, verify_manifest, write_manifest
+from pipeline.save_request import SavedOnRequest, request_path, requested
 from pipeline.schema import Invalid
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -135,6 +138,8 @@ class TrainSettings:
     max_grad_norm: float  # gradient clipping
     max_length: int  # tokens per example (longer ones are truncated); at most the model's context
     gradient_checkpointing: bool  # recompute activations in backward (saves memory, ~20-30% slower)
+    zero_stage: int  # with several ranks: 0 plain DDP; DeepSpeed ZeRO 1 optimizer, 2 + gradients, 3 + weights sharded
+    offload_optimizer: Literal["none", "cpu"]  # ZeRO-Offload of the optimizer states to CPU memory (zero_stage >= 1)
     eval_steps: int  # optimizer steps between evaluations (and one after the last step)
     save_steps: int  # optimizer steps between resumable checkpoints (and one at the last step)
     save_total_limit: int  # checkpoints kept on disk per phase; at least 2, so a corrupt newest one has a fallback
@@ -160,11 +165,18 @@ class TrainSettings:
         for name in ("warmup", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 problems.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if not 0 <= self.zero_stage <= 3:
+            problems.append(("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"))
+        if self.offload_optimizer != "none" and self.zero_stage < 1:
+            problems.append(("offload_optimizer", f"{self.offload_optimizer} needs zero_stage >= 1 (ZeRO-Offload), "
+                                                  f"got zero_stage={self.zero_stage}"))
         Invalid.check(problems)
 
 
-# Fields of the train block that change how a run is observed or stored, not what it computes.
-UNHASHED_TRAIN = ("train.logging_steps", "train.save_steps", "train.save_total_limit", "train.keep_checkpoints")
+# Fields of the train block that change how a run is observed, stored or laid out over ranks, not what it
+# computes: ZeRO shards the same optimizer step (pretrain's zero_stage is execution-only for the same reason).
+UNHASHED_TRAIN = ("train.logging_steps", "train.save_steps", "train.save_total_limit", "train.keep_checkpoints",
+                  "train.zero_stage", "train.offload_optimizer")
 
 
 # ---------------------------------------------------------------- runtime and precision
@@ -178,6 +190,9 @@ class Runtime:
     bf16: bool  # bf16 mixed precision in the Trainer
     dtype: Any  # torch dtype the trained model is loaded in
     attn_implementation: str
+    # Set only in a rank started by the launcher (stages/common/train_ranks.py); a lone process keeps these.
+    world_size: int = 1  # ranks training together
+    deepspeed: Mapping[str, Any] | None = None  # the DeepSpeed config of train.zero_stage >= 1 (deepspeed_config)
 
     @property
     def use_cpu(self) -> bool:
@@ -430,10 +445,13 @@ def check_model(model: Any, tok: Any, model_dir: Path, *, stage: str, source: st
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
-    """(trainable, total) weights; a bitsandbytes 4-bit parameter stores two per byte, its quant_state has the shape."""
+    """(trainable, total) weights; a bitsandbytes 4-bit parameter stores two per byte, its quant_state has the shape;
+    a ZeRO-3 parameter holds only this rank's slice, its ds_numel the whole count."""
     def count(param: Any) -> int:
         quant_state = getattr(param, "quant_state", None)
-        return math.prod(quant_state.shape) if quant_state is not None else param.numel()
+        if quant_state is not None:
+            return math.prod(quant_state.shape)
+        return getattr(param, "ds_numel", None) or param.numel()
 
     params = list(model.parameters())
     return sum(count(p) for p in params if p.requires_grad), sum(count(p) for p in params)
@@ -460,10 +478,17 @@ def training_args(config_cls: type, train: TrainSettings, rt: Runtime, output_di
                   eval_on_start: bool = False, **specific: Any) -> Any:
     """A TRL config (a TrainingArguments subclass) from the ``train:`` block; ``specific`` (the method's
     own settings, or overrides) wins. Every shared value is set here, none left to TRL's defaults,
-    which differ from transformers' (TRL turns on bf16 and gradient checkpointing by default)."""
+    which differ from transformers' (TRL turns on bf16 and gradient checkpointing by default).
+
+    In a launched rank (``rt.world_size`` > 1) the Trainer reads its rank from the launcher's
+    environment; on CPU the ranks talk over gloo, and ``rt.deepspeed`` (ZeRO) goes to the Trainer,
+    which fills its "auto" values from these arguments. A lone process gets neither: as before."""
     common = dict(
         output_dir=str(output_dir),
         use_cpu=rt.use_cpu,
+        # With CPU ranks, use_cpu is also what makes accelerate see them (else it finds no device: world size 1).
+        ddp_backend="gloo" if rt.use_cpu and rt.world_size > 1 else None,
+        deepspeed=dict(rt.deepspeed) if rt.deepspeed else None,
         bf16=rt.bf16,
         fp16=False,
         learning_rate=train.lr,
@@ -493,6 +518,43 @@ def training_args(config_cls: type, train: TrainSettings, rt: Runtime, output_di
         disable_tqdm=False,
     )
     return config_cls(**{**common, **specific})
+
+
+def deepspeed_config(train: TrainSettings, cuda: bool) -> dict[str, Any] | None:
+    """The DeepSpeed config of ``train.zero_stage`` for the HF Trainer (``TrainingArguments(deepspeed=...)``),
+    or None for plain DDP (stage 0).
+
+    Batch sizes, clipping and precision are "auto": the Trainer fills them from its arguments
+    (:func:`training_args`), so the ``train:`` block stays their one source and DeepSpeed's check
+    ``train_batch_size == micro batch x accumulation x ranks`` holds by construction. The optimizer
+    and scheduler stay the Trainer's (AdamW, ``train.lr_scheduler``), as without ZeRO; only
+    ZeRO-Offload needs DeepSpeed's own AdamW (its CPU Adam: DeepSpeed refuses another optimizer on
+    offloaded states). ZeRO-3 checkpoints carry the weights gathered into one file
+    (``stage3_gather_16bit_weights_on_model_save``, in the training dtype despite the name), so
+    the stage exports from a checkpoint the same way at every stage.
+    """
+    if train.zero_stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": train.zero_stage, "contiguous_gradients": True,
+                            "overlap_comm": cuda,  # overlaps NCCL with compute; nothing to overlap over gloo
+                            "reduce_bucket_size": "auto"}
+    if train.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_gather_16bit_weights_on_model_save=True)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+    if train.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": train.offload_optimizer, "pin_memory": cuda}
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                           "weight_decay": "auto"}}
+    return config
 
 
 # ---------------------------------------------------------------- metrics
@@ -632,8 +694,8 @@ def manifest_callback() -> Any:
     """A TrainerCallback that writes a checkpoint's manifest once the Trainer has saved it (``on_save``
     runs after the weights, optimizer, RNG and trainer state are written, and after the rotation).
 
-    One process writes it. Under a multi-process launch the other ranks' shards would have to be
-    on disk first (a barrier before it): sft and align run as one process today.
+    Rank 0 writes it. Under a multi-rank launch every rank's shards are on disk first:
+    stages/common/train_ranks.py's ``rank_sync_callback`` puts a barrier after each save.
     """
     from transformers import TrainerCallback
 
@@ -644,6 +706,52 @@ def manifest_callback() -> Any:
                                meta={"step": state.global_step})
 
     return ManifestCallback()
+
+
+def any_rank(flag: bool, device: Any = None) -> bool:
+    """Whether ``flag`` is set on any process of the torch.distributed job (one all-reduce; every process
+    must call it at the same point), or ``flag`` itself outside one. ``device``: where the process's
+    collectives run (its GPU under NCCL; None: the CPU)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    total = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(total)
+    return total.item() > 0
+
+
+def save_request_callback() -> Any:
+    """A TrainerCallback that saves and stops at the step boundary after a save request (pipeline/save_request.py:
+    Slurm's time limit is near), so that the job is requeued and resumes from that step.
+
+    Every process looks for the request at ``on_step_end`` and the processes of a distributed run agree
+    with one all-reduce (:func:`any_rank`), so that all of them save the same step. It then asks the
+    Trainer to save that step's checkpoint (the manifest callback completes it) and stop;
+    ``saved_at`` holds the step, and :func:`train_or_resume` raises SavedOnRequest instead of handing the
+    unfinished model on. The last step is left alone: training ends there anyway.
+    """
+    from transformers import TrainerCallback
+
+    path = request_path()
+
+    class SaveRequestCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.saved_at: int | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step >= state.max_steps:
+                return control
+            # Every process takes part in the all-reduce, whether or not it was told where to look.
+            if any_rank(path is not None and requested(path), args.device):
+                control.should_save = True
+                control.should_training_stop = True
+                self.saved_at = state.global_step
+            return control
+
+    return SaveRequestCallback()
 
 
 def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any, *, prefix: str = "",
@@ -658,6 +766,8 @@ def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any,
     point ``resume_step`` on the curves and ``resumed_from_step`` in the metrics (0: from scratch, a
     clean start when every checkpoint was corrupt), which also hold ``checkpoints_set_aside``,
     :func:`history_metrics`, ``train_s`` and ``mean_tokens_per_s`` (this attempt's), behind ``prefix``.
+    A save request (:func:`save_request_callback`) ends training with a checkpoint of the step it
+    came at and raises SavedOnRequest: the next attempt resumes there.
     """
     resume = latest_checkpoint(checkpoints, ctx.log)
     if resume.checkpoint is not None:
@@ -681,6 +791,8 @@ def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any,
     callback = metrics_callback(ctx, prefix=prefix, evaluate_last_step=has_eval)
     trainer.add_callback(callback)
     trainer.add_callback(manifest_callback())
+    saver = save_request_callback()
+    trainer.add_callback(saver)
     trainable, total = parameter_counts(trainer.model)
     ctx.log.info("%s%d trainable of %d parameters (%.2f%%)", prefix, trainable, total, 100 * trainable / max(total, 1))
     if resume.checkpoint is not None:
@@ -690,6 +802,8 @@ def train_or_resume(build: Callable[[Resume], Any], checkpoints: Path, ctx: Any,
     train_s = time.perf_counter() - start
     del trainer
     free_memory()  # the trainer, its optimizer state and model copies, before the outputs load models again
+    if saver.saved_at is not None:  # never export a model that stopped half way; the requeued job resumes
+        raise SavedOnRequest(saver.saved_at, f"{prefix}checkpoint-{saver.saved_at} in {checkpoints}")
     final = latest_checkpoint(checkpoints, ctx.log, hashes=False)  # hashed a moment ago: sizes suffice
     if final.checkpoint is None or not final.finished:
         raise TrainingError(f"training ended without a complete checkpoint of its last step in {checkpoints}")

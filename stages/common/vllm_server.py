@@ -151,13 +151,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_argv(model_dir: Path, *, host: str, port: int, served_model_name: str, dtype: str,
-                max_model_len: int | None = None, tensor_parallel_size: int = 1,
+                max_model_len: int | None = None, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
                 extra_args: Sequence[str] = (), launcher: Sequence[str] | None = None) -> list[str]:
-    """The full command line of the server (no secret on it: the API key travels in the environment)."""
+    """The full command line of the server (no secret on it: the API key travels in the environment).
+
+    ``--data-parallel-size`` (that many engine replicas behind the one endpoint, each on its own
+    ``tensor_parallel_size`` GPUs, requests balanced between them) is written only above 1, so the
+    command of a single-replica server stays as it always was.
+    """
     launcher = list(launcher if launcher is not None else launcher_argv())
     model = [str(model_dir)] if launcher[-1] == "serve" else ["--model", str(model_dir)]
     argv = [*launcher, *model, "--host", host, "--port", str(port), "--served-model-name", served_model_name,
             "--dtype", dtype, "--tensor-parallel-size", str(tensor_parallel_size)]
+    if data_parallel_size > 1:
+        argv += ["--data-parallel-size", str(data_parallel_size)]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     return [*argv, *extra_args]
@@ -227,15 +234,16 @@ class VllmServer:
 
     def __init__(self, model_dir: Path | str, *, host: str = "127.0.0.1", port: int | None = None,
                  api_key: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                 tensor_parallel_size: int = 1, served_model_name: str | None = None,
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1, served_model_name: str | None = None,
                  extra_args: Sequence[str] = (), log_file: Path | str | None = None,
                  startup_timeout_s: float = 900, env: Mapping[str, str] | None = None,
                  stop_grace_s: float = 30.0, launcher: Sequence[str] | None = None):
         self.model_dir = Path(model_dir).resolve()
         if not self.model_dir.is_dir():
             raise ServerConfigError(f"model dir {self.model_dir} does not exist (or is not a directory)")
-        if tensor_parallel_size < 1:
-            raise ServerConfigError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        for key, size in (("tensor_parallel_size", tensor_parallel_size), ("data_parallel_size", data_parallel_size)):
+            if size < 1:
+                raise ServerConfigError(f"{key} must be at least 1, got {size}")
         if port is not None and not 0 < port < 65536:
             raise ServerConfigError(f"port {port} is not a TCP port (1-65535)")
         self.host = host
@@ -247,7 +255,8 @@ class VllmServer:
         self.stop_grace_s = stop_grace_s
         self.argv = server_argv(self.model_dir, host=host, port=self.port, served_model_name=self.served_model_name,
                                 dtype=self.dtype, max_model_len=max_model_len,
-                                tensor_parallel_size=tensor_parallel_size, extra_args=extra_args,
+                                tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                                extra_args=extra_args,
                                 launcher=launcher)
         self.env = server_env(os.environ, env, api_key, cpu_build=not has_full_vllm())
         self._own_log = log_file is None

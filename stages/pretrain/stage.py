@@ -24,6 +24,11 @@ a corrupt newer one is set aside with a warning. The summary says where the atte
 (``checkpoints_set_aside``). When the ranks fail, the stage's error carries the first failing
 rank's exception (a checkpoint DeepSpeed cannot load, say), not only the log.
 
+Before a time limit (pipeline/save_request.py: Slurm's signal, ``cluster.slurm.signal_lead_s`` ahead),
+the ranks agree at the next optimizer-step boundary that a save was requested, save a checkpoint of
+that step and exit without exporting; the stage then fails with SavedOnRequest ("saved at step N on
+the time-limit signal"), and the requeued job resumes from exactly that checkpoint.
+
 What is fingerprinted: the model, the data order (seed, global batch), the optimisation (lr
 schedule, AdamW, clipping, steps) and the precision. Execution-only (``unhashed``): how the same
 computation is laid out (micro batch and so gradient accumulation, number of ranks, ZeRO stage,
@@ -48,10 +53,20 @@ from typing import Any, Literal
 from pipeline import Stage, StageContext
 from pipeline.errors import LlmpipeError
 from pipeline.files import write_json_atomic
+from pipeline.save_request import SavedOnRequest, request_path
 from pipeline.schema import Invalid, to_plain
 from stages.common.config import ModelConfig
-from stages.common.launch import REPO_ROOT, LaunchConfig, LaunchPlan, free_port, plan_launch, run_launch
-from stages.pretrain.checkpoints import Resume, choose_resume, complete_checkpoints
+from stages.common.launch import (
+    RANK_ERRORS,
+    REPO_ROOT,
+    LaunchConfig,
+    LaunchPlan,
+    free_port,
+    plan_launch,
+    rank_failure,
+    run_launch,
+)
+from stages.pretrain.checkpoints import Resume, checkpoint_tag, choose_resume, complete_checkpoints
 
 LOOP_MODULE = "stages.pretrain.loop"
 DS_CONFIG_FILE = "ds_config.json"
@@ -59,7 +74,7 @@ JOB_FILE = "pretrain_job.json"
 SUMMARY_FILE = "train_summary.json"
 HOSTFILE = "hostfile"
 CHECKPOINTS = "checkpoints"
-RANK_ERRORS = "rank_errors"  # <output>/rank_errors/rank<N>.json: why a rank failed (stages/pretrain/loop.py)
+SAVED_ON_REQUEST = "saved_on_request.json"  # the step the ranks saved at and stopped, on a save request
 OFFLOAD = Literal["none", "cpu", "nvme"]
 
 
@@ -163,7 +178,7 @@ def inspect_inputs(cfg: PretrainConfig, tokenizer_dir: Path, tokens_dir: Path) -
     from transformers import AutoTokenizer
 
     from stages.common.modeling import check_vocab
-    from stages.common.token_shards import read_meta
+    from stages.common.token_shards import read_meta, stream_sequences
 
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -181,7 +196,7 @@ def inspect_inputs(cfg: PretrainConfig, tokenizer_dir: Path, tokens_dir: Path) -
         raise PretrainInputError(f"{tokens_dir}/meta.json: seq_len={seq_len} is longer than "
                                  f"model.max_seq_len={cfg.model.max_seq_len}")
     splits = meta["splits"]
-    train, val = int(splits["train"]["sequences"]), int(splits["val"]["sequences"])
+    train, val = stream_sequences(meta, "train"), int(splits["val"]["sequences"])  # train: the mixture's stream
     if train < cfg.global_batch_size:
         raise PretrainInputError(f"{tokens_dir}: the train split has {train} sequences, fewer than one global "
                                  f"batch (stage.pretrain.global_batch_size={cfg.global_batch_size})")
@@ -260,20 +275,6 @@ def finished_summary(output_dir: Path) -> dict[str, float] | None:
     return None
 
 
-def rank_failure(output_dir: Path) -> str | None:
-    """``"rank <N>: <type>: <message>"`` of the rank that failed first in the last launch, or None."""
-    errors = []
-    for path in (output_dir / RANK_ERRORS).glob("rank*.json"):
-        try:
-            errors.append(json.loads(path.read_text()))
-        except ValueError:  # cut short as its rank died: the others still say something
-            continue
-    if not errors:
-        return None
-    first = min(errors, key=lambda e: e["t"])
-    return f"rank {first['rank']}: {first['type']}: {first['message']}"
-
-
 def write_job(ctx: StageContext, cfg: PretrainConfig, data: DataInfo, schedule: Schedule, plan: LaunchPlan,
               bf16: bool, resume: Resume) -> Path:
     """The job file every rank reads: config, paths, and what the stage decided (steps, precision, the
@@ -294,6 +295,8 @@ def write_job(ctx: StageContext, cfg: PretrainConfig, data: DataInfo, schedule: 
         "schedule": to_plain(schedule),
         "resume_from": resume.checkpoint.name if resume.checkpoint is not None else None,
         "checkpoints_set_aside": len(resume.corrupt),
+        # In the job file, not the ranks' environment: ranks started over ssh (pdsh) do not inherit it.
+        "save_request": str(path) if (path := request_path()) else None,
     }
     path = ctx.output_dir / JOB_FILE
     write_json_atomic(path, job, indent=2, newline=True)
@@ -314,6 +317,7 @@ def failure_message(returncode: int, output_dir: Path) -> str:
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(ctx.output_dir / RANK_ERRORS, ignore_errors=True)  # an earlier attempt's: not this one's cause
+    (ctx.output_dir / SAVED_ON_REQUEST).unlink(missing_ok=True)  # an earlier attempt's end
     done = finished_summary(ctx.output_dir)
     if done is not None:
         ctx.log.info("the previous attempt finished training and exported the model; reusing it")
@@ -338,6 +342,10 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     returncode = run_launch(plan, ctx.output_dir / HOSTFILE, cwd=REPO_ROOT)
     if returncode != 0:
         raise TrainingFailed(failure_message(returncode, ctx.output_dir))
+    saved = ctx.output_dir / SAVED_ON_REQUEST
+    if saved.is_file():  # the ranks saved and stopped before the time limit: not a model to export
+        step = json.loads(saved.read_text())["step"]
+        raise SavedOnRequest(step, f"checkpoint {checkpoint_tag(step)} in {checkpoints}")
     summary = finished_summary(ctx.output_dir)
     if summary is None:
         raise TrainingFailed(f"the ranks exited cleanly but {ctx.output_dir / SUMMARY_FILE} or the exported "

@@ -1,12 +1,15 @@
 """quality: drop low-quality documents with Gopher/C4 heuristics, then a fastText classifier.
 
 Shard in, shard out over ``dedup.documents``. Every document first goes through the heuristics of
-``stages.quality.rules`` (the first rule it fails names its drop reason); the survivors are then
+``stages.quality.rules`` under its language's rules (the ``language`` column that ingest writes picks
+the entry of ``languages``; a shard without the column gets the ``default`` entry), and the first
+rule it fails names its drop reason; the survivors are then
 scored by a fastText classifier, and a score below ``classifier.threshold`` drops them with the
 reason ``classifier``. Outputs:
 
 - ``documents``: the kept documents, every input column plus ``quality_score`` (P(positive label),
-  null when the classifier is off) and ``word_count`` (words as the heuristics count them).
+  null when the classifier is off) and ``word_count`` (words as the heuristics count them, rounded:
+  Han and kana letters count 1/chars_per_word each in zh and ja).
 - ``dropped``: the dropped documents with the same columns plus ``drop_reason``; one (possibly
   empty) shard per input shard when ``write_dropped`` is true, an empty folder otherwise.
 
@@ -31,6 +34,7 @@ import functools
 import json
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,15 @@ from stages.common.shards import (
     workers_problem,
     write_parquet_atomic,
 )
-from stages.quality.rules import C4Config, GopherQualityConfig, GopherRepetitionConfig, Rules, read_word_list
+from stages.quality.rules import (
+    DEFAULT_LANGUAGE,
+    C4Config,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LanguageRules,
+    Rules,
+    read_word_list,
+)
 
 CLASSIFIER_DIR = "classifier"  # under the stage's output dir: the trained model and its report
 # Where `make corpus` builds the embedded corpus (python -m llmpipe.corpus data/embedded), relative to the
@@ -123,6 +135,9 @@ class QualityConfig:
     gopher: GopherQualityConfig  # Gopher quality filter
     repetition: GopherRepetitionConfig  # Gopher repetition removal
     c4: C4Config  # C4 page rules
+    # per language code of ingest's `language` column: stop words, word counting, word lengths; `default`
+    # for every language without an entry (und included)
+    languages: Mapping[str, LanguageRules]  # per-language rules
     classifier: ClassifierConfig  # fastText quality classifier
     write_dropped: bool  # write the dropped documents, with drop_reason, to the dropped artifact
     # The crawl the documents come from (data.warc); read only to check that the classifier's samples fit it
@@ -131,8 +146,15 @@ class QualityConfig:
     workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
 
     def __post_init__(self) -> None:
+        problems = []
+        if DEFAULT_LANGUAGE not in self.languages:
+            problems.append(("languages", f"has no {DEFAULT_LANGUAGE!r} entry: the rules for every language "
+                                          f"without its own entry (und included)"))
         if problem := workers_problem(self.workers):
-            raise Invalid("workers", problem)
+            problems.append(("workers", problem))
+        Invalid.check(problems)
+        # A plain dict: the schema's read-only mapping view cannot be pickled to the worker processes.
+        object.__setattr__(self, "languages", dict(self.languages))
 
 
 def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
@@ -171,8 +193,10 @@ def filter_shard(task: ShardTask) -> ShardResult:
     cfg: QualityConfig = task.config
     table = read_documents(Path(task.source))
     texts = table.column("text").to_pylist()
-    rules = build_rules(cfg.gopher, cfg.repetition, cfg.c4)
-    checked = [rules.check(t) for t in texts]
+    # Shards without the column (not written by ingest) are checked with the default entry.
+    languages = table.column("language").to_pylist() if "language" in table.column_names else [None] * len(texts)
+    rules = build_rules(cfg.gopher, cfg.repetition, cfg.c4, tuple(sorted(cfg.languages.items())))
+    checked = [rules.check(t, lang) for t, lang in zip(texts, languages, strict=True)]
     reasons = [reason for reason, _ in checked]
     scores: list[float | None] = [None] * len(texts)
     if cfg.classifier.enabled:
@@ -206,10 +230,12 @@ def read_documents(path: Path) -> Any:
 
 
 @functools.lru_cache(maxsize=4)
-def build_rules(gopher: GopherQualityConfig, repetition: GopherRepetitionConfig, c4: C4Config) -> Rules:
-    """The heuristics, built once per process (the bad-words list is read here)."""
+def build_rules(gopher: GopherQualityConfig, repetition: GopherRepetitionConfig, c4: C4Config,
+                languages: tuple[tuple[str, LanguageRules], ...]) -> Rules:
+    """The heuristics, built once per process (the bad-words list is read here); ``languages`` as sorted
+    (code, rules) pairs, which hash."""
     bad_words = read_word_list(Path(c4.bad_words_file)) if c4.bad_words_file else ()
-    return Rules(gopher, repetition, c4, bad_words)
+    return Rules(gopher, repetition, c4, dict(languages), bad_words)
 
 
 # --- the classifier -------------------------------------------------------------------------------
@@ -454,4 +480,5 @@ STAGE = Stage(
     external=external_state,
     preflight=input_problems,
     description="Heuristic and fastText quality filtering.",
+    version=2,  # 2: per-language rules (languages); CJK words counted from characters
 )

@@ -556,3 +556,11 @@ def write_jsonl(examples: Sequence[Example], path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps({"messages": e.messages, "template": e.template}, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    """The conversations :func:`write_jsonl` wrote, in order: how launched ranks read the data the stage
+    process prepared (deriving or loading it again in every rank would cost time and could differ)."""
+    with open(path, encoding="utf-8") as f:
+        return [Example(record["messages"], split_key="", template=record.get("template", ""))
+                for record in map(json.loads, f) if record]

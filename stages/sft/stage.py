@@ -36,11 +36,13 @@ is the last step, training is skipped. Both outputs are written from the last ch
 checkpoints are deleted after a successful run unless ``train.keep_checkpoints``.
 
 Devices: CUDA when present (bf16 when the GPU supports it and ``precision`` is auto/bf16), else
-CPU with ``use_cpu=True`` and fp32. The stage runs as one process: fine for the tiny config and for
-a 7B LoRA/QLoRA on one GPU. For several GPUs, launch the same Trainer code under ``accelerate
-launch`` or ``torchrun`` (TrainingArguments picks up the ranks from the environment and can take
-a DeepSpeed config via ``deepspeed=``); only rank 0 then writes metrics (see metrics_callback).
-That launcher wrapper is not written yet.
+CPU with ``use_cpu=True`` and fp32. Ranks (``launch:``, the same block and launcher as pretrain's,
+stages/common/train_ranks.py): one rank trains in this process (the tiny default, a one-GPU node);
+several GPUs, nodes or ``launch.cpu_ranks`` start ``python -m stages.sft.ranks`` in each rank,
+which trains the same SFTTrainer as DDP, or under DeepSpeed ZeRO with ``train.zero_stage`` >= 1;
+this process then writes the outputs from the final checkpoint as above. ``train.batch_size`` is
+per rank: an optimizer step takes ``batch_size x grad_accum x ranks`` conversations
+(``global_batch_size`` in the metrics, with ``world_size``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any, Literal
 from pipeline import Stage, StageContext
 from pipeline.files import atomic_path, write_json_atomic
 from pipeline.schema import Invalid
+from stages.common.launch import LaunchConfig
 from stages.common.models import check_model_spec, model_dir, parse_model, training_stage_hooks
 from stages.common.training import (
     UNHASHED_TRAIN,
@@ -68,6 +71,8 @@ from stages.common.training import (
 from stages.sft.data import SftDataConfig
 
 CHECKPOINTS = "checkpoints"
+DATA_DIR = "data"  # <output>/data/{train,validation}.jsonl: the conversations, for audit and for the ranks
+RANKS_MODULE = "stages.sft.ranks"  # what each launched rank runs
 ADAPTER_INFO = "adapter_info.json"
 BASE = "base model"  # how messages name the base model
 BASE_STAGES = ("pretrain",)  # the stages base_model may name
@@ -94,6 +99,7 @@ class SftConfig:
     assistant_only_loss: bool  # loss on assistant tokens only (false: on the whole conversation)
     sample_max_new_tokens: int  # tokens of the sample reply logged after merging; 0: skip (execution-only)
     dataset_num_proc: int | None  # processes for tokenizing the data; null: in process (execution-only)
+    launch: LaunchConfig  # how ranks start (pretrain's launcher); one rank trains in the stage process (execution-only)
 
     def __post_init__(self) -> None:
         problems = check_model_spec(self.base_model, BASE_STAGES)
@@ -290,10 +296,22 @@ def log_sample(cfg: SftConfig, rt: Runtime, tok: Any, conversation: list[dict[st
     ctx.log_artifact(sample)
 
 
+def train(cfg: SftConfig, ctx: StageContext, rt: Runtime, tok: Any, data: Any, base_dir: Path) -> tuple[Path, dict]:
+    """Train (or resume) in this process or in one launched rank (stages/sft/ranks.py): the final
+    checkpoint and the training metrics."""
+    from stages.common.train_ranks import synced
+    from stages.common.training import train_or_resume
+
+    checkpoints = ctx.output_dir / CHECKPOINTS
+    build = synced(lambda resume: build_trainer(cfg, rt, tok, data, base_dir, checkpoints, resume), rt)
+    return train_or_resume(build, checkpoints, ctx, has_eval=bool(data.validation))
+
+
 def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
     from stages.common.hub import require_cached_data
     from stages.common.shards import list_parquet
-    from stages.common.training import load_tokenizer, offline_hub, remove_checkpoints, train_or_resume
+    from stages.common.train_ranks import cuda_device_count, layout_metrics, plan_ranks, train_in_ranks
+    from stages.common.training import load_tokenizer, offline_hub, remove_checkpoints
     from stages.sft.data import load_instruction_data, write_jsonl
 
     started = time.perf_counter()
@@ -304,8 +322,8 @@ def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
     ctx.log.info("base model: %s (%s)", base.describe(), base_dir)
     shards = list_parquet(ctx.input("pii.documents")) if cfg.data.source == "corpus" else []
     data = load_instruction_data(cfg.data, shards)
-    write_jsonl(data.train, ctx.output_dir / "data" / "train.jsonl")
-    write_jsonl(data.validation, ctx.output_dir / "data" / "validation.jsonl")
+    write_jsonl(data.train, ctx.output_dir / DATA_DIR / "train.jsonl")
+    write_jsonl(data.validation, ctx.output_dir / DATA_DIR / "validation.jsonl")
     ctx.log.info("instruction data (%s): %s", cfg.data.source, data.metrics())
 
     rt = resolve_runtime(cfg)
@@ -314,12 +332,20 @@ def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
     if too_long:
         ctx.log.warning("%d of %d training conversations exceed stage.sft.train.max_length=%d tokens and will be "
                         "truncated (their last reply cut)", too_long, len(data.train), cfg.train.max_length)
-    ctx.log.info("method=%s: %d train / %d validation conversations; device=%s bf16=%s", cfg.method,
-                 len(data.train), len(data.validation), "cuda" if rt.cuda else "cpu", rt.bf16)
     checkpoints = ctx.output_dir / CHECKPOINTS
-    trained, metrics = train_or_resume(
-        lambda resume: build_trainer(cfg, rt, tok, data, base_dir, checkpoints, resume), checkpoints, ctx,
-        has_eval=bool(data.validation))
+    plan = plan_ranks(cfg.launch, cfg.train, ctx.output_dir, RANKS_MODULE, stage="sft",
+                      cuda_devices=cuda_device_count())
+    layout = layout_metrics(cfg.train, plan.world_size if plan else 1)
+    ctx.log.info("method=%s: %d train / %d validation conversations; device=%s bf16=%s; %d rank(s)%s, "
+                 "%d conversations per step", cfg.method, len(data.train), len(data.validation),
+                 "cuda" if rt.cuda else "cpu", rt.bf16, layout["world_size"],
+                 f" (ZeRO-{cfg.train.zero_stage})" if plan and cfg.train.zero_stage else "",
+                 layout["global_batch_size"])
+    if plan is None:
+        trained, metrics = train(cfg, ctx, rt, tok, data, base_dir)
+    else:
+        trained, metrics = train_in_ranks(ctx, cfg, plan, {"": checkpoints}, base_dir=str(base_dir))
+    metrics.update(layout)
     metrics["truncated_examples"] = float(too_long)
 
     export_start = time.perf_counter()
@@ -347,7 +373,10 @@ STAGE = Stage(
     outputs=("adapter", "model"),
     # The eval batch only groups the held-out loss computation (the align stage hashes its own: there it
     # also sets how many completions an RL evaluation samples together).
-    unhashed=frozenset([*UNHASHED_TRAIN, "train.eval_batch_size", "sample_max_new_tokens", "dataset_num_proc"]),
+    # launch: where the ranks run. Their number sets the global batch (train.batch_size is per rank), but it
+    # is the machine's to decide (every visible GPU by default), like the cluster settings, which never count.
+    unhashed=frozenset([*UNHASHED_TRAIN, "train.eval_batch_size", "sample_max_new_tokens", "dataset_num_proc",
+                        "launch"]),
     resumable=True,
     description="LoRA / QLoRA / full supervised fine-tuning with TRL.",
 )

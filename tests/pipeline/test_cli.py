@@ -103,8 +103,8 @@ def test_real_plan_works_on_cpu_and_imports_nothing_heavy(conf, tmp_path):
                         *_small_corpus(tmp_path / "corpus"))
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
-    for stage in ("ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align", "quantize",
-                  "serve", "evaluate"):
+    for stage in ("ingest", "dedup", "quality", "pii", "decontaminate", "tokenize", "pretrain", "sft", "align",
+                  "quantize", "serve", "evaluate"):
         assert f"\n{stage} " in proc.stdout
 
 

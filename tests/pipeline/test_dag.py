@@ -64,16 +64,17 @@ def test_shard_phases_are_names_of_maps_a_resumable_stage_makes():
 
     assert {s.name: s.shard_phases for s in PROJECT.stages if s.shard_phases} == {
         "ingest": ("extract",), "dedup": ("signatures", "buckets"), "quality": ("filter",), "pii": ("scrub",),
-        "tokenize": ("encode",)}
+        "decontaminate": ("scan",), "tokenize": ("tokenizer", "encode")}
 
 
-def test_real_registry_forms_a_dag_with_eleven_stages():
+def test_real_registry_forms_a_dag_of_the_stages_in_lifecycle_order():
     from llmpipe.project import PROJECT
 
     dag = build_dag(PROJECT.stages)
-    assert dag.order == ["ingest", "dedup", "quality", "pii", "tokenize", "pretrain", "sft", "align",
+    assert dag.order == ["ingest", "dedup", "quality", "pii", "decontaminate", "tokenize", "pretrain", "sft", "align",
                          "quantize", "serve", "evaluate"]
-    assert dag.descendants("pii") >= {"tokenize", "pretrain", "sft", "align", "quantize", "serve", "evaluate"}
+    assert dag.descendants("pii") >= {"decontaminate", "tokenize", "pretrain", "sft", "align", "quantize", "serve",
+                                      "evaluate"}
 
 
 def test_a_config_selects_the_inputs_and_the_run_keeps_only_what_its_final_stages_need():

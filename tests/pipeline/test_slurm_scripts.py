@@ -15,6 +15,7 @@ from pipeline.executors.slurm import StageJob
 from pipeline.plan import make_plan
 from pipeline.runner import Runner
 from pipeline.sharding import ShardSlice
+from pipeline.store import Store
 from pipeline.tracking import NullTracker
 from tests.pipeline.toy import SHARDED, load_sharded
 
@@ -70,7 +71,7 @@ def test_a_stage_that_maps_over_shards_becomes_arrays_then_a_committing_job(tmp_
     assert "#SBATCH --dependency=afterok:shout_stamp_jobid\n" in final and "--array" not in final
     for script in (split1, split2, final):
         assert "#SBATCH --partition=debug\n" in script and "#SBATCH --kill-on-invalid-dep=yes\n" in script
-        assert "#SBATCH --signal=B:USR2@120\n" in script and "--wckey" not in script and "srun" not in script
+        assert "#SBATCH --signal=B:USR2@600\n" in script and "--wckey" not in script and "srun" not in script
         assert script.rstrip().endswith(f"-u -m submitit.core._submit {folder}")
         assert "\nexec " in script
     # one array per map is optional: array_tasks=1 runs the stage as one job
@@ -221,7 +222,7 @@ def test_llama_7b_pretrain_sbatch_script_and_launch_on_4_nodes_of_8_gpus_zero3(t
 #SBATCH --ntasks-per-node=1
 #SBATCH --open-mode=append
 #SBATCH --output={folder}/%j_0_log.out
-#SBATCH --signal=B:USR2@120
+#SBATCH --signal=B:USR2@600
 #SBATCH --time=2880
 
 # setup
@@ -276,3 +277,182 @@ def test_log_tail_follows_the_file_through_the_commit_and_never_reads_an_old_out
         partial.rename(final)  # the commit, while the job still writes
         log.write("o\nthree\n")
     assert tail.lines() == ["two", "three"] and tail.lines() == []
+
+
+# ---------------------------------------------------------------- the time limit: a save request, then a requeue
+
+
+def test_the_time_limit_signal_lead_is_configured_per_stage_and_checked_against_the_time_limit(tmp_path):
+    from llmpipe.project import PROJECT
+
+    cfg = config.load(PROJECT, CONF, "tiny", [f"run.root={tmp_path}", "cluster=slurm", "cluster.slurm.time_min=30",
+                                              "cluster.slurm.signal_lead_s=300",
+                                              "+cluster.slurm.stages.pretrain.signal_lead_s=900",
+                                              "+cluster.slurm.stages.pretrain.time_min=120"])
+    plan = make_plan(cfg, PROJECT)
+    ex = make_executor(cfg.cluster, cfg.root)
+    [(_, pretrain)] = ex.render("pretrain", plan.stages["pretrain"].fingerprint, (), [])
+    [(_, pii_final)] = [job for job in ex.render("pii", plan.stages["pii"].fingerprint, ("scrub",), [])
+                        if job[0].label == "final"]
+    assert "#SBATCH --signal=B:USR2@900\n" in pretrain and "#SBATCH --time=120\n" in pretrain
+    assert "#SBATCH --signal=B:USR2@300\n" in pii_final and "#SBATCH --time=30\n" in pii_final
+    from pipeline.executors.slurm import JobSpec
+
+    limit = ex.time_limit("pretrain", JobSpec("final"))
+    assert (limit.limit_s, limit.lead_s, limit.requeues, limit.wait_s) == (7200, 900, 3, 870)
+    assert ex.time_limit("pii", JobSpec("final")).lead_s == 300
+    for overrides, message in [
+        (["cluster.slurm.time_min=5"], r"cluster\.slurm\.signal_lead_s: 600 s is not below the job's time limit "
+                                       r"\(time_min=5: 300 s\)"),
+        (["+cluster.slurm.stages.sft.time_min=10"], r"cluster\.slurm\.stages\.sft\.signal_lead_s: 600 s is not below "
+                                                    r"the job's time limit \(time_min=10: 600 s\)"),
+        (["cluster.slurm.signal_lead_s=0"], r"cluster\.slurm\.signal_lead_s: must be at least 1, got 0"),
+        (["+cluster.slurm.stages.sft.signal_lead_s=-5"], r"cluster\.slurm\.stages\.sft\.signal_lead_s: must be at "
+                                                         r"least 1, got -5"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config.load(PROJECT, CONF, "tiny", ["cluster=slurm", *overrides])
+
+
+def _counter_job(root, **config):
+    """An attempt of the counter stage (tests/pipeline/counter.py) as its Slurm final job would run it."""
+    from tests.pipeline.counter import COUNTER
+
+    store = Store(root)
+    partial, attempt = store.begin_attempt("count", "c0ffee", True)
+    task = Task(project=COUNTER.import_path, stage="count", fingerprint="c0ffee",
+                config={"steps": 60, "step_s": 0.1, "ignore_requests": False, **config}, output_dir=partial,
+                inputs={}, attempt=attempt, log_file=partial / "stage.log", metrics_file=partial / "metrics.jsonl",
+                cwd=REPO, commit={"root": str(root), "info": {"stage": "count", "fingerprint": "c0ffee"}})
+    task_file = root / "slurm" / "task-final.json"
+    task_file.parent.mkdir(parents=True, exist_ok=True)
+    task_file.write_text(json.dumps(task.to_json()))
+    return store, partial, task_file
+
+
+def _signalled(job, when):
+    """Run ``job`` as a Slurm job's submitit process does, with submitit's USR2 handler: ``checkpoint()``,
+    then the job process exits (SystemExit) after a requeue or not. USR2 comes once ``when()`` holds.
+    Returns (what job() returned or raised, what checkpoint() returned, if it returned)."""
+    import os
+    import signal
+    import time
+
+    returned = []
+
+    def handler(signum, frame):
+        returned.append(job.checkpoint())
+        raise SystemExit(-1)
+
+    def watch():
+        while not when():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        try:
+            outcome = job()
+        except SystemExit as exc:
+            outcome = exc
+        watcher.join(timeout=60)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    return outcome, returned
+
+
+def test_the_time_limit_signal_asks_for_a_save_then_requeues_counts_and_ends_a_finished_stage(tmp_path,
+                                                                                            monkeypatch):
+    """StageJob.checkpoint with real stage processes and a real signal, as submitit calls it: the stage is
+    asked to save (it saves at its next step and exits with SavedOnRequest) and the job is requeued; a
+    stage that does not save is stopped once the wait is over; time limits are counted against
+    requeue_timeouts; a stage that finishes while it is waited for ends its job as a success, committed."""
+    from submitit.core.utils import DelayedSubmission
+
+    from pipeline.executors.slurm import TimeLimit, save_request_file
+    from pipeline.worker import read_error
+
+    store, partial, task_file = _counter_job(tmp_path)
+    log, progress = partial / "stage.log", partial / "progress.txt"
+
+    def steps() -> int:
+        return int(progress.read_text()) if progress.exists() else 0
+
+    # lead 3 s: the stage gets 2 s after the signal (a third of the lead is kept to stop it and requeue).
+    short = TimeLimit(limit_s=60, lead_s=3, requeues=1)
+    job = StageJob(str(task_file), str(log), None, True, {}, str(REPO), limit=short)
+    outcome, [again] = _signalled(job, lambda: steps() >= 2)
+    assert isinstance(outcome, SystemExit) and isinstance(again, DelayedSubmission)
+    request = save_request_file(task_file)
+    assert json.loads(request.read_text())["why"].startswith("time-limit signal to Slurm job")
+    text = log.read_text()
+    assert f"save requested ({request}); waiting up to 2 s for the stage to save and exit" in text
+    assert "the stage exited; stage stopped; requeued to resume" in text
+    saved = steps()
+    assert read_error(partial) == (f"SavedOnRequest: saved at step {saved} on the time-limit signal ({progress}); "
+                                   "requeued to resume from that step")
+    assert again.function.timeouts == 1 and again.function.limit == short  # a signal 60 s before a 60 s limit
+    assert 2 <= saved < 60 and not store.is_done("count", "c0ffee")
+
+    # The requeued job, with a stage that does not save: stopped once the wait is over, and at its second time
+    # limit it is not requeued. Its request was withdrawn when it started.
+    data = json.loads(task_file.read_text())
+    task_file.write_text(json.dumps({**data, "config": {**data["config"], "ignore_requests": True}}))
+    outcome, [none] = _signalled(again.function, lambda: not request.exists() and steps() >= saved + 2)
+    assert isinstance(outcome, SystemExit) and none is None
+    text = log.read_text()
+    assert ("the stage did not exit in time; stage stopped; not requeued: this is its time limit number 2 "
+            "(cluster.slurm.requeue_timeouts=1)") in text
+    stopped = steps()
+
+    # Requeued (by hand) with time enough: the stage ends during the wait, the job ends well and commits, and
+    # the earlier attempt's "saved at step N" does not travel with the output.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    job = StageJob(str(task_file), str(log), None, True, {}, str(REPO),
+                   limit=TimeLimit(limit_s=3600, lead_s=90, requeues=1))
+    outcome, returned = _signalled(job, lambda: steps() >= stopped + 3)
+    assert outcome == "ok" and returned == []  # checkpoint() ended the wait in __call__, not by returning
+    final = store.final_dir("count", "c0ffee")
+    assert store.is_done("count", "c0ffee") and (final / "progress.txt").read_text() == "60"
+    assert read_error(final) is None and not partial.exists()
+    assert "===== Slurm job pid" in (final / "stage.log").read_text().split("requeued 2 time(s)")[0]
+
+
+# ---------------------------------------------------------------- per-phase jobs and resources
+
+
+def test_the_tokenizer_gets_a_job_of_its_own_with_the_resources_llama_7b_gives_it(tmp_path):
+    """tokenize's single phase 'tokenizer' is an array of one task, before the encode array and the job
+    that commits, each job with its phase's resources (llama-7b: cluster.slurm.stages.tokenize.phases)."""
+    from llmpipe.project import PROJECT
+
+    cfg = config.load(PROJECT, CONF, "llama-7b", [f"run.root={tmp_path}"])
+    plan = make_plan(cfg, PROJECT)
+    ex = make_executor(cfg.cluster, cfg.root)
+    sp = plan.stages["tokenize"]
+    jobs = ex.render("tokenize", sp.fingerprint, sp.stage.shard_phases, ["pii_final_jobid"])
+    assert [(s.label, s.tasks, s.phase) for s, _ in jobs] == [("tokenizer", 1, "tokenizer"), ("encode", 32, "encode"),
+                                                              ("final", None, None)]
+    tokenizer, encode, final = (_sbatch_options(script) for _, script in jobs)
+    assert {k: tokenizer[k] for k in ("array", "cpus-per-task", "mem", "time", "job-name", "dependency")} == {
+        "array": "0-0%1", "cpus-per-task": "32", "mem": "256G", "time": "240", "job-name": "llmpipe.tokenize.tokenizer",
+        "dependency": "afterok:pii_final_jobid"}
+    assert {k: encode[k] for k in ("array", "cpus-per-task", "mem", "time", "dependency")} == {
+        "array": "0-31%32", "cpus-per-task": "16", "mem": "64G", "time": "240",
+        "dependency": "afterok:tokenize_tokenizer_jobid"}
+    assert (final["cpus-per-task"], final["mem"], "array" not in final) == ("16", "64G", True)
+    # Phases of other stages keep the stage's resources; with array_tasks 1 the stage runs whole in one job.
+    dedup = plan.stages["dedup"]
+    assert [s.tasks for s, _ in ex.render("dedup", dedup.fingerprint, dedup.stage.shard_phases, [])] == [32, 32, None]
+    whole = make_executor(config.load(PROJECT, CONF, "llama-7b", [f"run.root={tmp_path}",
+                                                                  "cluster.slurm.array_tasks=1"]).cluster, cfg.root)
+    assert [s.label for s, _ in whole.render("tokenize", sp.fingerprint, sp.stage.shard_phases, [])] == ["final"]
+    with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.tokenize\.phases\.tokeniser: stage 'tokenize' has "
+                                          r"no phase 'tokeniser' \(its jobs: tokenizer, encode, final\) \(did you mean "
+                                          r"'tokenizer'"):
+        config.load(PROJECT, CONF, "llama-7b", ["+cluster.slurm.stages.tokenize.phases.tokeniser.mem_gb=64"])
+    with pytest.raises(ConfigError, match=r"cluster\.slurm\.stages\.tokenize\.phases\.tokenizer\.phases: "
+                                          r"a phase has no phases of its own"):
+        config.load(PROJECT, CONF, "llama-7b", ["+cluster.slurm.stages.tokenize.phases.tokenizer.phases.x.nodes=2"])

@@ -29,6 +29,9 @@ SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120): the time-limit test
+# requeues a job and waits for it, 10 s is enough for a one-node cluster to clean up after the last run.
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
@@ -55,7 +58,10 @@ if ! cmp -s "$conf.new" "$conf"; then
   mv "$conf.new" "$conf"
   pkill -x slurmctld || true
   pkill -x slurmd || true
-  sleep 1
+  for _ in $(seq 1 30); do  # they save their state first: wait until they are gone, or nothing restarts them
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+    sleep 1
+  done
 else
   rm -f "$conf.new"
 fi

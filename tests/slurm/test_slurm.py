@@ -11,6 +11,7 @@ that the next run follows (or ``llmpipe cancel`` cancels). The tiny pipeline's d
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -284,7 +285,7 @@ def tiny(*args, root, corpus):
 # A short pretraining run (the tiny model, 4 steps): the DeepSpeed launcher with its 2 CPU ranks inside a job.
 PRETRAIN_SHORT = ("stage.pretrain.max_steps=4", "stage.pretrain.eval_every=2", "stage.pretrain.checkpoint_every=2",
                   "stage.pretrain.warmup_steps=1")
-DATA_STAGES = ("ingest", "dedup", "quality", "pii", "tokenize")
+DATA_STAGES = ("ingest", "dedup", "quality", "pii", "decontaminate", "tokenize")
 
 
 def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, tiny_data, tmp_path):
@@ -293,10 +294,11 @@ def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, ti
     local_plan = plan_rows(ok(tiny("plan", "run.only=[pretrain]", *PRETRAIN_SHORT, root=local_root, corpus=corpus)))
     plan = ok(tiny("plan", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
                    root=slurm_root, corpus=corpus))
-    assert plan.count("#SBATCH --array=0-1%2") == 6  # dedup splits two maps, the four others one
+    assert plan.count("#SBATCH --array=0-1%2") == 7  # dedup splits two maps, the five others one
+    assert plan.count("#SBATCH --array=0-0%1") == 1  # tokenize trains its tokenizer in a job of its own
     out = ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_SHORT, "cluster=slurm", "cluster.slurm.array_tasks=2",
                   "cluster.slurm.poll_s=0.5", root=slurm_root, corpus=corpus))
-    assert "[tokenize#encode.1]" in out
+    assert "[tokenize#encode.1]" in out and "[tokenize#tokenizer.0]" in out
 
     # Same fingerprints as the local run (cluster settings are not part of them), same bytes for the data.
     slurm_out, local_out = outputs(slurm_root), outputs(local_root)
@@ -312,20 +314,73 @@ def test_tiny_data_stages_as_job_arrays_and_pretrain_equal_a_local_run(slurm, ti
     assert trained["metrics"]["steps"] == 4 and trained["metrics"]["world_size"] == 2
     assert trained["executor"]["kind"] == "slurm" and (info.parent / "model" / "config.json").is_file()
 
-    ids, arrays = [], []
+    ids, arrays, tasks = [], [], []
     phases = {"ingest": ["extract"], "dedup": ["signatures", "buckets"], "quality": ["filter"], "pii": ["scrub"],
-              "tokenize": ["encode"]}
-    for stage in ("ingest", "dedup", "quality", "pii", "tokenize"):
+              "decontaminate": ["scan"], "tokenize": ["tokenizer", "encode"]}
+    for stage in DATA_STAGES:
         jobs = jobs_of(slurm_root, stage)["jobs"]
         assert [j["label"] for j in jobs] == [*phases[stage], "final"]
         ids += [j["id"] for j in jobs]
-        arrays += [j["id"] for j in jobs if j["tasks"]]
+        # Slurm's completion log records an array of one task (tokenize's tokenizer) as a plain job.
+        arrays += [j["id"] for j in jobs if (j["tasks"] or 0) > 1]
+        tasks += [f"{j['id']}_{i}" for j in jobs if (j["tasks"] or 0) > 1 for i in range(j["tasks"])]
         [info] = (slurm_root / stage).glob(f"{stage}-*/stage_info.json")
         [ref] = (local_root / stage).glob(f"{stage}-{local_plan[stage][0]}/stage_info.json")
         counts = lambda m: {k: v for k, v in m.items() if not k.endswith(("_s", "per_s")) and "seconds" not in k}  # noqa: E731
         assert counts(json.loads(info.read_text())["metrics"]) == counts(json.loads(ref.read_text())["metrics"])
     [pretrain_job] = jobs_of(slurm_root, "pretrain")["jobs"]
     ids.append(pretrain_job["id"])
-    tasks = [f"{a}_{i}" for a in arrays for i in (0, 1)]
     states = completion_records(slurm, ids + tasks, tasks_of=arrays)
     assert states == {i: "COMPLETED" for i in ids + tasks}
+
+    # The tokenizer's job trained it and ended there; the encode tasks and the final job reused it.
+    [tokenize] = (slurm_root / "tokenize").glob("tokenize-*/")
+    assert "the task of phase 'tokenizer' did the stage's work up to the end of that phase" in \
+        (tokenize / "_logs" / "tokenizer-task0.log").read_text()
+    for log in ("_logs/encode-task0.log", "_logs/encode-task1.log", "stage.log"):
+        assert "reusing the tokenizer of the previous attempt" in (tokenize / log).read_text(), log
+
+
+# ---------------------------------------------------------------- the time limit: save, requeue, resume
+
+# One attempt's arithmetic. Slurm sends the signal signal_lead_s before time_min, here 50 s after the job
+# starts, but early by up to ~30 s (one of its periodic checks; measured: 4 to 31 s early; a USR2 before
+# submitit's handler is installed would kill the job). Before that, no attempt can train its 2 steps and export:
+# on 2 loaded cores (load 7-8) the stage's start took 57-73 s (launcher, ranks, engine, first eval) and a step
+# of 256 sequences 64 s; idle cores should take about a third of that. So attempt 1 saves at step 1 (its next
+# step boundary after the signal), with signal_lead_s less 30 s to do it; attempt 2 resumes, trains step 2 (the
+# last: no request is acted on there), exports, and its job completes. 4.8 minutes in all, measured loaded.
+TIME_LIMIT = ("cluster.slurm.time_min=5", "cluster.slurm.signal_lead_s=250")
+PRETRAIN_TWO_STEPS = ("stage.pretrain.max_steps=2", "stage.pretrain.warmup_steps=1",
+                      "stage.pretrain.global_batch_size=256", "stage.pretrain.eval_every=100",
+                      "stage.pretrain.checkpoint_every=100", "stage.pretrain.eval_sequences=8")
+
+
+def test_pretrain_saves_on_the_time_limit_signal_is_requeued_and_resumes_from_that_step(slurm, tiny_data, tmp_path):
+    """The issue's check, on the real Slurm: a job that cannot finish within its time limit gets the
+    signal, the ranks save at their next step boundary and stop, the job is requeued (the same job id,
+    SLURM_RESTART_COUNT 1), the next attempt resumes from exactly that step, and the stage commits."""
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_data["root"], root, symlinks=True)  # the data stages' outputs: cached here
+    ok(tiny("run", "run.only=[pretrain]", *PRETRAIN_TWO_STEPS, "cluster=slurm", *TIME_LIMIT,
+            "cluster.slurm.poll_s=0.5", root=root, corpus=tiny_data["corpus"]))
+    [job] = jobs_of(root, "pretrain")["jobs"]
+    [info] = (root / "pretrain").glob("pretrain-*/stage_info.json")
+    stage_info = json.loads(info.read_text())
+    attempts = (info.parent / "stage.log").read_text().split(f"===== Slurm job {job['id']} on ")
+    assert len(attempts) == 3, attempts[-1][-3000:]  # what the orchestrator wrote, then the job's two attempts
+    first, second = attempts[1:]
+
+    # Attempt 1: the signal, the request, the save at a step boundary, the named error, the requeue.
+    assert "time-limit signal at " in first and "save requested (" in first
+    [saved] = {int(n) for n in re.findall(r"saved at step (\d+) on the time-limit signal", first)}
+    assert saved == 1 and f"saved step{saved:08d} at step {saved}; stopping without exporting" in first
+    assert "the stage exited; stage stopped; requeued to resume" in first and "exported the model" not in first
+    # Attempt 2, the same job requeued: it resumes from that very checkpoint, finishes and commits.
+    assert ", requeued 1 time(s) at " in second.splitlines()[0]
+    assert re.search(rf"resumed from \S+/checkpoints/step{saved:08d} at step {saved} ", second)
+    assert stage_info["metrics"]["resumed_from_step"] == saved and stage_info["metrics"]["steps"] == 2
+    assert "exported the model" in second and (info.parent / "model" / "config.json").is_file()
+    assert stage_info["executor"]["slurm_job_id"] == job["id"] and stage_info["executor"]["slurm_restart_count"] == "1"
+    assert not (info.parent / "_error.json").exists()
+    assert completion_records(slurm, [job["id"]])[job["id"]] == "COMPLETED"

@@ -22,8 +22,8 @@ def _check(stage: str, cfg) -> list[tuple[str, str]]:
 def test_every_stage_that_reads_outside_files_checks_them():
     # Every stage that takes a model (base_model, evaluate's name=<dir|hub id>) checks it; dedup and pii read
     # only upstream outputs.
-    assert {s.name for s in PROJECT.stages if s.preflight} == {"ingest", "quality", "tokenize", "sft", "align",
-                                                                "quantize", "serve", "evaluate"}
+    assert {s.name for s in PROJECT.stages if s.preflight} == {
+        "ingest", "quality", "decontaminate", "tokenize", "sft", "align", "quantize", "serve", "evaluate"}
 
 
 def test_plan_time_warc_check_agrees_with_the_stage(tmp_path):

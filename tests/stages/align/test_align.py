@@ -326,6 +326,9 @@ def test_every_align_yaml_composes():
         assert (cfg.method, cfg.dpo.loss_type) == expected[option], option
         if top == "tiny":
             assert cfg.train.max_length == 256  # ${model.max_seq_len} of the tiny model
+            assert cfg.launch.cpu_ranks == 1 and cfg.train.zero_stage == 0  # one process, as before
+        else:  # a node of 8 GPUs, LoRA under ZeRO-2: 32 pairs a step
+            assert cfg.train.zero_stage == 2 and cfg.train.batch_size * cfg.train.grad_accum * 8 == 32
 
 
 def test_execution_only_fields_do_not_change_the_fingerprint():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.schema import build, to_plain
 from stages.common.launch import (
+    RANK_ERRORS,
     REPO_ROOT,
     Cluster,
     LaunchConfig,
@@ -23,6 +25,8 @@ from stages.common.launch import (
     expand_hostlist,
     hostfile_text,
     plan_launch,
+    rank_failure,
+    record_rank_error,
     run_launch,
     slurm_gpus_per_node,
 )
@@ -167,3 +171,19 @@ def test_run_launch_writes_the_hostfile_and_returns_the_exit_status(tmp_path):
     p = LaunchPlan("pdsh", (sys.executable, "-c", code, str(hostfile)), {"MARK": "here"}, 8, "a slots=8\n")
     assert run_launch(p, hostfile) == 3
     assert hostfile.read_text() == "a slots=8\n"
+
+
+def test_the_first_failing_rank_is_the_one_named(tmp_path):
+    """A rank records its exception on the way out; the stage names the earliest (the others usually fail
+    because it did), skipping a record cut short as its rank died."""
+    assert rank_failure(tmp_path) is None
+    try:
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+    except RuntimeError as exc:
+        record_rank_error(tmp_path, 1, exc)
+    first = json.loads((tmp_path / RANK_ERRORS / "rank1.json").read_text())
+    assert first["type"] == "RuntimeError" and "Traceback" in first["traceback"]
+    later = {"rank": 0, "t": first["t"] + 1, "type": "DistBackendError", "message": "Connection closed by peer"}
+    (tmp_path / RANK_ERRORS / "rank0.json").write_text(json.dumps(later))
+    (tmp_path / RANK_ERRORS / "rank2.json").write_text('{"rank": 2, "t"')
+    assert rank_failure(tmp_path) == "rank 1: RuntimeError: PytorchStreamReader failed reading zip archive"

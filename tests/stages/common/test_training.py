@@ -610,3 +610,51 @@ def test_config_blocks_carry_no_defaults():
         todo += [t for name in hints for t in (hints[name], *typing.get_args(hints[name]))
                  if dataclasses.is_dataclass(t)]
     assert LoraSettings in seen and TrainSettings in seen
+
+
+# ---------------------------------------------------------------- a save request before the time limit (real Trainer)
+
+
+def test_a_save_request_saves_the_next_step_and_stops_and_the_next_attempt_resumes_there(tmp_path, monkeypatch):
+    """A real (tiny) transformers Trainer under train_or_resume: a save request (pipeline/save_request.py)
+    that appears during step 3 gives a complete checkpoint of step 3, no later step and SavedOnRequest,
+    so no model is exported; the next attempt, without the request, resumes from step 3 and finishes."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pipeline.save_request import ENV, SavedOnRequest
+
+    request = tmp_path / "save-request"
+    monkeypatch.setenv(ENV, str(request))
+
+    class RequestAt(TrainerCallback):
+        """What the Slurm executor does on the time-limit signal, here during a chosen step."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == 3:
+                request.write_text("{}")
+
+    torch.manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 8))]
+
+    def build(resume: Resume) -> Trainer:
+        args = TrainingArguments(output_dir=str(checkpoints), max_steps=6, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, save_strategy="steps", save_steps=100, logging_steps=1,
+                                 report_to="none", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+        return Trainer(model=tiny_llama(64, tied=False), args=args, train_dataset=rows, callbacks=[RequestAt()])
+
+    ctx = context(tmp_path)
+    checkpoints = ctx.output_dir / "checkpoints"
+    with pytest.raises(SavedOnRequest, match=r"saved at step 3 on the time-limit signal \(checkpoint-3 in .*\); "
+                                             r"requeued to resume from that step") as saved:
+        train_or_resume(build, checkpoints, ctx, has_eval=False)
+    assert saved.value.step == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+    assert json.loads((checkpoints / "checkpoint-3" / MANIFEST).read_text())["meta"] == {"step": 3}
+    assert latest_checkpoint(checkpoints) == Resume(checkpoints / "checkpoint-3", False)
+
+    request.unlink()  # the requeued job's attempt starts without one
+    final, metrics = train_or_resume(build, checkpoints, context(tmp_path, attempt=2), has_eval=False)
+    assert final == checkpoints / "checkpoint-6" and metrics["resumed_from_step"] == 3 and metrics["steps"] == 6
+    trained = [r["step"] for r in records(ctx) if "train_loss" in r["metrics"]]
+    assert trained == [1, 2, 3, 4, 5, 6]  # each step once: the resumed attempt starts after step 3

@@ -79,6 +79,18 @@ def test_server_argv_places_the_model_for_each_launcher():
     assert "--max-model-len" not in server_argv(Path("/m"), launcher=["x"], **common)
 
 
+def test_server_argv_data_parallel_only_above_one():
+    common = dict(host="127.0.0.1", port=8123, served_model_name="tiny", dtype="bfloat16",
+                  launcher=["py", "-m", "vllm.entrypoints.openai.api_server"])
+    flags = lambda argv: dict(zip(argv[5::2], argv[6::2], strict=True))
+    assert flags(server_argv(Path("/m"), tensor_parallel_size=2, data_parallel_size=4, **common)) == {
+        "--host": "127.0.0.1", "--port": "8123", "--served-model-name": "tiny", "--dtype": "bfloat16",
+        "--tensor-parallel-size": "2", "--data-parallel-size": "4"}
+    # one replica: the command serve has always run, unchanged
+    assert server_argv(Path("/m"), data_parallel_size=1, **common) == server_argv(Path("/m"), **common)
+    assert "--data-parallel-size" not in server_argv(Path("/m"), **common)
+
+
 def test_server_env_carries_the_key_only_in_the_environment():
     env = server_env({"PATH": "/bin", "VLLM_API_KEY": "inherited"}, {"VLLM_CPU_KVCACHE_SPACE": "1"}, None)
     assert "VLLM_API_KEY" not in env  # an open server stays open
@@ -136,6 +148,10 @@ def test_constructor_rejects_bad_arguments(tmp_path):
         VllmServer(model, port=70000)
     with pytest.raises(ServerConfigError, match="tensor_parallel_size"):
         VllmServer(model, tensor_parallel_size=0)
+    with pytest.raises(ServerConfigError, match="data_parallel_size must be at least 1, got 0"):
+        VllmServer(model, data_parallel_size=0)
+    argv = VllmServer(model, port=8123, tensor_parallel_size=2, data_parallel_size=4, launcher=["x"]).argv
+    assert argv[argv.index("--data-parallel-size") + 1] == "4" and argv[argv.index("--tensor-parallel-size") + 1] == "2"
 
 
 def test_urls_and_headers(tmp_path):

@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 from stages.common.shards import ALLOCATION_ENV, available_cpus, map_shards, resolve_workers
 from tests.stages.common.test_shards import _inputs, count_shard
 
-DATA_STAGES = ("ingest", "dedup", "quality", "pii", "tokenize")
+DATA_STAGES = ("ingest", "dedup", "quality", "pii", "decontaminate", "tokenize")
 
 
 def test_null_takes_the_allocation_then_the_machine(monkeypatch):

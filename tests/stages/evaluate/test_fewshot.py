@@ -19,8 +19,9 @@ import pytest
 from llmpipe.project import load_config, stage_config
 from pipeline.schema import Invalid
 from pipeline.stage import StageContext
+from stages.common.benchmarks import LOCAL_TASKS, MC_TASK, PPL_TASK
 from stages.evaluate.stage import UNTRAINED, group_shots, load_tasks, model_tasks, run, task_shots, write_table
-from stages.evaluate.tasks import LOCAL_TASKS, MC_TASK, PPL_TASK, PUBLISHED_FEWSHOT, build_local_tasks, fewshot_plan
+from stages.evaluate.tasks import PUBLISHED_FEWSHOT, build_local_tasks, fewshot_plan
 from tests.stages.model_fixtures import build_tiny_model, write_documents
 
 SHIPPED = stage_config("evaluate")

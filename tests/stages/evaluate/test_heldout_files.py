@@ -16,8 +16,9 @@ import pytest
 from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
+from stages.common.benchmarks import MC_TASK, PPL_TASK
 from stages.evaluate.stage import external_state, input_problems, needed_heldout, run
-from stages.evaluate.tasks import MC_TASK, PPL_TASK, HeldoutDataError, build_local_tasks
+from stages.evaluate.tasks import HeldoutDataError, build_local_tasks
 from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
 
 SHIPPED = stage_config("evaluate")  # conf/stage/evaluate/default.yaml

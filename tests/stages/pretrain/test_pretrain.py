@@ -27,6 +27,7 @@ from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
 from pipeline.files import MANIFEST, write_manifest
 from pipeline.stage import StageContext
+from stages.common.launch import record_rank_error
 from stages.common.modeling import VocabSizeError, llama_config, matmul_params, peak_tflops, train_flops_per_token
 from stages.pretrain.checkpoints import (
     CheckpointLayoutError,
@@ -35,7 +36,7 @@ from stages.pretrain.checkpoints import (
     choose_resume,
     prune_checkpoints,
 )
-from stages.pretrain.loop import StepSampler, eval_indices, eval_rows, record_rank_error, step_batch
+from stages.pretrain.loop import StepSampler, eval_indices, eval_rows, step_batch
 from stages.pretrain.stage import (
     STAGE,
     PretrainConfig,
@@ -564,3 +565,35 @@ def test_bf16_training_on_one_gpu_reports_memory_and_mfu(corpus, tmp_path):
     steps = [r["metrics"] for r in records(out / "metrics.jsonl") if "train_loss" in r["metrics"]]
     assert all(0 < m["mfu"] < 1 and m["gpu_mem_gb"] > 0 for m in steps)
     assert_loads_and_generates(out / "model")
+
+
+@pytest.mark.integration
+def test_a_save_request_saves_that_step_on_every_rank_stops_and_the_next_attempt_resumes_there(corpus, tmp_path,
+                                                                                               monkeypatch):
+    """The time limit's save request (pipeline/save_request.py) under the real launcher with 2 CPU ranks:
+    the request is there before the ranks start, so both agree at the first step boundary, save step 1
+    (not a periodic checkpoint step) and exit without exporting; the stage fails with SavedOnRequest.
+    The next attempt, without the request, resumes from exactly that checkpoint and finishes."""
+    from pipeline.save_request import ENV, SavedOnRequest
+
+    tokenizer_dir, tokens_dir = corpus
+    out = tmp_path / "out"
+    request = tmp_path / "save-request"
+    request.write_text("{}")
+    monkeypatch.setenv(ENV, str(request))
+    cfg = small_cfg(max_steps=3, warmup_steps=1, eval_every=10, checkpoint_every=10, eval_sequences=8)
+    with pytest.raises(SavedOnRequest, match=r"saved at step 1 on the time-limit signal \(checkpoint step00000001 in "):
+        run(cfg, context(out, tokenizer_dir, tokens_dir))
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step00000001"]
+    assert (out / "checkpoints" / "step00000001" / MANIFEST).is_file() and not (out / "model").exists()
+    assert json.loads((out / "pretrain_job.json").read_text())["save_request"] == str(request)
+    first = records(out / "metrics.jsonl")
+    assert [r["step"] for r in first if "train_loss" in r["metrics"]] == [1]
+
+    request.unlink()  # the requeued job's attempt starts without one
+    metrics = run(cfg, context(out, tokenizer_dir, tokens_dir, attempt=2))
+    assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 3
+    second = [r for r in records(out / "metrics.jsonl") if r["attempt"] == 2]
+    assert second[0]["metrics"] == {"resume_step": 1} and second[0]["step"] == 1
+    assert [r["step"] for r in second if "train_loss" in r["metrics"]] == [2, 3]
+    assert (out / "model" / "config.json").is_file() and not (out / "saved_on_request.json").exists()

@@ -73,24 +73,25 @@ def rules(**overrides) -> Rules:
     for key, value in overrides.items():
         group, _, name = key.partition("__")
         groups[group] = dataclasses.replace(groups[group], **{name: value})
-    return Rules(groups["gopher"], groups["repetition"], groups["c4"], bad_words=("badword", "very bad phrase"))
+    return Rules(groups["gopher"], groups["repetition"], groups["c4"], shipped().languages,
+                 bad_words=("badword", "very bad phrase"))
 
 
-def check(text: str | None, r: Rules | None = None) -> str | None:
-    return (r or rules()).check(text)[0]
+def check(text: str | None, r: Rules | None = None, language: str = "en") -> str | None:
+    return (r or rules()).check(text, language)[0]
 
 
 # --- heuristics -----------------------------------------------------------------------------------
 
 def test_good_prose_is_kept_and_counted():
-    reason, words = rules().check(GOOD)
+    reason, words = rules().check(GOOD, "en")
     assert reason is None
     assert words == len(GOOD.split())
 
 
 @pytest.mark.parametrize("text", [None, "", "   \n\t "])
 def test_empty_text(text):
-    assert rules().check(text) == ("empty_text", 0)
+    assert rules().check(text, "en") == ("empty_text", 0)
 
 
 def _junk() -> dict[str, str]:
@@ -204,6 +205,9 @@ def test_default_yaml_builds_with_the_published_values():
     data["crawl"] = list(shipped().crawl)
     assert build(QualityConfig, data, path="stage.quality") == shipped()
     assert shipped().gopher.min_words == 50 and shipped().c4.min_sentences == 3
+    en = shipped().languages["en"]  # Gopher's English rules, unchanged
+    assert en.stop_words == ("the", "be", "to", "of", "and", "that", "have", "with") and en.chars_per_word is None
+    assert (en.min_mean_word_length, en.max_mean_word_length) == (3.0, 10.0)
 
 
 # --- classifier -----------------------------------------------------------------------------------
@@ -573,3 +577,144 @@ def test_the_crawl_comes_from_data_warc_and_is_not_fingerprinted():
     # The web recipe filters with the heuristics alone, so its plan-time check passes.
     web = stage_config("quality", conf="llama-7b")
     assert not web.classifier.enabled and quality.embedded_samples_problem(web) is None
+
+
+# --- languages ------------------------------------------------------------------------------------
+
+# Six sentences of Chinese prose (about compilers), one per line: it passes every rule under zh's entry.
+ZH = "\n".join(["在计算机科学中，编译器是一种程序，它把用一种编程语言写成的源代码翻译成另一种语言。",
+                "编译器的主要目的是把人们容易理解的高级语言程序转换成机器可以直接执行的目标代码。",
+                "现代编译器通常分为前端和后端两个部分：前端负责词法分析、语法分析和语义检查。",
+                "后端则进行各种优化，并且生成特定处理器的指令。",
+                "如果源代码中有错误，编译器会报告出错的行号和原因，程序员据此修改后再重新编译。",
+                "有些语言不需要编译，而是由解释器逐行读取并立即执行，这样便于调试，但运行速度往往较慢。"])
+
+
+def test_chinese_words_are_counted_from_characters():
+    from stages.quality.rules import count_words, split_tokens
+
+    tokens, unspaced = split_tokens("使用ls命令。然后 run it", 1.7)
+    assert tokens == ["使", "用", "ls", "命", "令", "然", "后", "run", "it"] and unspaced == 6
+    assert count_words("使用ls命令。然后 run it", 1.7) == pytest.approx(3 + 6 / 1.7)
+    # Without chars_per_word (English and the other spaced languages) nothing changes: whitespace tokens.
+    assert split_tokens("使用ls命令。然后 run it", None) == (["使用ls命令。然后", "run", "it"], 0)
+    reason, words = rules().check(ZH, "zh")
+    assert reason is None and words == round(len(re_han(ZH)) / 1.7)
+    # Under the English entry (whitespace words, English stop words) the same page is 6 "words".
+    assert rules().check(ZH, "en") == ("too_few_words", 6)
+
+
+def re_han(text: str) -> str:
+    return "".join(c for c in text if "\u4e00" <= c <= "\u9fff")
+
+
+def test_each_language_gets_its_own_stop_words_and_the_others_the_default():
+    german = ("Der Compiler übersetzt das Programm in Maschinencode und prüft dabei die Typen.\n"
+              "Wer ihn zum ersten Mal benutzt, findet in der Anleitung eine kurze Einführung mit Beispielen.\n" +
+              "Die Fehlermeldungen nennen die Zeile, in der ein Fehler gefunden wurde, und den Grund.\n"
+              "Ein Programm, das nicht übersetzt werden kann, wird nicht ausgeführt und muss korrigiert werden.\n"
+              "Das Werkzeug ist mit allen üblichen Betriebssystemen kompatibel und wird ständig verbessert.\n"
+              "Die Dokumentation beschreibt jede Option mit einem Beispiel, das man kopieren kann.")
+    assert check(german, language="de") is None
+    assert check(german, language="en") == "stop_words"  # the English-only rule dropped translated pages
+    # A language without an entry (Korean here) and und get `default`: no stop-word list, the rule is skipped.
+    assert rules().language_key("ko") == rules().language_key("und") == rules().language_key(None) == "default"
+    spam = _junk()["stop_words"]
+    assert check(spam, language="en") == "stop_words"
+    assert check(spam, language="und") == "too_few_sentences"  # the other rules still apply
+    assert check(spam, rules(c4__min_sentences=None), "und") is None
+
+
+def test_repeated_chinese_is_caught_by_ngrams_scaled_to_characters():
+    lines = ZH.splitlines()
+    assert check("\n".join(lines[:2] * 3 + lines[2:]), language="zh") == "duplicate_lines"
+    # Without the line and paragraph rules: Gopher's n-gram limits, over runs of round(n x 1.7) characters
+    # (the 5-word limit over 8 characters).
+    r = rules(repetition__max_duplicate_lines_ratio=None, repetition__max_duplicate_line_chars_ratio=None,
+              repetition__max_duplicate_paragraphs_ratio=None, repetition__max_duplicate_paragraph_chars_ratio=None)
+    assert check(ZH, r, "zh") is None
+    assert check(ZH + "\n" + ZH, r, "zh") == "duplicate_ngram_ratio"
+    from stages.quality.rules import _scaled
+
+    assert _scaled([(5, 0.15), (6, 0.14)], 1.7) == {8: 0.15, 10: 0.14}
+    assert _scaled([(2, 0.2), (3, 0.18)], 1.2) == {2: 0.2, 4: 0.18}  # never below n
+    assert _scaled([(9, 0.11), (10, 0.10)], 1.05) == {9: 0.11, 10: 0.10}
+    assert _scaled([(4, 0.16), (5, 0.15)], 0.5) == {4: 0.16, 5: 0.15}
+
+
+def test_language_rules_are_checked_and_default_is_required():
+    with pytest.raises(ConfigError, match=r"stage\.quality\.languages: has no 'default' entry"):
+        stage_config("quality", "~stage.quality.languages.default")
+    with pytest.raises(ConfigError, match=r"stage\.quality\.languages\.zh\.chars_per_word: must be > 0, got 0"):
+        stage_config("quality", "stage.quality.languages.zh.chars_per_word=0")
+    with pytest.raises(ConfigError, match=r"stage\.quality\.languages\.de\.stop_words: is an empty list"):
+        stage_config("quality", "stage.quality.languages.de.stop_words=[]")
+    with pytest.raises(ConfigError, match=r"languages\.fr\.min_mean_word_length: 12\.0 is greater than"):
+        stage_config("quality", "stage.quality.languages.fr.min_mean_word_length=12")
+    # A new language is one more entry.
+    cfg = stage_config("quality", "+stage.quality.languages.sv={stop_words: [och, att, det, som, en, med, inte], "
+                                  "chars_per_word: null, min_mean_word_length: 3.0, max_mean_word_length: 10.0}")
+    assert cfg.languages["sv"].stop_words[:2] == ("och", "att")
+
+
+# --- translated documentation: the acceptance measure ------------------------------------------------
+
+# A translated page is kept at the rate of its English original, within this margin, in every language.
+KEEP_RATE_MARGIN = 0.10
+
+
+def keep_rates(r: Rules, pages: list[dict], language_of) -> dict[str, tuple[float, float]]:
+    """{lang: (keep rate of the translated pages, keep rate of their English originals)}."""
+    kept: dict[str, list[int]] = {}
+    for page in pages:
+        counts = kept.setdefault(page["lang"], [0, 0, 0])
+        counts[0] += r.check(page["text"], language_of(page))[0] is None
+        counts[1] += r.check(page["en"], "en")[0] is None
+        counts[2] += 1
+    return {lang: (k / n, e / n) for lang, (k, e, n) in kept.items()}
+
+
+def test_translated_pages_are_kept_at_the_english_rate():
+    """tests/fixtures/multilingual: man pages and gettext catalogs, translated by people, with their English
+    originals. Every language's keep rate is within KEEP_RATE_MARGIN of its originals' (measured: within 0.08);
+    the English-only rules of before (English stop words and whitespace words for every page) kept 0-14% of the
+    translations of de, fr, es, it, pt, ru, zh, ja against 50-77% of the originals."""
+    from tests.fixtures.multilingual import load_pages
+
+    pages = load_pages()
+    r = rules()
+    rates = keep_rates(r, pages, lambda page: page["lang"])
+    assert set(rates) == {"de", "fr", "es", "it", "pt", "ru", "zh", "ja", "nl", "pl", "ko"}
+    assert min(rate_en for _, rate_en in rates.values()) > 0.4  # the measure means something
+    far = {lang: rate for lang, rate in rates.items() if abs(rate[0] - rate[1]) > KEEP_RATE_MARGIN}
+    assert far == {}, far
+    # The same measure fails the English-only rules, by far.
+    english_only = keep_rates(r, pages, lambda page: "en")
+    for lang in ("de", "fr", "es", "it", "pt", "ru", "zh", "ja"):
+        rate, rate_en = english_only[lang]
+        assert rate_en - rate > 0.4, (lang, rate, rate_en)
+
+
+def test_a_shard_carries_the_language_to_the_rules(tmp_path):
+    """The stage reads each document's ``language``; a shard without the column gets the default rules."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    german = "\n".join([
+        "Die Dokumentation beschreibt jede Option mit einem Beispiel, das man kopieren kann.",
+        "Der Compiler übersetzt das Programm in Maschinencode und prüft dabei alle Typen.",
+        "Die Fehlermeldungen nennen die Zeile, in der ein Fehler gefunden wurde, und den Grund.",
+        "Ein Programm, das nicht übersetzt werden kann, wird nicht ausgeführt und muss korrigiert werden.",
+        "Das Werkzeug ist mit allen üblichen Betriebssystemen kompatibel und wird ständig verbessert.",
+        "Jede neue Version bringt Korrekturen, die in den Versionshinweisen ausführlich beschrieben sind."])
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["de", "zh", "de-as-en"], "text": [german, ZH, german],
+                             "language": ["de", "zh", "en"]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"id": ["no-language"], "text": [german]}), tmp_path / "in" / "b.parquet")
+    cfg = shipped(classifier=block("classifier", enabled=False), workers=1)
+    ctx = make_ctx(tmp_path, tmp_path / "in")
+    metrics = quality.run(cfg, ctx)
+    shards = sorted(ctx.output("documents").glob("*.parquet"))
+    kept = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+    assert [row["id"] for row in kept] == ["de", "zh", "no-language"] and metrics["dropped_stop_words"] == 1
+    assert kept[1]["word_count"] == round(len(re_han(ZH)) / 1.7)

@@ -481,7 +481,11 @@ def test_a_corpus_with_nothing_usable_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("conf, variant, method", [("tiny", "default", "lora"), ("tiny", "qlora", "qlora"),
-                                                   ("tiny", "full", "full"), ("llama-7b", "llama-7b", "qlora")])
+                                                   ("tiny", "full", "full"), ("llama-7b", "llama-7b", "qlora"),
+                                                   ("llama-7b", "llama-7b-full", "full")])
 def test_shipped_configs_compose_and_validate(conf, variant, method):
     cfg = stage_config("sft", f"stage/sft={variant}", conf=conf)
     assert cfg.method == method and (cfg.quant is not None) == (method == "qlora")
+    if conf == "llama-7b":  # a node of 8 GPUs: ZeRO-2 for the adapter, ZeRO-3 for every weight
+        assert cfg.train.zero_stage == (3 if method == "full" else 2) and cfg.launch.gpus_per_node is None
+        assert cfg.train.batch_size * cfg.train.grad_accum * 8 == (128 if method == "full" else 16)

@@ -56,7 +56,7 @@ def write_shards(directory: Path, shards: list[list[dict[str, str]]]) -> Path:
 
 def run_stage(inputs: Path, out: Path, cfg: TokenizeConfig = CFG) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(stage="tokenize", fingerprint="test", output_dir=out, inputs={"pii.documents": inputs})
+    ctx = StageContext(stage="tokenize", fingerprint="test", output_dir=out, inputs={"decontaminate.documents": inputs})
     return run(cfg, ctx)
 
 
@@ -375,3 +375,30 @@ def test_config_rejects_bad_values_by_key():
         stage_config("tokenize", "stage.tokenize.vocab_size=100")
     given = stage_config("tokenize", "stage.tokenize.vocab_size=100", "stage.tokenize.tokenizer=some/dir")
     assert given.vocab_size == 100  # an upper bound for a given tokenizer, not a BPE to train
+
+
+def test_the_tokenizer_phase_task_trains_the_tokenizer_ends_there_and_the_rest_reuses_it(corpus, tmp_path,
+                                                                                          monkeypatch):
+    """On a cluster the tokenizer has a job of its own (phase 'tokenizer', one task): that task draws the
+    sample, trains and saves the tokenizer and ends; the later tasks and the final job reuse it, and the
+    output is the one a whole run gives."""
+    from pipeline import sharding
+    from stages.tokenize.stage import STAGE, TOKENIZER_PHASE
+
+    assert STAGE.shard_phases == (TOKENIZER_PHASE, "encode")
+    assert [sharding.tasks_of(phase, 32) for phase in STAGE.shard_phases] == [1, 32]
+    inputs = write_shards(tmp_path / "in", corpus)
+    cfg = replace(CFG, tokenizer_train_chars=20_000)  # the sampled path, as the cluster recipe has it
+    out = tmp_path / "out"
+    monkeypatch.setenv(sharding.ENV, sharding.ShardSlice(0, 1, TOKENIZER_PHASE).encode())
+    with pytest.raises(sharding.PhaseDone, match="the task of phase 'tokenizer' did the stage's work up to the end"):
+        run_stage(inputs, out, cfg)
+    trained_json = (out / "tokenizer" / "tokenizer.json").read_bytes()
+    assert not list(out.rglob("*.bin")) and not (out / "tokens" / "meta.json").exists()
+    assert not list((out / "_sample").glob("*.parquet"))  # the sample's texts go once the tokenizer is saved
+
+    monkeypatch.delenv(sharding.ENV)
+    metrics = run_stage(inputs, out, cfg)
+    assert metrics["tokenizer_train_s"] == 0 and (out / "tokenizer" / "tokenizer.json").read_bytes() == trained_json
+    whole = run_stage(inputs, tmp_path / "whole", cfg)
+    assert bin_bytes(out) == bin_bytes(tmp_path / "whole") and metrics["tokens_train"] == whole["tokens_train"]
