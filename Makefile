@@ -37,7 +37,7 @@ ifdef BASE_MODEL
 export BASE_MODEL
 endif
 
-.PHONY: help setup corpus pipeline base-model stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults gpu-check lint lock lock-gpu clean
+.PHONY: help setup corpus pipeline base-model stage plan why status ui serve test test-unit test-slurm slurm-up bench bench-data bench-faults bench-scale gpu-check lint lock lock-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | expand -t 12
@@ -119,6 +119,9 @@ bench: setup corpus  ## benchmarks (print figures and ratios against named basel
 bench-data: setup corpus  ## data stages vs DataTrove (baselines in their own .venv-bench)
 	bash bench/setup_baselines.sh
 	$(PY) bench/data.py $(BENCH_ARGS)
+
+bench-scale: setup  ## the data stages on 50k, 100k and 200k generated documents: docs/s and peak memory (BENCH_ARGS="--sizes 2000,8000")
+	$(PY) bench/scale.py $(BENCH_ARGS)
 
 gpu-check: setup  ## on a node with NVIDIA GPUs: llmpipe's GPU path step by step (CUDA, bf16, launch, a llama-7b layer, LoRA, evaluate's GPUs)
 	$(PY) bench/gpu_check.py $(BENCH_ARGS)
