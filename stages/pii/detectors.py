@@ -15,7 +15,9 @@ repetitions, candidates start at a token boundary), and most start with a litera
 '-') or a character class, which Python's ``re`` scans for quickly; a lookbehind placed first
 would make it try a full match at every position. Secret patterns only run when their literal
 prefix occurs in the text. Costly checks (Luhn, mod 97, ``ipaddress``, libphonenumber's parser)
-run on candidates only; libphonenumber only sees windows around runs of enough digits.
+run on candidates only; libphonenumber only sees windows around runs of enough digits. The context
+checks that tell a section or version number from an IPv4 address (issue 14, ``reads_as_number``)
+look at bounded windows around each quad, and the text's numbering is indexed once per text.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import difflib
 import ipaddress
 import math
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -78,7 +80,7 @@ class IpConfig:
     placeholder: str  # replacement text
     ipv6: bool  # also look for IPv6 addresses
     keep_non_public: bool  # keep addresses that are not globally routable (private, loopback, docs...)
-    version_context: bool  # keep dotted quads after version/section words ("version 1.2.3.4")
+    version_context: bool  # keep dotted quads that read as versions, section or list numbers, OIDs (issue 14)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +136,9 @@ _FILE_EXTENSIONS = frozenset(
 # user@host inside a URL (scheme://user@host, scheme://user:pass@host) or an scp-style remote
 # (git@github.com:org/repo.git) names an account on a host, not a mailbox.
 _URL_USERINFO_BEFORE = re.compile(r"://(?:[^\s/@:]{0,128}:)?$")
+# x@y.z in a URL's path is a message id in a list archive or a handle ("lore.kernel.org/git/<id>@host/",
+# "medium.com/@user"), not a mailbox; in its query string ("?to=bob@x.org") it is one.
+_URL_PATH_BEFORE = re.compile(r"://[^\s/?#]{1,253}/[^\s?#=&]{0,200}$")
 _SCP_PATH_AFTER = re.compile(r":[\w~./-]")
 
 
@@ -149,7 +154,8 @@ def email_finder(cfg: EmailConfig) -> Finder:
             if domain.rsplit(".", 1)[-1] in _FILE_EXTENSIONS:
                 continue
             account = (_URL_USERINFO_BEFORE.search(text, max(0, start - 140), start)
-                       or _SCP_PATH_AFTER.match(text, m.end()))
+                       or _SCP_PATH_AFTER.match(text, m.end())
+                       or _URL_PATH_BEFORE.search(text, max(0, start - 460), start))
             reserved = cfg.keep_reserved_domains and is_reserved_domain(domain)
             yield start, m.end(), not (account or reserved)
 
@@ -209,7 +215,7 @@ def phone_finder(cfg: PhoneConfig) -> Finder:
         for start, end in phone_matches(text, cfg.regions, leniency, cfg.min_digits):
             if _glued(text, start, end):
                 continue
-            if (cfg.bare_digits_need_context and _BARE_NUMBER.fullmatch(text, start, end)
+            if (cfg.bare_digits_need_context and _BARE_NUMBER.fullmatch(text[start:end].strip("()[]"))
                     and not _PHONE_WORD_BEFORE.search(text, max(0, start - 40), start)):
                 continue
             yield start, end, True
@@ -253,21 +259,24 @@ def _glued(text: str, start: int, end: int) -> bool:
 # --- IP addresses -----------------------------------------------------------------------------------
 
 # A dotted quad not inside a longer dotted or alphanumeric token; the lookbehind sits after the
-# first digit so that the pattern starts with a character class.
-_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\w)")
+# first digit so that the pattern starts with a character class. Only ASCII letters and digits
+# glue: Korean, Japanese or Chinese text writes a particle right after a number
+# ("130.225.17.255인 호스트").
+_IPV4 = re.compile(r"\d(?<![A-Za-z0-9_.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![A-Za-z0-9_]|\.[A-Za-z0-9_])")
 # Any IPv6 address has its first two colons within its first ten characters ("1:2:", "::",
 # "abcd:ef01:"); found from there, the token of hex digits, colons and dots around it is checked
 # by ipaddress.
 _IPV6_CORE = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 # What may precede a dotted quad that is a version or an outline number, not an address:
-# "version 1.2.3.4", "versions after 1.2.3.4", "section 1.2.3.4", "Chrome/120.0.0.0", "pkg==1.2.3.4".
+# "version 1.2.3.4", "versions after 1.2.3.4", "section 1.2.3.4", "OID 1.2.3.4", "Chrome/120.0.0.0",
+# "gettext-0.19.8.1", "pkg==1.2.3.4".
 _VERSION_BEFORE = re.compile(
-    r"(?:\b(?:v|ver|vers|versions?|releases?|rel|builds?|rev|revision|firmware|fw|patch|kb)\.?"
+    r"(?:\b(?:v|ver|vers|versions?|releases?|rel|builds?|rev|revision|firmware|fw|patch|kb|bump(?:s|ed)?)\.?"
     r"(?:[ \t]+(?:after|before|from|to|since|until|is|was|of|and|or)){0,2}"
     r"|\b(?:sections?|sec|chapters?|ch|clauses?|articles?|art|figures?|fig|tables?|tab|items?|steps?|paragraphs?"
-    r"|para|appendix)\.?"
-    r")[ \t]{0,3}[:#=]?[ \t]{0,3}[\"'(\[]?$|§\s{0,3}$|[A-Za-z][\w.+-]{0,30}/$|(?:[=<>~!]=|\^|~)\s{0,3}$",
+    r"|para|appendix|oid)\.?"
+    r")[ \t]{0,3}[:#=]?[ \t]{0,3}[\"'(\[]?$|§\s{0,3}$|[A-Za-z][\w.+-]{0,30}[/-]$|(?:[=<>~!]=|\^|~)\s{0,3}$",
     re.I,
 )
 
@@ -282,19 +291,165 @@ def ip_finder(cfg: IpConfig) -> Finder:
     return find
 
 
+# Numbering (issue 14): on real documentation pages most dotted quads are section numbers, table of
+# contents entries, list items, OIDs and versions, not addresses. Their parts are small, where an
+# address's octets often are not: only quads whose parts are all at most _NUMBERING_MAX are weighed.
+_NUMBERING_MAX = 99
+# A quad whose parts are all at most this, with no sign of an address around it, is taken for a
+# version ("Git 1.8.5.6", "dpkg (1.16.4.3)"), and so is one where a single part is a development
+# snapshot's 90-99 ("libXi 1.5.99.3", X.org's and GNOME's convention). Such addresses are about one
+# in 3,000 of IPv4, and those that people write (1.1.1.1, 8.8.8.8, 9.9.9.9) are public resolvers
+# that name nobody. Not in 10.0.0.0/8 and 127.0.0.0/8, which documentation uses for addresses all
+# the time.
+_TINY_MAX = 31
+_SNAPSHOT = range(90, 100)
+_TINY_EXEMPT = ("10", "127")
+# Evidence that a quad is an address all the same (``address_evidence``): a port, a prefix length or
+# a zone index right after it; a scheme or "@" right before it; a networking word (in a few
+# languages), command or interface name shortly before it (on its line or at the end of the line
+# before: prose is wrapped); an IPv6 address near it. A prefix length shorter than 16 names a large
+# network, whose address ends in .0: after another quad, "/9" or "/10" is a version's or a
+# paragraph's ("linux 2.6.8.1/9", "C11 7.21.6.2/10").
+_PORT_AFTER = re.compile(r":\d{1,5}(?![\d.:])")
+_ADDRESS_AFTER = re.compile(r":\d{1,5}(?![\d.:])|/(?:1[6-9]|2\d|3[0-2])(?![\d./])|%\w")
+_NETWORK_PREFIX_AFTER = re.compile(r"/\d{1,2}(?![\d./])")
+_ADDRESS_BEFORE = re.compile(
+    r"(?:://|@)$|(?i:(?<![a-z])ip(?:v4|s)?(?![a-z])|address|addr\b|host|server|resolver|gateway|router|route\b"
+    r"|netmask|subnet|proxy|dns|ping|listen|bind\b|connect|peer|remote|\blocal\b|\bvia\b|hop\b|client|inet\b"
+    r"|firewall|dhcp|src\b|dst\b|adress|adres\b|direcci[oó]n|indirizzo|endere[cç]o|адрес|アドレス|地址|주소"
+    r"|\b(?:ssh|telnet|curl|wget|nc|dig|nslookup|traceroute|tracepath|whois|mtr|arp|ifconfig|iptables|nmap)\b"
+    r"|\b(?:eth|wlan|wlp|enp|ens|eno|tun|tap|br|bond|veth|virbr|docker)\d\w*)"
+    r"[^\n]{0,32}(?:\n[ \t]*)?$"
+)
+# A version's tail: a Debian revision or a pre-release ("2.1.8.2-0ubuntu1", "1.2.3.4-beta", "1.15.7.2~");
+# "-" before another address is a range ("192.168.1.2-192.168.1.3").
+_VERSION_AFTER = re.compile(r"-(?:\d{1,3}(?![\d.])|[A-Za-z])|~|\+[A-Za-z0-9]")
+# What joins a quad to a version just before it: "4.5.103.30 from 4.4.63.30", "1.2.3.4, 1.2.3.5".
+_NUMBER_LINK = re.compile(r"[ \t]*(?:[,;/-]|\.\.|to|from|and|or)?[ \t]*")
+# Release-note verbs, maybe with the product's name: "Requires xextproto 7.0.99.1", "Upgrade V8 to
+# 3.6.6.8", "patch V8 to 10.8.168.25", "bump to 1.0.99.1", "since libxcb 1.1.90.1", "(sedan dpkg
+# 1.15.5.4)" -- unless a networking word is among them: "update DNS to 9.9.9.9" is an address.
+_VERSION_VERB_BEFORE = re.compile(
+    r"(?i:\b(?:requires?|required|depends?(?:[ \t]+on)?|upgrade[sd]?|update[sd]?|bump(?:s|ed)?|ships?|shipped"
+    r"|patch(?:e[sd])?|built(?:[ \t]+(?:with|against))?|linked[ \t]+against|since|seit|depuis|desde|sinds|sedan))"
+    r"(?:[ \t]+to)?(?:[ \t]+[A-Za-z][\w.+-]{0,30}){0,3}(?:[ \t]+(?:to|version))?[ \t]+$"
+)
+# A line that is a product's name and a small quad, nothing else: a release heading ("Git 1.8.5.6",
+# "libXi 1.5.99.3"); a command before an address is address evidence ("nameserver 8.8.8.8", "ping
+# 1.1.1.1"), weighed first.
+_NAME_LINE_BEFORE = re.compile(r"(?:^|\n)[ \t]*[A-Za-z][\w.+-]{0,30} $")
+_LINE_END = re.compile(r"[ \t]*(?:\n|$)")
+# A heading, table of contents entry or list item: the quad starts its line (after indentation and
+# bullet or heading marks) and is followed by "." or ")" ("11.1.2.1. Virtual domains", "2.1.2.1)"),
+# or by a title: a word that starts with a capital (or a letter of a script without case) and is no
+# host name ("2.3.4.5 Title", "* 7.1.3.5 SHA1 ....... 54"; not "8.8.8.8 and ...", "8.8.8.8 Dns.Google").
+_LINE_START_BEFORE = re.compile(r"(?:^|\n)[ \t]*(?:[#*>|+\u2022\u00b7\u2023\u25e6-]{1,6}[ \t]*)?$")
+_TITLE_AFTER = re.compile(r"[.)](?:[ \t]|$)|[ \t]+([^\W\d_])(?![\w-]*\.[^\W\d_])", re.M)
+# Dotted numbers of three or four parts, for the numbering of a whole text.
+_DOTTED = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}(?:\.\d{1,3})?(?!\w|\.\w)")
+
+
 def _ipv4(text: str, cfg: IpConfig) -> Iterator[Span]:
+    numbering: set[str] | None = None  # built on first need
+    number_end = -1  # where the last quad kept as a number ends
     for m in _IPV4.finditer(text):
-        if cfg.version_context and _VERSION_BEFORE.search(text, max(0, m.start() - 48), m.start()):
-            yield m.start(), m.end(), False
-            continue
-        verdict = _verdict(m.group(), cfg)
+        start, end = m.start(), m.end()
+        if cfg.version_context:
+            kept = reads_as_number(text, start, end, number_end)
+            if kept is None:  # small parts and no other clue: is it part of the text's numbering?
+                if numbering is None:
+                    numbering = numbered_prefixes(text)
+                parts = m.group().split(".")
+                kept = ".".join(parts[:3]) in numbering or (parts[0] not in _TINY_EXEMPT and tiny(parts))
+            if kept:
+                number_end = end
+                yield start, end, False
+                continue
+        verdict = address_verdict(m.group(), cfg)
         if verdict is not None:
-            yield m.start(), m.end(), verdict
+            yield start, end, verdict
+
+
+def tiny(parts: list[str]) -> bool:
+    """All parts at most _TINY_MAX, but for one development snapshot's part (90-99)."""
+    big = [int(p) for p in parts if int(p) > _TINY_MAX]
+    return not big or (len(big) == 1 and big[0] in _SNAPSHOT)
+
+
+def reads_as_number(text: str, start: int, end: int, number_end: int = -1) -> bool | None:
+    """Whether the dotted quad text[start:end] is a version, outline or list number rather than an
+    address: True, False, or None when only the rest of the text can tell (its parts are all small
+    and nothing near it decides). ``number_end``: where the last quad read as a number ends.
+
+    A port after it says address. A version or section word before it, a version's tail after it,
+    a version just before it ("from 4.4.63.30 to 4.5.103.30") or a release-note verb say number.
+    Otherwise a quad with a part above _NUMBERING_MAX, or with address evidence near it, is an
+    address; a small one alone on its line after a product's name is a release, and one that starts
+    a line and is followed by a title is a heading or a list item. The caller weighs the rest: the
+    text's numbering (``numbered_prefixes``) and tiny parts (``tiny``).
+    """
+    if _PORT_AFTER.match(text, end):
+        return False  # "tcp/18.30.0.212:7890": no version has a port
+    if _VERSION_BEFORE.search(text, max(0, start - 48), start) or _VERSION_AFTER.match(text, end):
+        return True
+    if 0 <= number_end and start - number_end <= 8 and _NUMBER_LINK.fullmatch(text, number_end, start):
+        return True
+    verb = _VERSION_VERB_BEFORE.search(text, max(0, start - 64), start)
+    if verb and not _ADDRESS_BEFORE.search(text, verb.start(), start):
+        return True
+    if any(int(p) > _NUMBERING_MAX for p in text[start:end].split(".")):
+        return False
+    if address_evidence(text, start, end):
+        return False
+    if _NAME_LINE_BEFORE.search(text, max(0, start - 40), start) and _LINE_END.match(text, end):
+        return True
+    if _LINE_START_BEFORE.search(text, max(0, start - 24), start):
+        title = _TITLE_AFTER.match(text, end)
+        if title and not (title.group(1) or "A").islower():
+            return True
+    return None
+
+
+def address_evidence(text: str, start: int, end: int) -> bool:
+    """Something around the quad text[start:end] that only an address has (see _ADDRESS_BEFORE)."""
+    return bool(_ADDRESS_AFTER.match(text, end) or _ADDRESS_BEFORE.search(text, max(0, start - 80), start)
+                or (text.endswith(".0", start, end) and _NETWORK_PREFIX_AFTER.match(text, end))
+                or _ipv6_near(text, start, end))
+
+
+def numbered_prefixes(text: str) -> set[str]:
+    """The "a.b.c" prefixes of the dotted quads that belong to a numbering of ``text``: the prefix also
+    stands alone (section 7.1.3 above 7.1.3.5, release 1.8.5 before 1.8.5.6), or it has two or more
+    different last parts (7.1.3.1 and 7.1.3.2)."""
+    alone: set[str] = set()
+    last_parts: dict[str, set[str]] = defaultdict(set)
+    for m in _DOTTED.finditer(text):
+        parts = m.group().split(".")
+        if len(parts) == 3:
+            alone.add(m.group())
+        else:
+            last_parts[".".join(parts[:3])].add(parts[3])
+    return {p for p, last in last_parts.items() if p in alone or len(last) > 1}
 
 
 def _ipv6(text: str, cfg: IpConfig) -> Iterator[Span]:
+    for start, candidate in ipv6_tokens(text, 0, len(text)):
+        if not any(c.isdigit() for c in candidate) and candidate != "::":
+            continue  # "CBC::", "ed::": texinfo menu entries and C++ scopes, not addresses
+        if _ONE_GROUP.fullmatch(candidate) and not text.startswith("/", start + len(candidate)):
+            continue  # "Curve 448::", "Oct 25 2000::": one group is an address only as a prefix ("fd20::/20")
+        verdict = address_verdict(candidate, cfg)
+        if verdict is not None:
+            yield start, start + len(candidate), verdict
+
+
+_ONE_GROUP = re.compile(r"[0-9A-Fa-f]{1,4}::")
+
+
+def ipv6_tokens(text: str, lo: int, hi: int) -> Iterator[tuple[int, str]]:
+    """(start, token) of the IPv6-shaped tokens in text[lo:hi], not yet checked by ``ipaddress``."""
     done = 0
-    for m in _IPV6_CORE.finditer(text):
+    for m in _IPV6_CORE.finditer(text, lo, hi):
         if m.start() < done:
             continue  # inside a token already looked at
         start, end = m.start(), m.end()
@@ -309,12 +464,23 @@ def _ipv6(text: str, cfg: IpConfig) -> Iterator[Span]:
         candidate = text[start:end].rstrip(".")  # a full stop ending the sentence
         if candidate.endswith(":") and not candidate.endswith("::"):
             candidate = candidate[:-1]  # "at 2001:db8::1: ..." -- a colon after the address
-        verdict = _verdict(candidate, cfg)
-        if verdict is not None:
-            yield start, start + len(candidate), verdict
+        yield start, candidate
 
 
-def _verdict(candidate: str, cfg: IpConfig) -> bool | None:
+def _ipv6_near(text: str, start: int, end: int) -> bool:
+    """An IPv6 address within 120 characters of text[start:end] (a list of resolvers): one with a digit
+    and two groups at least ("::1" or a texinfo menu's "Curve 448::" is no evidence)."""
+    for _, token in ipv6_tokens(text, max(0, start - 120), min(len(text), end + 120)):
+        if any(c.isdigit() for c in token) and sum(bool(g) for g in token.split(":")) >= 2:
+            try:
+                ipaddress.IPv6Address(token)
+            except ValueError:
+                continue
+            return True
+    return False
+
+
+def address_verdict(candidate: str, cfg: IpConfig) -> bool | None:
     """None: not an address; True: replace it; False: an address that is kept."""
     try:
         addr = ipaddress.ip_address(candidate)
