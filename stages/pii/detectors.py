@@ -311,7 +311,8 @@ _TINY_EXEMPT = ("10", "127")
 # network, whose address ends in .0: after another quad, "/9" or "/10" is a version's or a
 # paragraph's ("linux 2.6.8.1/9", "C11 7.21.6.2/10").
 _PORT_AFTER = re.compile(r":\d{1,5}(?![\d.:])")
-_ADDRESS_AFTER = re.compile(r":\d{1,5}(?![\d.:])|/(?:1[6-9]|2\d|3[0-2])(?![\d./])|%\w")
+# a port, a host prefix, a zone
+_ADDRESS_AFTER = re.compile(_PORT_AFTER.pattern + r"|/(?:1[6-9]|2\d|3[0-2])(?![\d./])|%\w")
 _NETWORK_PREFIX_AFTER = re.compile(r"/\d{1,2}(?![\d./])")
 _ADDRESS_BEFORE = re.compile(
     r"(?:://|@)$|(?i:(?<![a-z])ip(?:v4|s)?(?![a-z])|address|addr\b|host|server|resolver|gateway|router|route\b"
