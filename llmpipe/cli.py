@@ -14,12 +14,14 @@ from pipeline.cli import main as cli_main
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=None,
-                        help="serve this Hugging Face model dir instead of stage.serve.base_model")
+                        help="serve this model instead of stage.serve.base_model: a Hugging Face model dir "
+                             "(vLLM) or a .gguf file (llama.cpp)")
     parser.add_argument("--bench", action="store_true", help="also run the load benchmark before serving")
 
 
 def _serve(args: argparse.Namespace, cfg, project) -> int:
-    """Serve the quantized model of this config (or --model-dir) with vLLM in the foreground until Ctrl-C."""
+    """Serve the quantized model of this config (or --model-dir) in the foreground until Ctrl-C: vLLM for model
+    dirs (GPTQ, AWQ), llama.cpp for a GGUF."""
     from pipeline.plan import make_plan
     from stages.serve.stage import SERVER_LOG, serve_foreground, served_dir
 
@@ -44,7 +46,8 @@ def _fetch(args: argparse.Namespace, cfg, project) -> int:
     return run_fetch(cfg, dry_run=args.dry_run)
 
 
-COMMANDS = {"serve": Command("serve the quantized model (or --model-dir) with vLLM in the foreground until Ctrl-C",
+COMMANDS = {"serve": Command("serve the quantized model (or --model-dir) in the foreground until Ctrl-C "
+                             "(vLLM; llama.cpp for GGUF)",
                              _serve, _serve_arguments),
             "fetch": Command("download the hub models, datasets and lm-eval tasks the config names into the HF "
                              "cache (on a node with network), recording their revisions", _fetch, _fetch_arguments)}

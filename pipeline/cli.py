@@ -1,4 +1,4 @@
-"""``llmpipe run|plan|why|status|ui|sync|cancel``: the command line over the orchestrator.
+"""``llmpipe run|plan|why|status|lineage|ui|sync|cancel``: the command line over the orchestrator.
 
 Hydra overrides follow the command: ``llmpipe run --config-name llama-7b stage.sft.train.lr=1e-4``.
 A project adds its own subcommands (:class:`Command`, e.g. ``llmpipe serve``); they get the same
@@ -57,6 +57,13 @@ def _parser(extra: Mapping[str, Command] = {}) -> argparse.ArgumentParser:  # no
     why.add_argument("stage")
     why.add_argument("overrides", nargs="*")
     add("status", "show the state of every stage's output").add_argument("overrides", nargs="*")
+    lineage = add("lineage", "show what an output was made from, back to the outside files (from stage_info.json)")
+    lineage.add_argument("target", help="a stage (its output for this config), an output dir or file in it, "
+                                        "or a tracking key (stage or pipeline run key, MLflow run id)")
+    lineage.add_argument("--config", dest="full_config", action="store_true", help="print every config value")
+    lineage.add_argument("--json", action="store_true", help="print the trees as JSON (a list, one per output)")
+    lineage.add_argument("overrides", nargs="*")
+    lineage.set_defaults(cwd=Path.cwd())  # a relative path is the user's, not the project folder's (main chdirs)
     ui = add("ui", "start the MLflow UI on the tracking store")
     ui.add_argument("overrides", nargs="*")
     for name, command in extra.items():
@@ -249,6 +256,19 @@ def cmd_status(args, cfg, project) -> int:
     return 0
 
 
+def cmd_lineage(args, cfg, project) -> int:
+    import json
+
+    from pipeline.lineage import lineage, render
+
+    trees = lineage(args.target, cfg, project, cwd=args.cwd)
+    if args.json:
+        print(json.dumps([tree.to_json() for tree in trees], indent=2, default=str))
+    else:
+        print("\n\n".join(render(tree, full_config=args.full_config) for tree in trees))
+    return 0
+
+
 def cmd_cancel(args, cfg, project) -> int:
     """Cancel the jobs recorded for the outputs this config would produce (a run cancels its own on
     Ctrl-C or SIGTERM; this is for jobs whose orchestrator was killed outright or lost its node)."""
@@ -272,13 +292,16 @@ def cmd_cancel(args, cfg, project) -> int:
 
 
 def cmd_ui(args, cfg, project) -> int:
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri, ui_link
 
     uri = tracking_uri(cfg)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", cfg.tracking.ui_host, "--port", str(cfg.tracking.ui_port),
            "--workers", str(cfg.tracking.ui_workers)]
-    print(f"MLflow UI on http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port} ({redact_text(uri)}); Ctrl-C stops it")
+    # The link opens the model-training view: MLflow 3.17's UI picks its view from the address (or the sidebar's
+    # switch), not from the experiment's kind tag that the sync sets.
+    link = ui_link(f"http://{cfg.tracking.ui_host}:{cfg.tracking.ui_port}")
+    print(f"MLflow UI on {link} ({redact_text(uri)}); Ctrl-C stops it")
     import signal
 
     from pipeline.processes import die_with_parent, terminate_group
@@ -298,4 +321,4 @@ def cmd_ui(args, cfg, project) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "why": cmd_why, "status": cmd_status, "ui": cmd_ui, "sync": cmd_sync,
-            "cancel": cmd_cancel}
+            "cancel": cmd_cancel, "lineage": cmd_lineage}

@@ -38,6 +38,10 @@ class TrackingConfig:
     ui_host: str = "127.0.0.1"  # `llmpipe ui` binds here
     ui_port: int = 5000  # and on this port
     ui_workers: int = 2  # server processes of `llmpipe ui` (MLflow's default of 4 is heavy on a laptop)
+    copy_models: bool = False  # copy a stage's logged model files into MLflow's artifact store (false: a reference)
+    # logged model name -> registered model name: each new logged model of that name (a stage's, e.g. quantize)
+    # gets a version of the registered model; {}: nothing is registered
+    register_models: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

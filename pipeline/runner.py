@@ -42,7 +42,7 @@ from pipeline.secrets import redact, redact_overrides
 from pipeline.stage import ARTIFACTS_FILE, Project
 from pipeline.store import LOG_FILE, METRICS_FILE, STAGE_INFO, DiskFull, disk_full
 from pipeline.tails import LogTail, MetricsTail
-from pipeline.tracking import NullTracker, make_tracker
+from pipeline.tracking import NullTracker, logged_lineage, make_tracker
 from pipeline.worker import clear_error, read_error
 
 log = logging.getLogger("llmpipe.runner")
@@ -147,9 +147,9 @@ class _Tracking:
             self.failed = True
             return None
 
-    def start(self, cfg: PipelineConfig, tags: dict[str, str]) -> None:
+    def start(self, cfg: PipelineConfig, tags: dict[str, str], run_name: str | None = None) -> None:
         self.root = cfg.root
-        self._call("start", cfg, tags)
+        self._call("start", cfg, tags, run_name)
 
     def stage_started(self, name: str, params: Any, tags: dict[str, str]) -> str | None:
         return self._call("stage_started", name, params, tags)
@@ -157,12 +157,23 @@ class _Tracking:
     def log_records(self, key: str | None, records: list[dict[str, Any]]) -> None:
         self._call("log_records", key, records)
 
+    def stage_lineage(self, key: str | None, sp: StagePlan, output: Path, cached: bool = False) -> None:
+        """Journal what the stage logged (models, datasets, model scores), if it logged anything; a listing
+        that cannot be read is logged and skipped: it never fails the stage."""
+        try:
+            lineage = logged_lineage(sp.name, output, sp.fingerprint, sp.inputs, sp.input_fingerprints, cached)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: its logged models and datasets (%s) were not read: %s", sp.name, output, exc)
+            return
+        if lineage is not None:
+            self._call("stage_lineage", key, lineage)
+
     def stage_finished(self, key: str | None, ok: bool, metrics: dict[str, float], tags: dict[str, str],
                        files: list[Path]) -> None:
         self._call("stage_finished", key, ok, metrics, tags, files)
 
-    def end(self, ok: bool) -> None:
-        self._call("end", ok)
+    def end(self, ok: bool, metrics: dict[str, float] | None = None) -> None:
+        self._call("end", ok, metrics)
 
 
 def outside_tags(external: Any) -> dict[str, str]:
@@ -173,6 +184,20 @@ def outside_tags(external: Any) -> dict[str, str]:
         return {re.sub(r"[^\w./\- :]", "_", f"llmpipe.outside.{key}".replace("[", "/").rstrip("]"))[:250]:
                 str(value)[:5000] for key, value in external.items()}
     return {} if external is None else {"llmpipe.outside": json.dumps(external, sort_keys=True, default=str)[:5000]}
+
+
+TITLE_STAGES = 4  # stage names a pipeline run's MLflow name lists before "+N"
+
+
+def run_title(config: str, plan: Plan) -> str:
+    """The pipeline run's name in MLflow, from what the plan runs: ``tiny: ran 3 (sft, align, quantize), 8 cached``
+    (runs of one config are told apart at a glance; the stage runs say the rest)."""
+    ran = [sp.name for sp in plan.to_run()]
+    cached = sum(sp.action == SKIP for sp in plan.stages.values())
+    if not ran:
+        return f"{config}: all {cached} cached" if cached else f"{config}: nothing to run"
+    names = ", ".join(ran[:TITLE_STAGES]) + (f", +{len(ran) - TITLE_STAGES}" if len(ran) > TITLE_STAGES else "")
+    return f"{config}: ran {len(ran)} ({names})" + (f", {cached} cached" if cached else "")
 
 
 class Runner:
@@ -195,15 +220,22 @@ class Runner:
         self.followed: dict[str, _Followed] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.tracker.start(self.cfg, {"llmpipe.config": self.cfg.name, "llmpipe.git_commit": self.commit,
-                                      "llmpipe.root": str(self.plan.store.root)})
+                                      "llmpipe.root": str(self.plan.store.root)}, run_title(self.cfg.name, self.plan))
         try:
             self._run_plan()
         except BaseException:
-            self.tracker.end(False)
+            self.tracker.end(False, self._summary())
             raise
         result = RunResult(self.plan, {name: self.outcomes[name] for name in self.plan.stages}, self.tracker.tracker)
-        self.tracker.end(result.ok)
+        self.tracker.end(result.ok, self._summary())
         return result
+
+    def _summary(self) -> dict[str, float]:
+        """The pipeline run's own metrics in MLflow: how many stages ran, were cached, failed, and its time."""
+        statuses = [o.status for o in self.outcomes.values()]
+        return {"stages_ran": statuses.count(RAN), "stages_cached": statuses.count(CACHED),
+                "stages_failed": statuses.count(FAILED), "stages_blocked": statuses.count(BLOCKED),
+                "wall_s": round(time.time() - self.started, 3)}
 
     def _run_plan(self) -> None:
         try:
@@ -239,6 +271,7 @@ class Runner:
                 "llmpipe.produced_git_commit": str(info.get("git_commit"))}
         run_id = self.tracker.stage_started(sp.name, to_plain(sp.config), tags)
         metrics = dict(info.get("metrics", {}))
+        self.tracker.stage_lineage(run_id, sp, final, cached=True)  # links the models its producer logged
         self.tracker.stage_finished(run_id, True, metrics, {}, [final / STAGE_INFO])
         return Outcome(sp.name, CACHED, sp.fingerprint, final, metrics, tracking_key=run_id)
 
@@ -253,6 +286,8 @@ class Runner:
             "tracking_key": run_id, "pipeline_tracking_key": self.tracker.key,
             "pipeline_config": self.cfg.name, "overrides": redact_overrides(self.cfg.overrides),
             "executor": {"kind": self.cfg.cluster.executor},
+            # What relative paths in the config and the outside inputs' state are relative to (`llmpipe lineage`).
+            "project_dir": str(self.cfg.project_dir),
         }
 
     # -- submitting ---------------------------------------------------------------------------------
@@ -392,6 +427,7 @@ class Runner:
         if state.ok and store.is_done(sp.name, sp.fingerprint):
             info = store.info(sp.name, sp.fingerprint) or {}
             metrics = dict(info.get("metrics", {}))
+            self.tracker.stage_lineage(f.run_id, sp, f.final)
             self.tracker.stage_finished(f.run_id, True, metrics, {**done_tags, "llmpipe.status": RAN},
                                         [f.final / STAGE_INFO, f.final / LOG_FILE, *_requested_artifacts(f.final)])
             # From the first job seen running (arrays included) to now; the job's own time if never seen.

@@ -16,6 +16,9 @@ from pipeline.sharding import valid_phase
 Metrics = Mapping[str, float | int]
 FINAL_PHASE = "final"  # reserved: what a cluster calls the job that runs the stage whole and commits
 ARTIFACTS_FILE = "_artifacts.json"  # files a stage asked to attach to its tracking run
+# models, datasets and model scores a stage logged (StageContext.log_model, log_dataset, log_model_metrics):
+# read by the runner when the stage ends, and by a later run that finds the output cached
+LOGGED_FILE = "_logged.json"
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,72 @@ class StageContext:
         if str(rel) not in names:
             write_json_atomic(listing, [*names, str(rel)])
 
+    # -- lineage: what MLflow shows as the run's models and datasets (pipeline/mlflow_sync.py) -------------
+    # Written to LOGGED_FILE in the output dir, like the artifact listing: the stage's process may be a Slurm
+    # job on another node, and the file is committed with the output, so a run that finds it cached links the
+    # same models and datasets. Paths under output_dir are recorded relative to it (the committed path is known
+    # only after the rename); calling again with the same name replaces the entry (a resumed attempt).
+
+    def log_model(self, name: str, path: Path | str, *, params: Mapping[str, Any] | None = None,
+                  tags: Mapping[str, Any] | None = None) -> None:
+        """A model this stage produced (or used: a path outside ``output_dir``), logged as an MLflow logged
+        model of the stage run, tagged with the stage fingerprint and the model's committed path. Its files
+        stay where they are unless ``tracking.copy_models`` is set. ``name``: the logged model's name in MLflow
+        (no ``/ : . %`` or quotes): the stage's name for its one model."""
+        if not name or any(c in name for c in "/:.%\"'"):
+            raise ValueError(f"stage '{self.stage}': model name {name!r} must be non-empty without / : . % or quotes "
+                             "(MLflow's rule for logged model names)")
+        entry = {"name": name, **self._where(path), "params": {k: str(v) for k, v in (params or {}).items()},
+                 "tags": {k: str(v) for k, v in (tags or {}).items()}}
+        self._record("models", entry, ("name",))
+
+    def log_dataset(self, name: str, source: Path | str, *, digest: str | None = None, rows: int | None = None,
+                    context: str = "input", source_type: str | None = None) -> None:
+        """A dataset this stage read (``context="input"``) or wrote (``"output"``), logged as a dataset input of
+        the stage run (MLflow has no dataset outputs; the context tag tells them apart). ``source``: a path or a
+        URI (``hf://datasets/org/name``). ``digest``: what identifies the content; None: the fingerprint of the
+        stage output that holds ``source`` (this stage's own output, or one of its inputs); an outside file
+        needs its own (a content digest, a hub revision). ``rows``: its row count, shown in its profile.
+        ``source_type``: MLflow's name for the kind of source; None: ``local`` for a path, else the URI scheme."""
+        where = self._where(source) if "://" not in str(source) else {"uri": str(source)}
+        if digest is None and "path" in where and not any(_within(Path(where["path"]), Path(p).absolute())
+                                                               for p in self.inputs.values()):
+            raise ValueError(f"stage '{self.stage}': dataset {name!r} at {source} is neither in the output dir nor "
+                             f"in an input ({sorted(self.inputs)}): give its digest (a content digest or revision)")
+        if digest is None and "uri" in where:
+            raise ValueError(f"stage '{self.stage}': dataset {name!r} at {source}: give its digest (a revision)")
+        entry = {"name": name, **where, "digest": digest, "rows": None if rows is None else int(rows),
+                 "context": context, "source_type": source_type}
+        self._record("datasets", entry, ("name", "context"))
+
+    def log_model_metrics(self, model: Path | str, metrics: Metrics, *, label: str | None = None) -> None:
+        """Scores of a model, attached to its MLflow logged model so that the Models tab compares models.
+        ``model``: the committed path of the model (an input of this stage, e.g. ``ctx.input("sft.model")``) or
+        the fingerprint of the stage output that holds it. Where no logged model is found (an outside model
+        dir), the scores go on this stage's run only, as ``<label>.<metric>`` (``label``: the path's name by
+        default)."""
+        text = str(model)
+        by_path = "/" in text or isinstance(model, Path)
+        ref = {"path": str(Path(text).absolute())} if by_path else {"fingerprint": text}
+        entry = {**ref, "label": label or Path(text).name, "metrics": {k: float(v) for k, v in metrics.items()}}
+        self._record("model_metrics", entry, ("path", "fingerprint"))
+
+    def _where(self, path: Path | str) -> dict[str, str]:
+        """``{"output": <relative path>}`` for a path under output_dir, else ``{"path": <absolute path>}``. Both
+        as given and with symlinks resolved: a stage may hand over ``output_dir.resolve() / ...``."""
+        for given, folder in ((Path(path).absolute(), self.output_dir.absolute()),
+                              (Path(path).resolve(), self.output_dir.resolve())):
+            if _within(given, folder):
+                return {"output": str(given.relative_to(folder))}
+        return {"path": str(Path(path).absolute())}
+
+    def _record(self, kind: str, entry: dict[str, Any], identity: tuple[str, ...]) -> None:
+        listing = self.output_dir / LOGGED_FILE
+        logged = json.loads(listing.read_text()) if listing.exists() else {}
+        same = [e for e in logged.get(kind, []) if all(e.get(k) == entry.get(k) for k in identity)]
+        logged[kind] = [e for e in logged.get(kind, []) if e not in same] + [entry]
+        write_json_atomic(listing, logged, indent=1)
+
     def log_metrics(self, metrics: Metrics, step: int | None = None) -> None:
         if self.metrics_file is None:
             return
@@ -158,3 +227,8 @@ class StageContext:
                   "metrics": {k: float(v) for k, v in metrics.items()}}
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or under it (lexically: neither needs to exist)."""
+    return path == folder or folder in path.parents

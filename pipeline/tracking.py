@@ -8,7 +8,11 @@ applies them to MLflow while the pipeline runs. Why:
   events, and the next `llmpipe run` (or `llmpipe sync`) applies whatever was not applied yet.
 
 Tracking is a hook around stages, not code inside them: stages report metrics to their own
-metrics file and the runner forwards them here.
+metrics file and the runner forwards them here. Likewise the models, datasets and model scores a
+stage logs (``StageContext.log_model``, ``log_dataset``, ``log_model_metrics``) are a file in its
+output (``_logged.json``) that the runner reads when the stage ends, or finds it cached
+(:func:`logged_lineage`), and journals as a ``lineage`` event: the sync makes MLflow logged models
+(references to the committed files, tagged with the fingerprint), dataset inputs and model metrics.
 
 The journal holds no secret (pipeline/secrets.py): params, the resolved config, tags and the
 tracking URI are written with ``***`` in their place. The sync process gets the tracking URI and
@@ -37,6 +41,7 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.processes import child_env
 from pipeline.secrets import redact, redact_overrides, redact_text, redact_uri
+from pipeline.stage import LOGGED_FILE
 
 log = logging.getLogger("llmpipe.tracking")
 
@@ -72,6 +77,20 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+# MLflow 3.17's UI takes the view of an experiment (GenAI or model training) from this query parameter or
+# from the GenAI / Model training switch of its sidebar, remembered by the browser, and not from the
+# experiment's `mlflow.experimentKind` tag, which the sync sets all the same (MLflow's own notion of the kind).
+UI_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def ui_link(base_url: str, experiment_id: str | None = None, tab: str | None = None) -> str:
+    """The address of an experiment (or of the experiment list) in the MLflow UI at ``base_url``, opening in the
+    model-training view (runs, models, model registry) rather than the GenAI one (traces); ``tab``: one of the
+    experiment's pages (``runs``, ``models``)."""
+    page = "/".join(["experiments", *([experiment_id] if experiment_id else []), *([tab] if tab else [])])
+    return f"{base_url.rstrip('/')}/#/{page}?{UI_VIEW_QUERY}"
+
+
 def new_key() -> str:
     return uuid.uuid4().hex
 
@@ -87,13 +106,14 @@ class NullTracker:
     journal: Path | None = None
     sync_process: subprocess.Popen | None = None
 
-    def start(self, cfg: PipelineConfig, tags: Mapping[str, str]) -> None: ...
+    def start(self, cfg: PipelineConfig, tags: Mapping[str, str], run_name: str | None = None) -> None: ...
     def stage_started(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
         return None
     def log_records(self, key: str | None, records: Iterable[Mapping[str, Any]]) -> None: ...
+    def stage_lineage(self, key: str | None, lineage: Mapping[str, Any]) -> None: ...
     def stage_finished(self, key: str | None, ok: bool, metrics: Mapping[str, float],
                        tags: Mapping[str, str], files: Iterable[Path]) -> None: ...
-    def end(self, ok: bool) -> None: ...
+    def end(self, ok: bool, metrics: Mapping[str, float] | None = None) -> None: ...
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Block until the sync process has applied the journal; True if it finished cleanly."""
@@ -123,11 +143,12 @@ class JournalTracker(NullTracker):
         self._file.write(json.dumps({"event": event, "t": time.time(), **fields}, default=str) + "\n")
         self._file.flush()
 
-    def start(self, cfg: PipelineConfig, tags: Mapping[str, str]) -> None:
+    def start(self, cfg: PipelineConfig, tags: Mapping[str, str], run_name: str | None = None) -> None:
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.journal, "a", encoding="utf-8")  # noqa: SIM115 - open for the run's lifetime
         location = artifact_location(cfg)
-        self._emit("pipeline_start", key=self.key, run_name=f"pipeline-{cfg.name}", pid=os.getpid(),
+        self._emit("pipeline_start", key=self.key, run_name=run_name or f"pipeline-{cfg.name}", pid=os.getpid(),
+                   copy_models=cfg.tracking.copy_models, register_models=dict(cfg.tracking.register_models),
                    uri=redact_uri(tracking_uri(cfg)), experiment=cfg.tracking.experiment,
                    artifact_location=location and redact_uri(location),
                    tags=_masked_tags({**tags, "llmpipe.run_key": self.key}),
@@ -153,13 +174,17 @@ class JournalTracker(NullTracker):
     def log_records(self, key: str | None, records: Iterable[Mapping[str, Any]]) -> None:
         self._emit("metrics", key=key, records=list(records))
 
+    def stage_lineage(self, key: str | None, lineage: Mapping[str, Any]) -> None:
+        """The models, datasets and model scores of a stage (:func:`logged_lineage`), before its stage_end."""
+        self._emit("lineage", key=key, **redact(dict(lineage)))
+
     def stage_finished(self, key: str | None, ok: bool, metrics: Mapping[str, float],
                        tags: Mapping[str, str], files: Iterable[Path]) -> None:
         self._emit("stage_end", key=key, ok=ok, metrics=dict(metrics), tags=_masked_tags(tags),
                    files=[str(f) for f in files])
 
-    def end(self, ok: bool) -> None:
-        self._emit("pipeline_end", key=self.key, ok=ok)
+    def end(self, ok: bool, metrics: Mapping[str, float] | None = None) -> None:
+        self._emit("pipeline_end", key=self.key, ok=ok, metrics=dict(metrics or {}))
         if self._file:
             self._file.close()
             self._file = None
@@ -194,6 +219,45 @@ class JournalTracker(NullTracker):
                 out.append(f"tracking: the MLflow sync of {journal} failed ({why}); the journal keeps every "
                            "event: run `llmpipe sync` to apply it")
         return out
+
+
+def logged_lineage(stage: str, output: Path, fingerprint: str, inputs: Mapping[str, Path],
+                   input_fingerprints: Mapping[str, str], cached: bool = False) -> dict[str, Any] | None:
+    """What the stage whose committed output is ``output`` logged (``_logged.json``, pipeline/stage.py), with
+    paths made absolute (a path the stage gave under its in-progress dir is under ``output`` now) and the
+    digests it left to the orchestrator filled in: a dataset in the output gets the stage's fingerprint, one in
+    an input that input's fingerprint; a scored model given by path gets the fingerprint of the input that
+    holds it. None when the stage logged nothing."""
+    listing = output / LOGGED_FILE
+    if not listing.is_file():
+        return None
+    logged = json.loads(listing.read_text())
+
+    def producer(path: str) -> str | None:
+        """The fingerprint of the input that holds ``path``, if any."""
+        p = Path(path)
+        for ref, where in inputs.items():
+            w = Path(where).absolute()
+            if (p == w or w in p.parents) and ref in input_fingerprints:
+                return input_fingerprints[ref]
+        return None
+
+    def place(entry: Mapping[str, Any]) -> str:
+        return str(output / entry["output"]) if "output" in entry else entry.get("path") or entry["uri"]
+
+    models = [{"name": m["name"], "path": place(m), "params": m.get("params", {}), "tags": m.get("tags", {})}
+              for m in logged.get("models", [])]
+    datasets = []
+    for d in logged.get("datasets", []):
+        source = place(d)
+        digest = d.get("digest") or (fingerprint if "output" in d else producer(source))
+        kind = d.get("source_type") or ("local" if "uri" not in d else source.split("://", 1)[0])
+        datasets.append({"name": d["name"], "source": source, "source_type": kind, "digest": digest or "unknown",
+                         "rows": d.get("rows"), "context": d.get("context", "input")})
+    scores = [{"path": s.get("path"), "fingerprint": s.get("fingerprint") or (s.get("path") and producer(s["path"])),
+               "label": s.get("label"), "metrics": s["metrics"]} for s in logged.get("model_metrics", [])]
+    return {"stage": stage, "fingerprint": fingerprint, "output": str(output), "cached": cached, "models": models,
+            "datasets": datasets, "model_metrics": scores}
 
 
 def state_path(journal: Path) -> Path:

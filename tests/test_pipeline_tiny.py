@@ -7,6 +7,7 @@ second run is fully cached and that an edit re-runs exactly the affected stages.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_data):
-    """The whole tiny pipeline, continuing from the session's data stages (cached here)."""
-    root, corpus = tiny_data["root"], tiny_data["corpus"]
+def tiny(tiny_data, tmp_path_factory):
+    """The whole tiny pipeline, continuing from a copy of the session's data stages (cached here)."""
+    root, corpus = tmp_path_factory.mktemp("tiny") / "runs", tiny_data["corpus"]
+    shutil.copytree(tiny_data["root"], root, symlinks=True)
     proc = llmpipe("run", "--wait-tracking", root=root, corpus=corpus)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return {"root": root, "corpus": corpus, "stdout": proc.stdout}
@@ -147,10 +149,31 @@ def test_quantized_model_is_gptq_4bit_smaller_and_served(tiny):
     assert json.loads(endpoint.read_text())["model_dir"] == str(qdir.resolve())
 
 
+def test_every_quantized_format_is_written_and_served(tiny):
+    """The tiny default formats [gptq, gguf]: GPTQ is the primary (`model`), the Q4_K_M GGUF beside it; each
+    within the perplexity bound of the fp model, and each served with the same checks and load benchmark."""
+    root = tiny["root"]
+    [manifest] = (root / "quantize").glob("quantize-*/formats/manifest.json")
+    entries = {e["format"]: e for e in json.loads(manifest.read_text())["formats"]}
+    assert list(entries) == ["gptq", "gguf"] and entries["gptq"]["path"] == "model"
+    gguf = manifest.parent.parent / entries["gguf"]["path"]
+    assert gguf.suffix == ".gguf" and gguf.read_bytes()[:4] == b"GGUF" and entries["gguf"]["quant_type"] == "Q4_K_M"
+    quantize = info(root, "quantize")["metrics"]
+    bound = info(root, "quantize")["config"]["perplexity"]["max_ratio"]
+    for fmt in entries:
+        assert 0 < quantize[f"{fmt}.perplexity_ratio"] <= bound, (fmt, quantize[f"{fmt}.perplexity_ratio"])
+    serve_info = info(root, "serve")
+    serve, bench = serve_info["metrics"], serve_info["config"]["bench"]
+    assert serve["formats_served"] == 2 and serve["formats_skipped"] == 0
+    for fmt in entries:
+        assert serve[f"{fmt}.checks_passed"] == 2 and serve[f"{fmt}.bench_failed"] == 0, fmt
+        assert serve[f"{fmt}.bench_completed"] == bench["requests"], fmt
+
+
 def test_every_model_is_evaluated_and_training_lowers_perplexity(tiny):
     metrics = info(tiny["root"], "evaluate")["metrics"]
     untrained = metrics["untrained.heldout_ppl.word_perplexity"]
-    for model in ("pretrain", "sft", "align", "quantize"):
+    for model in ("pretrain", "sft", "align", "quantize.gptq", "quantize.gguf"):
         ppl = metrics[f"{model}.heldout_ppl.word_perplexity"]
         assert ppl < untrained, (model, ppl, untrained)
         assert f"{model}.heldout_mc.acc" in metrics
@@ -182,11 +205,32 @@ def test_pipeline_is_in_mlflow(tiny):
     exp = client.get_experiment_by_name("llmpipe")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs and all(r.info.status == "FINISHED" for r in runs)
+    # The experiment opens in MLflow's model-training view.
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     # The newest pipeline run (the full one; the session's data-stage run came first) and its stages.
-    parent = next(r for r in runs if r.info.run_name == "pipeline-tiny").info.run_id
+    newest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    parent = newest.info.run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     by_name = {r.info.run_name: r for r in children}
     assert sorted(by_name) == sorted(STAGES) and len(children) == len(STAGES)
+    # Its name says what ran (the data stages came cached from the session's run); its summary metrics agree.
+    summary = newest.data.metrics
+    assert newest.info.run_name.startswith("tiny: ran 6 (") and newest.info.run_name.endswith(", 6 cached")
+    assert (summary["stages_ran"], summary["stages_cached"], summary["stages_failed"]) == (6, 6, 0)
+    assert summary["wall_s"] > 0
+    # The models: one logged model per trained or quantized model, linked to its stage's run, with the scores
+    # evaluate gave it; the data stages' inputs and outputs as datasets.
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[exp.experiment_id])}
+    assert {"pretrain", "sft", "align", "quantize", "quantize-gguf"} <= set(models), sorted(models)
+    for name, stage in (("pretrain", "pretrain"), ("sft", "sft"), ("align", "align"), ("quantize", "quantize"),
+                        ("quantize-gguf", "quantize")):
+        model = models[name]
+        assert model.source_run_id == by_name[stage].info.run_id, name
+        assert Path(model.tags["llmpipe.model_path"]).exists(), name
+        scores = {m.key for m in model.metrics or []}
+        assert "heldout_ppl.word_perplexity" in scores, (name, sorted(scores))
+    tokenize = client.get_run(by_name["tokenize"].info.run_id)
+    assert {d.dataset.name for d in tokenize.inputs.dataset_inputs} >= {"tokenize.heldout"}
     # Curves, not only final figures: a point per logged step.
     for stage, metric in (("pretrain", "train_loss"), ("pretrain", "eval_loss"), ("sft", SFT_CURVE),
                           ("align", ALIGN_CURVE)):

@@ -285,6 +285,7 @@ def heldout_metrics(cfg: AlignConfig, ctx: StageContext, rt: Runtime, policy: An
 
 def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
     from stages.common.hub import require_cached_data
+    from stages.common.inputs import log_training_data
     from stages.common.train_ranks import cuda_device_count, layout_metrics, plan_ranks, train_in_ranks
     from stages.common.training import (
         free_memory,
@@ -348,6 +349,10 @@ def run(cfg: AlignConfig, ctx: StageContext) -> dict[str, float]:
     metrics.update(heldout_metrics(cfg, ctx, rt, policy, data, int(phase_metrics["steps"])))
     remove_checkpoints(ctx.output_dir / CHECKPOINTS, cfg.train)
     metrics["total_s"] = time.perf_counter() - started
+    # MLflow lineage: the data (files, dataset or corpus) and the preference pairs made of it; the model.
+    log_training_data(ctx, cfg.data, {"training": (ctx.output_dir / PREFERENCES / "train.parquet", len(data.train)),
+                                      "eval": (ctx.output_dir / PREFERENCES / "eval.parquet", len(data.eval))})
+    ctx.log_model("align", ctx.output("model"), params={"base_model": cfg.base_model, "method": cfg.method})
     return metrics
 
 

@@ -106,3 +106,22 @@ def dataset_state(name: str, split: str | None = None) -> str:
         return f"{ref.repo}@{resolve_revision(ref)}"
     except HubError:
         return "unresolved"
+
+
+def log_training_data(ctx: Any, data: Any, prepared: dict[str, tuple[Any, int]]) -> None:
+    """sft's or align's data in MLflow lineage (``StageContext.log_dataset``), identified as the fingerprint
+    identifies it (:func:`training_data_state`): each data file by its content digest, a dataset by its hub
+    commit or digest, pii's documents by their fingerprint; and what the stage prepared from it for training
+    (``prepared``: context -> (path under the output dir, rows), e.g. ``{"training": (train_file, 1200)}``)."""
+    if data.source == "corpus":
+        ctx.log_dataset("pii.documents", ctx.input("pii.documents"))
+    for key, state in training_data_state(data).items():
+        if key == "data.dataset":
+            local = os.path.expanduser(data.dataset)
+            source = local if os.path.exists(local) else f"hf://datasets/{data.dataset}"
+            ctx.log_dataset(data.dataset, source, digest=state.rpartition("@")[2])
+        else:  # data.files[<path>]
+            path = key[len(KEY) + 1:-1]
+            ctx.log_dataset(os.path.basename(path), path, digest=state)
+    for context, (path, rows) in prepared.items():
+        ctx.log_dataset(f"{ctx.stage}.{context}", path, rows=rows, context=context)

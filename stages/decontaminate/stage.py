@@ -121,6 +121,8 @@ def run(cfg: DecontaminateConfig, ctx: StageContext) -> dict[str, float]:
     per_task = {k: v for k, v in metrics.items() if k.startswith("contaminated.")}
     ctx.log.info("decontaminate: %d of %d documents share a %d-gram with an evaluation text: %s",
                  metrics["contaminated_docs"], total.docs_in, cfg.ngram, per_task or "none")
+    ctx.log_dataset(INPUT, ctx.input(INPUT), rows=total.docs_in)  # MLflow lineage
+    ctx.log_dataset("decontaminate.documents", ctx.output("documents"), rows=total.docs_out, context="output")
     return metrics
 
 

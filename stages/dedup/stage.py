@@ -174,6 +174,8 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     ctx.log.info("dedup: %d -> %d documents (%d exact, %d near duplicates removed) in %.1fs",
                  metrics["docs_in"], metrics["docs_out"], metrics["dropped_exact"], metrics["dropped_near"],
                  clock.seconds)
+    ctx.log_dataset("ingest.documents", ctx.input("ingest.documents"), rows=metrics["docs_in"])  # MLflow lineage
+    ctx.log_dataset("dedup.documents", ctx.output("documents"), rows=metrics["docs_out"], context="output")
     return metrics
 
 

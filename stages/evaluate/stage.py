@@ -8,9 +8,14 @@ Models (``models``, default all five), each evaluated on the same ``tasks`` (``u
                ``backend`` says: an in-memory model cannot be served (and it runs the local tasks only)
 ``pretrain``, ``sft``, ``align``, ``name=<dir|hub id>``  the HF model dirs, on ``backend`` (below),
                in ``dtype`` (auto: float32 on CPU, bfloat16 on GPU)
-``quantize``   the GPTQ model (or an outside model whose config declares a quantization): always
-               served by vLLM, in ``server.dtype`` (serve's: bf16 for 4-bit on CPU, whose kernels
-               reject float32)
+``quantize``   every format the quantize stage produced (``quantize.formats``), a row each, named
+               ``quantize.<format>`` (``quantize.gptq``, ``quantize.gguf``, ``quantize.awq``), in
+               the order of ``stage.quantize.formats``; one it skipped is logged. GPTQ and AWQ model
+               dirs (and an outside model whose config declares a quantization) are always served
+               by vLLM, in ``server.dtype`` (serve's: bf16 for 4-bit on CPU, whose kernels reject
+               float32); the GGUF file by llama.cpp in this process (llama-cpp-python's ``Llama``,
+               from lm-eval's token ids, with the primary format's tokenizer: llama.cpp's server
+               cannot give loglikelihoods, stages/evaluate/llama_lm.py says why)
 
 Backends (``backend``) of the unquantized model dirs:
 
@@ -49,22 +54,30 @@ Output ``results``::
 
     tasks/                  the local tasks (YAML + JSONL), an lm-eval include_path
     models/<model>.json     lm-eval's results for one model (no per-sample logs), plus an
-                            "llmpipe" block: backend (hf | vllm), source dir, seconds, and
-                            for a served model "server": dtype, tensor_parallel_size,
-                            data_parallel_size, num_concurrent (total), startup_s
+                            "llmpipe" block: backend (hf | vllm | llama.cpp), source dir,
+                            format, size_bytes, tokens_per_s, seconds, and for a served
+                            model "server": dtype, tensor_parallel_size, data_parallel_size,
+                            num_concurrent (total), startup_s, tokens_per_s (the GGUF's:
+                            engine llama.cpp, in_process, n_ctx, tokenizer, version)
     comparison.csv / .md    one row per model, one column per <task>.<metric> (.md: and the
                             few-shot count of each task below the table)
     comparison.png          the same as bar charts (perplexities on a log scale)
     vllm_server.log         the vLLM servers' logs (one section per served model)
+
+Size and speed: every quantized format gets ``<model>.size_mb`` (its weights on disk, from the quantize
+manifest), and every served model (and the GGUF) ``<model>.tokens_per_s``: ``throughput.requests``
+greedy completions of ``throughput.max_tokens`` tokens timed one after another on its engine
+(single-stream generation speed, measured the same way on vLLM and llama.cpp). Both are columns of
+the table and bars of the chart.
 
 Metrics: ``<model>.<task>.<metric>`` for every metric of every configured task (a group such as
 mmlu reports its aggregate; its members' figures stay in the JSON); a metric computed after a
 filter other than "none" is named ``<metric>_<filter>``;
 ``<model>.eval_s`` the seconds one model took; ``heldout.*`` the local tasks' document counts.
 
-Inputs: the four model dirs and ``tokenize.heldout``. The serve stage's ``endpoint`` is not one: it
-records a server that stopped when serve finished, so this stage starts its own on ``quantize.model``
-(and does not wait for serve's load test).
+Inputs: the four model dirs, ``quantize.formats`` and ``tokenize.heldout``. The serve stage's
+``endpoint`` is not one: it records servers that stopped when serve finished, so this stage starts
+its own on each quantized model dir (and does not wait for serve's load test).
 
 Resumable: each model's JSON is written atomically when that model is done, so a restarted
 attempt evaluates only the models not yet in ``models/`` and rebuilds the table from all of them.
@@ -92,13 +105,19 @@ UNTRAINED = "untrained"
 QUANTIZED = "quantize"
 MODEL_INPUTS = {"pretrain": "pretrain.model", "sft": "sft.model", "align": "align.model",
                 QUANTIZED: "quantize.model"}
+FORMATS_INPUT = "quantize.formats"  # the quantize output's formats (stages/common/quantized.py manifest)
 ALL_MODELS = (UNTRAINED, "pretrain", "sft", "align", QUANTIZED)
 HELDOUT_INPUT = "tokenize.heldout"
 MODELS_DIR, TASKS_DIR = "models", "tasks"
 TABLE_CSV, TABLE_MD, CHART = "comparison.csv", "comparison.md", "comparison.png"
 SERVER_LOG = "vllm_server.log"
+# Columns every served model gets beside its task metrics (model_metrics), and which way is better.
+SIZE_MB, TOKENS_PER_S = "size_mb", "tokens_per_s"
+THROUGHPUT_PROMPT = "The history of the city"  # the fixed prompt of the tokens/s measurement
+EXTRA_DIRECTIONS = {SIZE_MB: False, TOKENS_PER_S: True}
 DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
 BACKEND = Literal["hf", "vllm"]
+LLAMA_CPP = "llama.cpp"  # the backend of a GGUF model (not a choice of `backend`: always llama.cpp, in process)
 
 
 class EvalInputError(LlmpipeError):
@@ -130,6 +149,17 @@ class EvalServerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ThroughputConfig:
+    requests: int  # greedy completions timed per served model for its tokens/s; 0: not measured
+    max_tokens: int  # tokens each of them generates (EOS held back, so exactly this many)
+
+    def __post_init__(self) -> None:
+        Invalid.check([*([("requests", f"must be at least 0, got {self.requests}")] if self.requests < 0 else []),
+                       *([("max_tokens", f"must be at least 1, got {self.max_tokens}")] if self.max_tokens < 1
+                         else [])])
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     models: tuple[str, ...]  # in order: untrained, pretrain, sft, align, quantize, or name=<dir or hub id>
     tasks: tuple[str, ...]  # lm-eval task names; heldout_ppl / heldout_mc are built from held-out documents
@@ -146,6 +176,7 @@ class EvaluateConfig:
     bootstrap_iters: int  # resamples for the stderr of bootstrapped metrics (0: no stderr)
     offline: bool  # set HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1: local tasks and cached datasets only
     server: EvalServerConfig  # the vLLM servers: the quantized model's, and every model dir's with backend vllm
+    throughput: ThroughputConfig  # the tokens/s column of every served model (quantized formats, backend vllm)
 
     def __post_init__(self) -> None:
         problems = []
@@ -188,8 +219,9 @@ def parse_entry(entry: str) -> tuple[str, ModelSource | None]:
         return name, parse_model(name)
     if not name.replace("-", "_").replace(".", "_").isidentifier():
         raise EvalInputError(f"{entry!r}: the name before '=' must be a word (letters, digits, - _ .), got {name!r}")
-    if name in ALL_MODELS:
-        raise EvalInputError(f"{entry!r}: {name!r} is the name of a stage's model; call the outside model otherwise")
+    if name in ALL_MODELS or name.partition(".")[0] == QUANTIZED:
+        raise EvalInputError(f"{entry!r}: {name!r} is the name of a stage's model (quantize's formats are "
+                             f"{QUANTIZED}.<format>); call the outside model otherwise")
     try:
         source = parse_model(spec)
     except ModelSourceError as exc:
@@ -208,9 +240,17 @@ class ModelSpec:
     """One model to evaluate: its label, where it lives, and how lm-eval reaches it."""
 
     name: str
-    path: Path  # the model dir (for the untrained baseline: the dir whose config and tokenizer it copies)
-    backend: str  # "hf" (lm-eval's hf model) or "vllm" (a VllmServer, scored through local-completions)
+    path: Path  # the model dir or GGUF file (for the untrained baseline: the dir whose config and tokenizer it copies)
+    backend: str  # "hf" (lm-eval's hf model), "vllm" (a VllmServer) or "llama.cpp" (a GGUF, llama.cpp in process)
     quantized: bool = False  # served in ``server.dtype`` (the served configuration), not in ``dtype``
+    format: str | None = None  # gptq | gguf | awq: a format of the quantize output
+    tokenizer: Path | None = None  # the HF dir of its config and tokenizer when ``path`` is not one (a GGUF's)
+    size_bytes: int | None = None  # weight bytes on disk (the quantize manifest's), the table's size_mb
+
+    @property
+    def hf_dir(self) -> Path:
+        """The Hugging Face dir with the model's config.json and tokenizer."""
+        return self.tokenizer or self.path
 
 
 # ---------------------------------------------------------------- environment and inputs
@@ -223,6 +263,9 @@ def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
     every other model dir on ``backend``."""
     specs = []
     for name, source in model_sources(cfg):
+        if name == QUANTIZED:
+            specs += format_specs(ctx)
+            continue
         path = Path(ctx.input("pretrain.model")) if source is None else model_dir(source, ctx)
         if not (path / "config.json").is_file():
             raise EvalInputError(f"model '{name}': {path} is not a Hugging Face model dir (no config.json)")
@@ -233,10 +276,35 @@ def model_specs(cfg: EvaluateConfig, ctx: StageContext) -> list[ModelSpec]:
     return specs
 
 
+def format_specs(ctx: StageContext) -> list[ModelSpec]:
+    """The ``quantize`` entry: one model per format the quantize stage produced, in its order, named
+    ``quantize.<format>`` (``quantize.gptq``, ``quantize.gguf``...): GPTQ and AWQ model dirs served by
+    vLLM, a GGUF file by llama.cpp's server (with the primary model dir's config and tokenizer: the same
+    tokenizer, which lm-eval counts tokens with). A format quantize skipped is logged, not evaluated."""
+    from stages.common.quantized import read_formats
+
+    primary = Path(ctx.input("quantize.model"))
+    specs = []
+    for found in read_formats(ctx.input(FORMATS_INPUT)):
+        name = f"{QUANTIZED}.{found.format}"
+        if found.skipped or found.path is None:
+            ctx.log.warning("model '%s': not evaluated, quantize skipped it (%s)", name, found.skipped)
+            continue
+        gguf = found.path.is_file()
+        hf_dir = primary if gguf else found.path
+        if not (hf_dir / "config.json").is_file():
+            raise EvalInputError(f"model '{name}': {hf_dir} is not a Hugging Face model dir (no config.json)")
+        specs.append(ModelSpec(name, found.path, LLAMA_CPP if gguf else "vllm", quantized=True, format=found.format,
+                               tokenizer=hf_dir if gguf else None, size_bytes=found.bytes))
+    return specs
+
+
 def needed_inputs(cfg: EvaluateConfig) -> tuple[str, ...]:
-    """The outputs of the stages whose models are evaluated (``untrained`` takes pretrain's shape), and
-    the held-out documents when a local task is built from them."""
+    """The outputs of the stages whose models are evaluated (``untrained`` takes pretrain's shape; ``quantize``
+    its formats too), and the held-out documents when a local task is built from them."""
     refs = ["pretrain.model" if source is None else source.input_ref for _, source in model_sources(cfg)]
+    if any(name == QUANTIZED for name, _ in model_sources(cfg)):
+        refs.append(FORMATS_INPUT)
     return tuple(r for r in refs if r) + needed_heldout(cfg)
 
 
@@ -354,11 +422,27 @@ def lm_for(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, log: Any) ->
     scored, stopped, so the next model gets the whole GPUs).
     """
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    length = context_length(cfg, spec.path)
+    length = context_length(cfg, spec.hf_dir)
     if spec.name == UNTRAINED:
         yield untrained_lm(spec.path, cfg, device, dtype, length), {}, {}
     elif spec.backend == "hf":
         yield "hf", {"pretrained": str(spec.path), "dtype": dtype, "device": device, "max_length": length}, {}
+    elif spec.backend == LLAMA_CPP:
+        from stages.common.server_process import command_version
+        from stages.evaluate.llama_lm import gguf_lm, timed_generation
+
+        log.info("loading %s into llama.cpp (n_ctx %d, tokenizer %s)", spec.path, length, spec.hf_dir)
+        started = time.perf_counter()
+        lm = gguf_lm(spec.path, spec.hf_dir, length)
+        loaded = time.perf_counter() - started
+        try:
+            speed = timed_generation(lm.generate_exactly, THROUGHPUT_PROMPT, cfg.throughput.max_tokens,
+                                     cfg.throughput.requests)
+            yield lm, {}, {"engine": LLAMA_CPP, "in_process": True, "n_ctx": length, "tokenizer": str(spec.hf_dir),
+                           "version": command_version(("llama_cpp_python",)), "startup_s": loaded,
+                           "tokens_per_s": speed}
+        finally:
+            lm.close()
     else:
         from stages.common.vllm_server import VllmServer
 
@@ -367,11 +451,35 @@ def lm_for(spec: ModelSpec, cfg: EvaluateConfig, results_dir: Path, log: Any) ->
                  options["dtype"], length, options["tensor_parallel_size"], options["data_parallel_size"])
         with VllmServer(spec.path, log_file=results_dir / SERVER_LOG, **options) as server:
             log.info("vLLM ready at %s after %.0f s", server.base_url, server.startup_s)
+            speed = tokens_per_s(server, cfg.throughput)
             args = completions_args(spec, cfg, server, length)
             yield "local-completions", args, {
                 "dtype": server.dtype, "tensor_parallel_size": options["tensor_parallel_size"],
                 "data_parallel_size": options["data_parallel_size"], "num_concurrent": args["num_concurrent"],
-                "startup_s": server.startup_s}
+                "startup_s": server.startup_s, "tokens_per_s": speed}
+
+
+def tokens_per_s(server: Any, throughput: ThroughputConfig) -> float | None:
+    """Generation speed of a served model (the table's tokens/s): ``throughput.requests`` greedy completions
+    of :data:`THROUGHPUT_PROMPT`, one after another, each generating exactly ``throughput.max_tokens``
+    tokens (``min_tokens`` holds EOS back), after one untimed warm-up; completion tokens over wall
+    seconds (llama_lm.py ``timed_generation``, which times the GGUF the same way in llama.cpp). One stream
+    at a time, so the formats compare; the serve stage's load test measures concurrent throughput."""
+    import httpx
+
+    from stages.evaluate.llama_lm import timed_generation
+
+    with httpx.Client(timeout=300.0, headers=server.headers) as client:
+        def complete(prompt: str, n: int) -> int:
+            body = {"model": server.served_model_name, "prompt": prompt, "max_tokens": n, "min_tokens": n,
+                    "temperature": 0.0}
+            response = client.post(f"{server.base_url}/completions", json=body)
+            if response.status_code != 200:
+                raise EvalInputError(f"the throughput request to {server.base_url}/completions answered "
+                                     f"{response.status_code}: {response.text[:300]}")
+            return int(response.json()["usage"]["completion_tokens"])
+
+        return timed_generation(complete, THROUGHPUT_PROMPT, throughput.max_tokens, throughput.requests)
 
 
 def server_options(spec: ModelSpec, cfg: EvaluateConfig, length: int) -> dict[str, Any]:
@@ -401,7 +509,7 @@ def completions_args(spec: ModelSpec, cfg: EvaluateConfig, server: Any, length: 
     return {
         "model": server.served_model_name,
         "base_url": f"{server.base_url}/completions",
-        "tokenizer": str(spec.path),  # lm-eval counts context tokens with the model's own tokenizer
+        "tokenizer": str(spec.hf_dir),  # lm-eval counts context tokens with the model's own tokenizer
         "tokenizer_backend": "huggingface",
         "tokenized_requests": True,  # send token ids: the server scores exactly the tokens lm-eval counted
         "max_length": length,
@@ -444,6 +552,8 @@ def evaluate_model(spec: ModelSpec, cfg: EvaluateConfig, manager: Any, results_d
     results = json.loads(json.dumps(results, default=handle_non_serializable))
     results["n-shot"] = group_shots(results)
     results["llmpipe"] = {"model": spec.name, "backend": spec.backend, "source": str(spec.path),
+                          "format": spec.format, "size_bytes": spec.size_bytes,
+                          "tokens_per_s": (served or {}).get("tokens_per_s"),
                           "server": served or None, "seconds": time.perf_counter() - started}
     return results
 
@@ -475,6 +585,10 @@ def model_metrics(name: str, results: dict, order: tuple[str, ...] = ()) -> dict
                 continue
             out[f"{name}.{task}.{metric if filt == 'none' else f'{metric}_{filt}'}"] = float(value)
     out[f"{name}.eval_s"] = float(results["llmpipe"]["seconds"])
+    if results["llmpipe"].get("size_bytes") is not None:
+        out[f"{name}.{SIZE_MB}"] = results["llmpipe"]["size_bytes"] / 1e6
+    if results["llmpipe"].get("tokens_per_s") is not None:
+        out[f"{name}.{TOKENS_PER_S}"] = float(results["llmpipe"]["tokens_per_s"])
     return out
 
 
@@ -596,7 +710,8 @@ def write_chart(per_model: dict[str, dict[str, float]], results_dir: Path,
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
         task, _, metric = column.partition(".")
-        ax.set_title(f"{task}\n{metric}{_arrow(column, higher)}", fontsize=9)
+        ax.set_title(f"{task}\n{metric}{_arrow(column, higher)}" if metric else f"{task}{_arrow(column, higher)}",
+                     fontsize=9)
         if "perplexity" in metric and all(h > 0 for h in heights if h == h):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(columns):]:
@@ -684,6 +799,8 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     include = None
     if local:
         heldout = ctx.input(HELDOUT_INPUT) if needed_heldout(cfg) else None  # None: heldout.files
+        if heldout is not None:
+            ctx.log_dataset(HELDOUT_INPUT, heldout, context="eval")  # MLflow: the documents the local tasks come from
         built = build_local_tasks(heldout, results_dir / TASKS_DIR, cfg.heldout, local)
         include = built.include_path
         metrics.update(built.metrics())
@@ -693,7 +810,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
     ctx.log.info("few-shot examples per prompt: %s", fewshot_summary(cfg.tasks, cfg.num_fewshot))
 
     per_model: dict[str, dict[str, float]] = {}
-    higher: dict[str, bool] = {}
+    higher: dict[str, bool] = dict(EXTRA_DIRECTIONS)
     shots: dict[str, set[int]] = {}
     for spec in specs:
         tasks = model_tasks(spec.name, cfg.tasks)
@@ -710,6 +827,10 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, float]:
             shots.setdefault(task, set()).add(n)
         metrics.update(per_model[spec.name])
         ctx.log_artifact(result_path(results_dir, spec.name))
+        if spec.name != UNTRAINED:  # its path is pretrain's model dir, whose scores these are not
+            # MLflow: the scores on the model's logged model (the Models tab compares them), matched by its path
+            ctx.log_model_metrics(spec.path, {k.removeprefix(f"{spec.name}."): v
+                                              for k, v in per_model[spec.name].items()}, label=spec.name)
 
     csv_path, md_path = write_table(per_model, results_dir, higher, shots)
     chart = write_chart(per_model, results_dir, higher)
@@ -723,8 +844,8 @@ STAGE = Stage(
     name="evaluate",
     config=EvaluateConfig,
     run=run,
-    version=2,  # 2: published few-shot per task, untrained on local tasks only
-    inputs=("pretrain.model", "sft.model", "align.model", "quantize.model", HELDOUT_INPUT),
+    version=3,  # 2: published few-shot per task, untrained on local tasks only; 3: a row per quantized format
+    inputs=("pretrain.model", "sft.model", "align.model", "quantize.model", FORMATS_INPUT, HELDOUT_INPUT),
     select_inputs=needed_inputs,
     external=outside_state,
     preflight=preflight_problems,

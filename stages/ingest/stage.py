@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from pipeline import Invalid, LlmpipeError, Stage, StageContext, one_or_many
+from pipeline.fingerprint import fingerprint
 from pipeline.inputs import GZIP_MAGIC, Kind, Problem, file_problem, pattern_problems
 from stages.common.config import SourceConfig
 from stages.common.inputs import FASTTEXT_MODEL
@@ -623,6 +624,11 @@ def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
     metrics["shards"] = len(sources)
     ctx.log.info("ingest: %d records in, %d documents out, drops %s", total.docs_in, total.docs_out,
                  dict(total.drops))
+    # MLflow lineage: the crawl (its folder; digest: its files' state, as in the fingerprint), and the documents.
+    local = [s for s in sources if not is_url(s)]
+    where = os.path.commonpath(local) if local else sources[0] if sources else ", ".join(job.names)
+    ctx.log_dataset("ingest.warc", where, digest=fingerprint({"warc": input_state(cfg)}), rows=total.docs_in)
+    ctx.log_dataset("ingest.documents", ctx.output("documents"), rows=total.docs_out, context="output")
     return metrics
 
 

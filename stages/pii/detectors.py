@@ -140,6 +140,21 @@ _URL_USERINFO_BEFORE = re.compile(r"://(?:[^\s/@:]{0,128}:)?$")
 # "medium.com/@user"), not a mailbox; in its query string ("?to=bob@x.org") it is one.
 _URL_PATH_BEFORE = re.compile(r"://[^\s/?#]{1,253}/[^\s?#=&]{0,200}$")
 _SCP_PATH_AFTER = re.compile(r":[\w~./-]")
+# x@y.z in a Message-ID, In-Reply-To, References or Content-ID header (after ids before it on the
+# line) is a message id ("Message-ID: <54562798.8040500@DemoRecorder.com>" in a changelog), not a
+# mailbox.
+_MESSAGE_ID_HEADERS = ("message-id", "in-reply-to", "references", "content-id")
+_MESSAGE_ID_BEFORE = re.compile(
+    r"(?<![\w-])(?i:message-id|in-reply-to|references|content-id)[ \t]*:[ \t]*(?:<[^<>\n]{1,250}>[ \t,]*){0,16}<?$"
+)
+
+
+def _message_id(text: str, start: int) -> bool:
+    """Whether the address-shaped text at ``start`` sits in a message id header (a plain search for
+    the header's name first: the pattern would be tried at every position of the line)."""
+    line_start = max(text.rfind("\n", 0, start) + 1, start - 1200)
+    line = text[line_start:start].lower()
+    return any(h in line for h in _MESSAGE_ID_HEADERS) and bool(_MESSAGE_ID_BEFORE.search(text, line_start, start))
 
 
 def email_finder(cfg: EmailConfig) -> Finder:
@@ -153,11 +168,12 @@ def email_finder(cfg: EmailConfig) -> Finder:
             domain = m.group(1).lower()
             if domain.rsplit(".", 1)[-1] in _FILE_EXTENSIONS:
                 continue
-            account = (_URL_USERINFO_BEFORE.search(text, max(0, start - 140), start)
-                       or _SCP_PATH_AFTER.match(text, m.end())
-                       or _URL_PATH_BEFORE.search(text, max(0, start - 460), start))
+            not_mailbox = (_URL_USERINFO_BEFORE.search(text, max(0, start - 140), start)
+                           or _SCP_PATH_AFTER.match(text, m.end())
+                           or _URL_PATH_BEFORE.search(text, max(0, start - 460), start)
+                           or _message_id(text, start))
             reserved = cfg.keep_reserved_domains and is_reserved_domain(domain)
-            yield start, m.end(), not (account or reserved)
+            yield start, m.end(), not (not_mailbox or reserved)
 
     return find
 
@@ -272,7 +288,8 @@ _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 # "version 1.2.3.4", "versions after 1.2.3.4", "section 1.2.3.4", "OID 1.2.3.4", "Chrome/120.0.0.0",
 # "gettext-0.19.8.1", "pkg==1.2.3.4".
 _VERSION_BEFORE = re.compile(
-    r"(?:\b(?:v|ver|vers|versions?|releases?|rel|builds?|rev|revision|firmware|fw|patch|kb|bump(?:s|ed)?)\.?"
+    r"(?:\b(?:v|ver|vers|versions?|releases?|rel|builds?|rev|revision|firmware|fw|patch|kb|bump(?:s|ed)?"
+    r"|kernel|linux|jvm|jdk|jre)\.?"
     r"(?:[ \t]+(?:after|before|from|to|since|until|is|was|of|and|or)){0,2}"
     r"|\b(?:sections?|sec|chapters?|ch|clauses?|articles?|art|figures?|fig|tables?|tab|items?|steps?|paragraphs?"
     r"|para|appendix|oid)\.?"
@@ -305,17 +322,17 @@ _TINY_MAX = 31
 _SNAPSHOT = range(90, 100)
 _TINY_EXEMPT = ("10", "127")
 # Evidence that a quad is an address all the same (``address_evidence``): a port, a prefix length or
-# a zone index right after it; a scheme or "@" right before it; a networking word (in a few
-# languages), command or interface name shortly before it (on its line or at the end of the line
-# before: prose is wrapped); an IPv6 address near it. A prefix length shorter than 16 names a large
-# network, whose address ends in .0: after another quad, "/9" or "/10" is a version's or a
-# paragraph's ("linux 2.6.8.1/9", "C11 7.21.6.2/10").
+# a zone index right after it; a scheme or "@" right before it ("user@[1.2.3.4]" too); a
+# networking word (in a few languages), command or interface name shortly before it (on its line or
+# at the end of the line before: prose is wrapped); an IPv6 address near it. A prefix length
+# shorter than 16 names a large network, whose address ends in .0: after another quad, "/9" or
+# "/10" is a version's or a paragraph's ("linux 2.6.8.1/9", "C11 7.21.6.2/10").
 _PORT_AFTER = re.compile(r":\d{1,5}(?![\d.:])")
 # a port, a host prefix, a zone
 _ADDRESS_AFTER = re.compile(_PORT_AFTER.pattern + r"|/(?:1[6-9]|2\d|3[0-2])(?![\d./])|%\w")
 _NETWORK_PREFIX_AFTER = re.compile(r"/\d{1,2}(?![\d./])")
 _ADDRESS_BEFORE = re.compile(
-    r"(?:://|@)$|(?i:(?<![a-z])ip(?:v4|s)?(?![a-z])|address|addr\b|host|server|resolver|gateway|router|route\b"
+    r"(?:://|@)\[?$|(?i:(?<![a-z])ip(?:v4|s)?(?![a-z])|address|addr\b|host|server|resolver|gateway|router|route\b"
     r"|netmask|subnet|proxy|dns|ping|listen|bind\b|connect|peer|remote|\blocal\b|\bvia\b|hop\b|client|inet\b"
     r"|firewall|dhcp|src\b|dst\b|adress|adres\b|direcci[oó]n|indirizzo|endere[cç]o|адрес|アドレス|地址|주소"
     r"|\b(?:ssh|telnet|curl|wget|nc|dig|nslookup|traceroute|tracepath|whois|mtr|arp|ifconfig|iptables|nmap)\b"
@@ -324,7 +341,9 @@ _ADDRESS_BEFORE = re.compile(
 )
 # A version's tail: a Debian revision or a pre-release ("2.1.8.2-0ubuntu1", "1.2.3.4-beta", "1.15.7.2~");
 # "-" before another address is a range ("192.168.1.2-192.168.1.3").
-_VERSION_AFTER = re.compile(r"-(?:\d{1,3}(?![\d.])|[A-Za-z])|~|\+[A-Za-z0-9]")
+# A Debian changelog heading closes the version and names the suite: "dpkg (0.93.42.3) BETA; urgency=low".
+_VERSION_AFTER = re.compile(r"-(?:\d{1,3}(?![\d.])|[A-Za-z])|~|\+[A-Za-z0-9]"
+                            r"|\)(?:[ \t]+[\w./-]{1,40}){1,4};[ \t]*(?:urgency|priority)=")
 # What joins a quad to a version just before it: "4.5.103.30 from 4.4.63.30", "1.2.3.4, 1.2.3.5".
 _NUMBER_LINK = re.compile(r"[ \t]*(?:[,;/-]|\.\.|to|from|and|or)?[ \t]*")
 # Release-note verbs, maybe with the product's name: "Requires xextproto 7.0.99.1", "Upgrade V8 to
@@ -332,7 +351,8 @@ _NUMBER_LINK = re.compile(r"[ \t]*(?:[,;/-]|\.\.|to|from|and|or)?[ \t]*")
 # 1.15.5.4)" -- unless a networking word is among them: "update DNS to 9.9.9.9" is an address.
 _VERSION_VERB_BEFORE = re.compile(
     r"(?i:\b(?:requires?|required|depends?(?:[ \t]+on)?|upgrade[sd]?|update[sd]?|bump(?:s|ed)?|ships?|shipped"
-    r"|patch(?:e[sd])?|built(?:[ \t]+(?:with|against))?|linked[ \t]+against|since|seit|depuis|desde|sinds|sedan))"
+    r"|patch(?:e[sd])?|built(?:[ \t]+(?:with|against))?|linked[ \t]+against|since|seit|depuis|desde|sinds|sedan"
+    r"|(?:confirmed|tested|fixed|introduced|added|removed|deprecated|broken)[ \t]+(?:in|on|with)))"
     r"(?:[ \t]+to)?(?:[ \t]+[A-Za-z][\w.+-]{0,30}){0,3}(?:[ \t]+(?:to|version))?[ \t]+$"
 )
 # A line that is a product's name and a small quad, nothing else: a release heading ("Git 1.8.5.6",
@@ -353,22 +373,49 @@ _DOTTED = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}(?:\.\d{1,3})?(?!\
 def _ipv4(text: str, cfg: IpConfig) -> Iterator[Span]:
     numbering: set[str] | None = None  # built on first need
     number_end = -1  # where the last quad kept as a number ends
+    verdicts: list[tuple[re.Match[str], bool | None]] = []  # kept as a number?
+    named_numbers: set[str] = set()  # quads that their own context reads as numbers
     for m in _IPV4.finditer(text):
         start, end = m.start(), m.end()
+        if cfg.ipv6 and start and text[start - 1] == ":" and (token := _ipv6_ending_at(text, start, end)):
+            # The tail of "::ffff:123.123.123.123": the IPv6 finder takes the whole address -- unless
+            # it keeps it while the quad alone would go ("64:ff9b::93.184.216.34", NAT64).
+            if address_verdict(token, cfg) or not address_verdict(m.group(), cfg):
+                continue
+        kept: bool | None = False
         if cfg.version_context:
             kept = reads_as_number(text, start, end, number_end)
-            if kept is None:  # small parts and no other clue: is it part of the text's numbering?
+            if kept:
+                named_numbers.add(m.group())
+            elif kept is None:  # small parts and no other clue: is it part of the text's numbering?
                 if numbering is None:
                     numbering = numbered_prefixes(text)
                 parts = m.group().split(".")
                 kept = ".".join(parts[:3]) in numbering or (parts[0] not in _TINY_EXEMPT and tiny(parts))
             if kept:
                 number_end = end
-                yield start, end, False
-                continue
+        verdicts.append((m, kept))
+    for m, kept in verdicts:
+        # A value the text calls a version (or a section) once is one wherever it recurs without a
+        # sign of an address: "retrieving revision 1.58.2.2" ... "-0000\t1.58.2.2" in a CVS diff.
+        if kept or (m.group() in named_numbers and not address_evidence(text, m.start(), m.end())):
+            yield m.start(), m.end(), False
+            continue
         verdict = address_verdict(m.group(), cfg)
         if verdict is not None:
-            yield start, end, verdict
+            yield m.start(), m.end(), verdict
+
+
+def _ipv6_ending_at(text: str, start: int, end: int) -> str | None:
+    """The IPv6 address (an IPv4-mapped or embedded form) that the quad text[start:end] ends, if any."""
+    for token_start, token in ipv6_tokens(text, max(0, start - 40), end):
+        if token_start < start and token_start + len(token) == end:
+            try:
+                ipaddress.IPv6Address(token)
+            except ValueError:
+                return None
+            return token
+    return None
 
 
 def tiny(parts: list[str]) -> bool:

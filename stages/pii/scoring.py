@@ -8,8 +8,9 @@ labelling rules are in the README beside it) is JSONL, one passage per line::
                 "batch": "a"}]}
 
 Every candidate span of a passage is labelled with the PII type it is (``LABELS``) or ``none``,
-and carries the batch it was labelled in (``a`` and ``b``: the rules of issue 14 were written
-looking at them; ``c``: labelled after the rules were frozen; see the README).
+and carries the batch it was labelled in (``a``, ``b``, ``c``: the rules of issue 14 were written
+looking at them; ``d1``, ``d2``: labelled before the last round of rules, ``d2`` never used to
+write one; see the README).
 A detection counts as a true positive when a span with exactly its offsets carries its type;
 any other detection is a false positive, including one where no candidate was (so an unlabelled
 passage can only lower precision). A labelled span that no detection matches exactly is a false
@@ -24,7 +25,7 @@ through here, so they cannot disagree on what a hit is.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,15 +116,17 @@ def wanted_by(ip: IpConfig, email: EmailConfig) -> Callable[[str, str], bool]:
 
 
 def score(scrubber: Scrubber, records: list[Record], wanted: Callable[[str, str], bool] | None = None,
-          batch: str | None = None) -> dict[str, Counts]:
+          batch: str | Collection[str] | None = None) -> dict[str, Counts]:
     """Counts per type over ``records``; ``wanted(label, value)``: which labelled spans must be found
-    (default: every span labelled with a type); ``batch``: count only the spans of that batch (a
-    detection of a span of another batch is left out; one where no span is counts in every batch)."""
+    (default: every span labelled with a type); ``batch``: count only the spans of that batch, or of
+    those batches (a detection of a span of another batch is left out; one where no span is counts
+    once, whatever the batches: score several batches in one call rather than summing calls)."""
     counts = {t: Counts() for t in scrubber.types}
+    batches = {batch} if isinstance(batch, str) else None if batch is None else set(batch)
     for rec in records:
         text = rec["text"]
         labelled = {(s["start"], s["end"]): s["label"] for s in rec["spans"]
-                    if batch is None or s.get("batch") == batch}
+                    if batches is None or s.get("batch") in batches}
         elsewhere = {(s["start"], s["end"]) for s in rec["spans"]} - set(labelled)
         found = set()
         for start, end, kind in scrubber.find(text):

@@ -321,6 +321,7 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     done = finished_summary(ctx.output_dir)
     if done is not None:
         ctx.log.info("the previous attempt finished training and exported the model; reusing it")
+        log_lineage(ctx)
         return done
     data = inspect_inputs(cfg, ctx.input("tokenize.tokenizer"), ctx.input("tokenize.tokens"))
     cuda_devices, bf16_supported = _cuda_state()
@@ -350,7 +351,17 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     if summary is None:
         raise TrainingFailed(f"the ranks exited cleanly but {ctx.output_dir / SUMMARY_FILE} or the exported "
                              f"model is missing")
+    log_lineage(ctx)
     return summary
+
+
+def log_lineage(ctx: StageContext) -> None:
+    """MLflow lineage: the token shards trained and validated on (the datasets tokenize logged), and the model
+    (a reference to the exported files)."""
+    tokens = ctx.input("tokenize.tokens")
+    ctx.log_dataset("tokenize.tokens.train", tokens / "train", context="training")
+    ctx.log_dataset("tokenize.tokens.val", tokens / "val", context="validation")
+    ctx.log_model("pretrain", ctx.output("model"))
 
 
 STAGE = Stage(

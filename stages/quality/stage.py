@@ -181,6 +181,8 @@ def run(cfg: QualityConfig, ctx: StageContext) -> dict[str, float]:
     metrics = {**total.metrics(timer.seconds), **metrics}
     ctx.log.info("quality: kept %d of %d documents; drops: %s", total.docs_out, total.docs_in,
                  dict(total.drops.most_common()))
+    ctx.log_dataset("dedup.documents", ctx.input("dedup.documents"), rows=total.docs_in)  # MLflow lineage
+    ctx.log_dataset("quality.documents", ctx.output("documents"), rows=total.docs_out, context="output")
     return metrics
 
 

@@ -1,6 +1,20 @@
-"""quantize: GPTQ weight-only quantization of the aligned model with gptqmodel, checked by perplexity.
+"""quantize: weight-only quantization of the aligned model in several formats, checked by perplexity.
 
-What it does, in order:
+``formats`` lists what is written, in order: ``gptq`` (gptqmodel, below), ``gguf`` (llama.cpp's own
+converter and quantizer: gguf.py) and ``awq`` (gptqmodel's AWQ: awq.py). The first is the primary and is
+written into the ``model`` output (a model dir for gptq/awq, ``model/model-<type>.gguf`` for gguf), so
+``base_model: quantize`` downstream means it; the others go under ``formats/<format>/``. The ``formats``
+output holds ``manifest.json``: one entry per format, in order, with its path (relative to the output
+dir), bytes, held-out perplexity and its ratio to the fp model's, and format facts; serve and evaluate
+read it with stages/common/quantized.py. An unknown or repeated entry, or an empty list, is a
+:class:`QuantizeFormatError` at config time. Every format's perplexity must stay within
+``perplexity.max_ratio`` of the fp model's (:class:`QuantizePerplexityError` names those that do not,
+after all are written and measured). Metrics: ``<format>.bytes``, ``<format>.perplexity``,
+``<format>.perplexity_ratio``, and GPTQ's figures under their names from before (``size/*``,
+``perplexity/*``, ``calibration/*``, ``quantize/*``). GPTQ and AWQ share the calibration set, all
+formats the held-out windows and the fp model's perplexity (each measured once).
+
+What GPTQ does, in order:
 
 1. Checks that the model's shapes fit the configured GPTQ groups and the 4-bit kernels before any
    heavy work: every linear layer that gets quantized (all but the LM head) must have an input
@@ -41,8 +55,11 @@ Inputs (:func:`needed_inputs`): ``pii.documents`` and ``tokenize.heldout`` only 
 read them. Outside files are checked at plan time (:func:`input_problems`) and hashed into the
 fingerprint (:func:`external_state`).
 
-Restart-safe and resumable: GPTQ goes layer by layer, and gptqmodel checkpoints each finished
-layer to ``<output>/gptq/checkpoint`` (``CheckpointConfig``; Llama-family models). A later attempt
+Restart-safe and resumable: each format is written atomically and, with its info file (times,
+calibration facts), marks it done: a later attempt of the same fingerprint only measures it. GGUF's
+unquantized intermediate (``llama.cpp/model-<outtype>.gguf``) is reused too (and deleted after success
+unless ``keep_checkpoint``). GPTQ goes layer by layer, and gptqmodel checkpoints each finished layer to
+``<output>/gptq/checkpoint`` (``CheckpointConfig``; Llama-family models). A later attempt
 of the same fingerprint resumes from the last finished layer (logged; the tests check that a
 resumed run writes bit-identical weights), and an attempt that finds the finished ``model`` dir
 only re-measures. A checkpoint gptqmodel refuses (say, an attempt on another machine: its
@@ -61,133 +78,60 @@ over from the first layer. ``quantize/resumed_after_layers`` (0: from the start)
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import gc
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pipeline import Invalid, LlmpipeError, Stage, StageContext
-from pipeline.files import atomic_path, set_aside
+from pipeline import Stage, StageContext
+from pipeline.files import atomic_path, set_aside, write_json_atomic
 from pipeline.inputs import Problem
 from stages.common.models import (
     base_model_hooks,
-    check_model_spec,
     model_dir,
     parse_model,
 )
+from stages.common.quantized import FORMATS_DIR, MANIFEST
 from stages.common.shards import list_parquet
-from stages.common.training import TrainingDataError, expand_files, file_suffix, jsonl_records, source_problems
-
-BASE_STAGES = ("align", "sft", "pretrain")  # the stages base_model may name
-
-MODEL = "model"
-WORK = "gptq"  # gptqmodel's working dir in the output: logs/, checkpoint/, offload/
-CHECKPOINT = "checkpoint"  # gptqmodel's layer checkpoint store, in WORK
-GPTQ_STORE_VERSION = 1  # the format of gptqmodel's checkpoint store (looper/checkpoint_store.py) read here
-INFO_FILE = "quantize_info.json"  # calibration and timing facts of the quantization, next to the model
-# 4-bit weights are packed eight to an int32 along the input width (zeros along the output width),
-# and vLLM's CPU kernel (cpu_gemm_wna16) wants both widths in multiples of 32.
-KERNEL_MULTIPLE = 32
-GPTQ_BITS = (2, 3, 4, 8)  # what gptqmodel's GPTQ format stores; vLLM's CPU kernel runs 4-bit
-# Files of a model dir that make up its tokenizer (copied verbatim next to the quantized weights).
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges*", "*.model",
-                   "chat_template*")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Outside documents files (calibration.files, perplexity.files): one document per record, in a text field.
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-SOURCE_INPUTS = {"corpus": "pii.documents", "heldout": "tokenize.heldout"}  # the pipeline input of each source
-
-
-class QuantizeError(LlmpipeError):
-    """The quantize stage cannot run on this input or config; the message names the key or file."""
-
-
-class QuantizeShapeError(QuantizeError):
-    """A layer's shape does not fit the GPTQ group size or the 4-bit kernels' multiples."""
-
-
-class CalibrationError(QuantizeError):
-    """The corpus yields no usable calibration sample."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class CalibrationSettings:
-    source: Literal["corpus", "files"]  # corpus: the cleaned documents (pii.documents) | files: the documents of files
-    files: tuple[str, ...]  # source=files: JSONL (.jsonl, .jsonl.gz) or Parquet paths or globs, a text field per record
-    samples: int  # calibration sequences (the GPTQ paper: 128 x 2048 tokens)
-    max_tokens: int  # tokens per sequence: documents are packed EOS-separated into sequences this long
-    seed: int  # seeds the order of shards and of documents within a shard
-    batch_size: int  # samples per calibration forward pass (padded when > 1)
-
-    def __post_init__(self) -> None:
-        problems = source_problems(self.source, self.files, None)
-        problems += [(name, f"must be at least 1, got {getattr(self, name)}")
-                     for name in ("samples", "batch_size") if getattr(self, name) < 1]
-        if self.max_tokens < 2:
-            problems.append(("max_tokens", f"must be at least 2, got {self.max_tokens}"))
-        Invalid.check(problems)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PerplexitySettings:
-    source: Literal["heldout", "files"]  # heldout: the held-out split (tokenize.heldout) | files: those of files
-    files: tuple[str, ...]  # source=files: JSONL (.jsonl, .jsonl.gz) or Parquet paths or globs, a text field per record
-    max_tokens: int  # held-out tokens to score (each model); 0: skip the perplexity comparison
-    seq_len: int  # tokens per scored window; at most the model's context
-    batch_size: int  # windows per forward pass (execution-only)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"]  # both models; auto: fp32 on CPU, bf16 on CUDA
-
-    def __post_init__(self) -> None:
-        problems = source_problems(self.source, self.files, None)
-        if self.max_tokens < 0:
-            problems.append(("max_tokens", f"must be >= 0 (0 skips perplexity), got {self.max_tokens}"))
-        if self.seq_len < 2:
-            problems.append(("seq_len", f"must be at least 2, got {self.seq_len}"))
-        if self.batch_size < 1:
-            problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
-        Invalid.check(problems)
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantizeConfig:
-    base_model: str  # the model quantized: align, sft or pretrain (their output), a model dir, or org/name[@rev]
-    bits: int  # weight bits (2, 3, 4 or 8; vLLM's CPU kernel runs 4)
-    group_size: int  # input columns sharing one scale/zero; -1: one group per row
-    sym: bool  # symmetric quantization (no zero point offset); vLLM's fast kernels want it
-    desc_act: bool  # act-order: quantize columns by decreasing Hessian diagonal (slower kernels)
-    act_group_aware: bool  # gptqmodel's group-aware reordering: better error, g_idx stays sequential
-    damp_percent: float  # Hessian dampening, a fraction of its mean diagonal
-    calibration: CalibrationSettings  # the calibration set
-    perplexity: PerplexitySettings  # the before/after check
-    cpu_workers: int | None  # GPTQMODEL_CPU_WORKERS; null: gptqmodel's default (execution-only)
-    keep_checkpoint: bool  # keep gptqmodel's layer checkpoint after success (execution-only)
-
-    def __post_init__(self) -> None:
-        problems = check_model_spec(self.base_model, BASE_STAGES)
-        if self.bits not in GPTQ_BITS:
-            problems.append(("bits", f"must be one of {GPTQ_BITS}, got {self.bits}"))
-        if self.group_size != -1 and self.group_size < 1:
-            problems.append(("group_size", f"must be positive or -1 (one group per row), got {self.group_size}"))
-        if not 0.0 < self.damp_percent < 1.0:
-            problems.append(("damp_percent", f"must be in (0, 1), got {self.damp_percent}"))
-        if self.desc_act and self.act_group_aware:
-            problems.append(("", "desc_act and act_group_aware are both true: they are two column orders; "
-                                 "set act_group_aware: false to use act-order"))
-        if self.cpu_workers is not None and self.cpu_workers < 1:
-            problems.append(("cpu_workers", f"must be at least 1 or null, got {self.cpu_workers}"))
-        Invalid.check(problems)
-
+from stages.common.training import TrainingDataError, expand_files, file_suffix, jsonl_records
+from stages.quantize.config import (  # noqa: F401 - names tests and the writers import from here too
+    AWQ_BITS,
+    BASE_STAGES,
+    CHECKPOINT,
+    GGUF_TYPES,
+    GPTQ_BITS,
+    GPTQ_STORE_VERSION,
+    INFO_FILE,
+    KERNEL_MULTIPLE,
+    MODEL,
+    SOURCE_INPUTS,
+    TEXT_SUFFIXES,
+    TOKENIZER_FILES,
+    WEIGHT_SUFFIXES,
+    WORK,
+    AwqSettings,
+    Calibration,
+    CalibrationError,
+    CalibrationSettings,
+    GgufSettings,
+    PerplexitySettings,
+    QuantizeConfig,
+    QuantizeError,
+    QuantizeFormatError,
+    QuantizePerplexityError,
+    QuantizeShapeError,
+    format_problems,
+    gptq_environment,
+)
 
 # ---------------------------------------------------------------- shape check
 
@@ -206,15 +150,16 @@ def quantized_linears(model_dir: Path) -> list[tuple[str, int, int]]:
             if isinstance(m, torch.nn.Linear) and m is not head]
 
 
-def check_shapes(linears: Sequence[tuple[str, int, int]], group_size: int, model_dir: Path) -> None:
+def check_shapes(linears: Sequence[tuple[str, int, int]], group_size: int, model_dir: Path,
+                 key: str = "group_size") -> None:
     """Raise QuantizeShapeError naming the first layer whose input width the groups do not divide,
-    else the first whose widths are off the kernels' multiple."""
+    else the first whose widths are off the kernels' multiple. ``key``: the group size's config key."""
     for name, fan_in, fan_out in linears:
         if group_size > 0 and fan_in % group_size:
             fitting = [g for g in (32, 64, 128, 256) if all(i % g == 0 for _, i, _ in linears)]
             hint = f"group sizes that fit every layer: {fitting}" if fitting else "no power-of-two group size fits"
             raise QuantizeShapeError(
-                f"stage.quantize.group_size={group_size} does not divide the input width of layer {name!r} "
+                f"stage.quantize.{key}={group_size} does not divide the input width of layer {name!r} "
                 f"(in_features={fan_in}, out_features={fan_out}) of model {model_dir}: GPTQ groups are whole "
                 f"runs of input columns; {hint}, or -1 for one group per row")
     for name, fan_in, fan_out in linears:
@@ -271,11 +216,18 @@ def external_state(cfg: QuantizeConfig) -> dict[str, str] | None:
 
 def input_problems(cfg: QuantizeConfig) -> list[Problem]:
     """Plan-time check of ``calibration.files`` and ``perplexity.files`` (when read): every pattern matches,
-    every file is JSONL (.jsonl, .jsonl.gz) or Parquet and starts like one."""
+    every file is JSONL (.jsonl, .jsonl.gz) or Parquet and starts like one; and, when ``formats`` lists gguf,
+    that llama.cpp's converter and llama-cpp-python are installed."""
     from stages.common.inputs import data_file_problems
 
-    return [(key, message) for key, patterns in _files_blocks(cfg)
-            for _, message in data_file_problems(patterns, TEXT_SUFFIXES)]
+    problems = [(key, message) for key, patterns in _files_blocks(cfg)
+                for _, message in data_file_problems(patterns, TEXT_SUFFIXES)]
+    if "gguf" in cfg.formats:
+        from stages.quantize.gguf import missing_parts
+
+        if (missing := missing_parts()) is not None:
+            problems.append(("formats", f"lists gguf: {missing}"))
+    return problems
 
 
 def document_files(settings: CalibrationSettings | PerplexitySettings, key: str, ctx: StageContext) -> list[Path]:
@@ -298,21 +250,6 @@ def source_name(settings: CalibrationSettings | PerplexitySettings, key: str, ct
 
 
 # ---------------------------------------------------------------- calibration
-
-
-@dataclass
-class Calibration:
-    """The calibration set handed to gptqmodel, and what was read to make it."""
-
-    samples: list[dict[str, list[int]]] = field(default_factory=list)
-    tokens: int = 0
-    documents: int = 0
-    skipped_empty: int = 0
-    shards_read: int = 0
-
-    def add(self, ids: list[int]) -> None:
-        self.samples.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-        self.tokens += len(ids)
 
 
 def read_texts(shard: Path) -> list[Any]:
@@ -376,31 +313,6 @@ def build_calibration(shards: Sequence[Path], tokenizer: Any, cfg: CalibrationSe
 
 
 # ---------------------------------------------------------------- GPTQ
-
-
-@contextlib.contextmanager
-def gptq_environment(work: Path, cpu_workers: int | None) -> Iterator[None]:
-    """Run gptqmodel inside ``work`` (it writes ``./logs/``) with its CPU worker count, and its
-    progress bars in headless mode when stdout is a file (logbar checks TERM, not isatty)."""
-    env = {"GPTQMODEL_CPU_WORKERS": str(cpu_workers) if cpu_workers else None}
-    if not sys.stdout.isatty():
-        env["TERM"] = "dumb"
-    saved = {k: os.environ.get(k) for k in env}
-    previous_dir = os.getcwd()
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        for k, v in env.items():
-            if v is not None:
-                os.environ[k] = v
-        os.chdir(work)
-        yield
-    finally:
-        os.chdir(previous_dir)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass
@@ -650,29 +562,71 @@ def model_perplexity(model_dir: Path, windows: Sequence[list[int]], settings: Pe
             torch.cuda.empty_cache()
 
 
-def compare_perplexity(src: Path, dest: Path, heldout: Sequence[Path], tokenizer: Any, settings: PerplexitySettings,
-                       work: Path, log: Any) -> dict[str, float]:
-    """Perplexity of the source and the quantized model on the same held-out windows, and the delta.
+class PerplexityCheck:
+    """The held-out perplexity of the source model and of each format, on the same windows (built once,
+    on first use, as is the fp model's figure), held to ``perplexity.max_ratio``.
     ``heldout``: the documents files scored, in order (the held-out shards, or ``perplexity.files``)."""
-    if settings.max_tokens == 0:
-        log.info("perplexity.max_tokens is 0: skipping the perplexity comparison")
+
+    def __init__(self, src: Path, heldout: Sequence[Path], tokenizer: Any, settings: PerplexitySettings,
+                 log: Any) -> None:
+        self.src, self.heldout, self.tokenizer, self.settings, self.log = src, heldout, tokenizer, settings, log
+        self._windows: list[list[int]] | None = None
+        self._fp: float | None = None
+        self.too_high: list[str] = []  # the formats over the bound, as messages
+
+    @property
+    def windows(self) -> list[list[int]]:
+        if self._windows is None:
+            s = self.settings
+            self._windows = heldout_windows(self.heldout, self.tokenizer, s.max_tokens, s.seq_len) \
+                if s.max_tokens else []
+            if s.max_tokens == 0:
+                self.log.info("perplexity.max_tokens is 0: skipping the perplexity comparison")
+            elif not self._windows:
+                where = f"perplexity.files {list(s.files)}" if s.source == "files" else "the held-out split"
+                self.log.warning("%s: no tokens in %d file(s): no perplexity comparison", where, len(self.heldout))
+        return self._windows
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(w) - 1 for w in self.windows)
+
+    def fp(self) -> float:
+        if self._fp is None:
+            self._fp = model_perplexity(self.src, self.windows, self.settings)
+        return self._fp
+
+    def measure(self, fmt: str, score: Any) -> dict[str, float]:
+        """``score(windows)``: the format's perplexity. Returns its metrics (none without windows) and
+        records a figure over the bound."""
+        if not self.windows:
+            return {}
+        started = time.time()
+        fp, quantized = self.fp(), score(self.windows)
+        ratio = quantized / fp
+        self.log.info("%s: held-out perplexity over %d tokens: %.3f before, %.3f after quantization (%+.2f%%)",
+                      fmt, self.tokens, fp, quantized, 100 * (ratio - 1))
+        if not ratio <= self.settings.max_ratio:  # a NaN fails too
+            self.too_high.append(f"{fmt}: {quantized:.4g} vs {fp:.4g} for the fp model (ratio {ratio:.3f})")
+        return {f"{fmt}.perplexity": quantized, f"{fmt}.perplexity_ratio": ratio, "perplexity/fp": fp,
+                f"{fmt}.perplexity_seconds": time.time() - started}
+
+    def check(self) -> None:
+        """QuantizePerplexityError naming every format over ``perplexity.max_ratio``."""
+        if self.too_high:
+            raise QuantizePerplexityError(
+                f"held-out perplexity above stage.quantize.perplexity.max_ratio={self.settings.max_ratio} x the fp "
+                f"model's: {'; '.join(self.too_high)}")
+
+
+def gptq_perplexity_metrics(found: dict[str, float], tokens: int) -> dict[str, float]:
+    """The GPTQ figures under their names from before there were formats (perplexity/quantized, ...)."""
+    if "gptq.perplexity" not in found:
         return {}
-    windows = heldout_windows(heldout, tokenizer, settings.max_tokens, settings.seq_len)
-    if not windows:
-        where = f"perplexity.files {list(settings.files)}" if settings.source == "files" else "the held-out split"
-        log.warning("%s: no tokens in %d file(s): no perplexity comparison", where, len(heldout))
-        return {}
-    started = time.time()
-    fp = model_perplexity(src, windows, settings)
-    # gptqmodel's kernels write ./logs/ and offload dirs on load too: keep them in the work dir.
-    with gptq_environment(work, None):
-        quantized = model_perplexity(dest, windows, settings)
-    tokens = sum(len(w) - 1 for w in windows)
-    log.info("held-out perplexity over %d tokens: %.3f before, %.3f after quantization (%+.2f%%)",
-             tokens, fp, quantized, 100 * (quantized / fp - 1))
-    return {"perplexity/fp": fp, "perplexity/quantized": quantized, "perplexity/delta": quantized - fp,
+    fp, quantized = found["perplexity/fp"], found["gptq.perplexity"]
+    return {"perplexity/quantized": quantized, "perplexity/delta": quantized - fp,
             "perplexity/delta_pct": 100.0 * (quantized / fp - 1.0), "perplexity/tokens": float(tokens),
-            "perplexity/seconds": time.time() - started}
+            "perplexity/seconds": found["gptq.perplexity_seconds"]}
 
 
 # ---------------------------------------------------------------- the stage
@@ -699,9 +653,8 @@ def check_input(src: Path, cfg: QuantizeConfig) -> dict[str, Any]:
     return config
 
 
-def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path, work: Path,
-                   tokenizer: Any) -> dict[str, Any]:
-    """Calibrate, run GPTQ and write the finished ``dest`` atomically; return the facts for metrics."""
+def calibration_set(cfg: QuantizeConfig, ctx: StageContext, tokenizer: Any) -> Calibration:
+    """The calibration samples (GPTQ and AWQ share them), after checking there are some."""
     cal = build_calibration(document_files(cfg.calibration, "calibration", ctx), tokenizer, cfg.calibration)
     unit = "files" if cfg.calibration.source == "files" else "shards"
     if not cal.samples:
@@ -712,46 +665,206 @@ def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path
                         cfg.calibration.samples, cfg.calibration.max_tokens)
     ctx.log.info("calibrating on %d samples, %d tokens from %d documents in %d %s (%d rows without text)",
                  len(cal.samples), cal.tokens, cal.documents, cal.shards_read, unit, cal.skipped_empty)
+    return cal
+
+
+def calibration_info(cal: Calibration) -> dict[str, Any]:
+    return {"calibration/samples": len(cal.samples), "calibration/tokens": cal.tokens,
+            "calibration/documents": cal.documents, "calibration/skipped_empty": cal.skipped_empty,
+            "calibration/shards_read": cal.shards_read}
+
+
+def quantize_model(cfg: QuantizeConfig, ctx: StageContext, src: Path, dest: Path, work: Path,
+                   cal: Calibration) -> dict[str, Any]:
+    """Run GPTQ and write the finished ``dest`` atomically; return the facts for metrics."""
     with atomic_path(dest) as tmp:  # replaces the dest of an attempt that died before its info file
         gptq = run_gptq(src, tmp, cal, cfg, work, ctx.log)
         copy_tokenizer(src, tmp)
         check_output(src, tmp, cfg)
-    info = {"calibration/samples": len(cal.samples), "calibration/tokens": cal.tokens,
-            "calibration/documents": cal.documents, "calibration/skipped_empty": cal.skipped_empty,
-            "calibration/shards_read": cal.shards_read, **gptq}
+    info = {**calibration_info(cal), **gptq}
     (ctx.output_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     ctx.log.info("GPTQ %d-bit, group %d: %.1f s; model written to %s", cfg.bits, cfg.group_size,
                  gptq["quantize/seconds"], dest)
     return info
 
 
+@dataclass
+class Job:
+    """What every format's writer gets: the source, the shared calibration and perplexity check, the
+    output dir, and where the format goes (``home``: ``model/`` for the primary, else ``formats/<format>``)."""
+
+    cfg: QuantizeConfig
+    ctx: StageContext
+    src: Path
+    out_dir: Path
+    home: Path
+    check: PerplexityCheck
+    calibrate: Callable[[], Calibration]  # the shared calibration set, built on first use
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.calibrate()
+
+    def info_file(self, fmt: str) -> Path:
+        """The facts of a finished format (times, calibration), kept for a resumed attempt."""
+        return self.out_dir / INFO_FILE if fmt == "gptq" else self.out_dir / FORMATS_DIR / f"{fmt}_{INFO_FILE}"
+
+    def finished(self, fmt: str, marker: Path) -> dict[str, Any] | None:
+        """The info of a format an earlier attempt finished (``marker`` and its info file are there)."""
+        info = self.info_file(fmt)
+        if marker.exists() and info.is_file():
+            self.ctx.log.info("%s: the model of an earlier attempt is complete in %s: only measuring", fmt, marker)
+            return json.loads(info.read_text())
+        return None
+
+    def save_info(self, fmt: str, info: dict[str, Any]) -> None:
+        path = self.info_file(fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_gptq(job: Job) -> tuple[dict[str, Any], dict[str, float]]:
+    """GPTQ with gptqmodel into ``job.home``: (manifest entry, metrics)."""
+    cfg, dest = job.cfg, job.home
+    work = job.out_dir / WORK
+    info = job.finished("gptq", dest / "config.json")
+    if info is None:
+        info = quantize_model(cfg, job.ctx, job.src, dest, work, job.calibration)
+    job.ctx.log_artifact(job.info_file("gptq"))
+    fp_bytes, q_bytes = weight_bytes(job.src), weight_bytes(dest)
+    metrics = {**{k: float(v) for k, v in info.items()}, "size/quantized_bytes": float(q_bytes),
+               "size/ratio": q_bytes / fp_bytes, "gptq.bytes": float(q_bytes)}
+    job.ctx.log.info("weights on disk: %d bytes -> %d bytes (ratio %.3f)", fp_bytes, q_bytes, metrics["size/ratio"])
+
+    def score(windows: Sequence[list[int]]) -> float:
+        # gptqmodel's kernels write ./logs/ and offload dirs on load too: keep them in the work dir.
+        with gptq_environment(work, None):
+            return model_perplexity(dest, windows, cfg.perplexity)
+
+    metrics.update(job.check.measure("gptq", score))
+    metrics.update(gptq_perplexity_metrics(metrics, job.check.tokens if job.check.windows else 0))
+    entry = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym, "tokenizer": str(dest)}
+    return entry, metrics
+
+
+def write_gguf(job: Job) -> tuple[dict[str, Any], dict[str, float]]:
+    """GGUF by llama.cpp into ``job.home``: the quantized file and the tokenizer files beside it."""
+    from stages.quantize import gguf
+
+    settings, log = job.cfg.gguf, job.ctx.log
+    work = job.out_dir / "llama.cpp"  # the unquantized GGUF and llama.cpp's log
+    final = job.home / f"model-{settings.type}.gguf"
+    info = job.finished("gguf", final)
+    if info is None:
+        unquantized = work / f"model-{settings.outtype}.gguf"
+        started = time.time()
+        if unquantized.is_file():  # written atomically: whole
+            log.info("gguf: reusing the unquantized GGUF of an earlier attempt: %s", unquantized)
+        else:
+            gguf.convert(job.src, unquantized, settings.outtype, work)
+        converted = time.time()
+        gguf.quantize(unquantized, final, settings.type, settings.threads, work)
+        copy_tokenizer(job.src, job.home)
+        info = {"gguf/convert_seconds": converted - started, "gguf/quantize_seconds": time.time() - converted,
+                "gguf/unquantized_bytes": unquantized.stat().st_size}
+        job.save_info("gguf", info)
+        log.info("GGUF %s: converted in %.1f s, quantized in %.1f s; written to %s", settings.type,
+                 info["gguf/convert_seconds"], info["gguf/quantize_seconds"], final)
+    size = final.stat().st_size
+    metrics = {**{k: float(v) for k, v in info.items()}, "gguf.bytes": float(size)}
+    metrics.update(job.check.measure("gguf", lambda windows: gguf.gguf_perplexity(final, windows, settings.threads)))
+    entry = {"path": str(final), "quant_type": settings.type, "outtype": settings.outtype,
+             "tokenizer": str(job.home)}
+    return entry, metrics
+
+
+def write_awq(job: Job) -> tuple[dict[str, Any], dict[str, float]]:
+    """AWQ with gptqmodel into ``job.home`` (a model dir, as GPTQ's)."""
+    from stages.quantize import awq
+
+    cfg, dest = job.cfg, job.home
+    work = job.out_dir / WORK
+    info = job.finished("awq", dest / "config.json")
+    if info is None:
+        with atomic_path(dest) as tmp:
+            seconds = awq.run_awq(job.src, tmp, job.calibration, cfg, work)
+            copy_tokenizer(job.src, tmp)
+            awq.check_output(tmp, cfg.awq)
+        info = {**calibration_info(job.calibration), "awq/seconds": seconds}
+        job.save_info("awq", info)
+        job.ctx.log.info("AWQ %d-bit, group %d: %.1f s; model written to %s", cfg.awq.bits, cfg.awq.group_size,
+                         seconds, dest)
+    size = weight_bytes(dest)
+    metrics = {"awq.bytes": float(size), "awq/seconds": float(info["awq/seconds"])}
+
+    def score(windows: Sequence[list[int]]) -> float:
+        with gptq_environment(work, None):
+            return model_perplexity(dest, windows, cfg.perplexity)
+
+    metrics.update(job.check.measure("awq", score))
+    entry = {"bits": cfg.awq.bits, "group_size": cfg.awq.group_size, "sym": cfg.awq.sym, "tokenizer": str(dest)}
+    return entry, metrics
+
+
+WRITERS = {"gptq": write_gptq, "gguf": write_gguf, "awq": write_awq}
+
+
+def relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
 def run(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, float]:
+    """Write every format of ``formats`` in order (the first into ``model/``), the manifest, the metrics."""
     from transformers import AutoTokenizer
 
     src = model_dir(parse_model(cfg.base_model, BASE_STAGES), ctx).resolve()
     heldout = document_files(cfg.perplexity, "perplexity", ctx) if checks_perplexity(cfg) else []
     out_dir = ctx.output_dir.resolve()
-    dest, work = out_dir / MODEL, out_dir / WORK
     check_input(src, cfg)
-    check_shapes(quantized_linears(src), cfg.group_size, src)
+    linears = quantized_linears(src)
+    if "gptq" in cfg.formats:
+        check_shapes(linears, cfg.group_size, src)
+    if "awq" in cfg.formats:
+        check_shapes(linears, cfg.awq.group_size, src, key="awq.group_size")
+    if "gguf" in cfg.formats:  # before GPTQ's minutes, not after them
+        from stages.quantize.gguf import require_llama_cpp
+
+        require_llama_cpp()
     tokenizer = AutoTokenizer.from_pretrained(src)
+    check = PerplexityCheck(src, heldout, tokenizer, cfg.perplexity, ctx.log)
+    calibrate = functools.cache(lambda: calibration_set(cfg, ctx, tokenizer))
 
-    if (dest / "config.json").is_file() and (out_dir / INFO_FILE).is_file():
-        ctx.log.info("the quantized model of an earlier attempt is complete in %s: only measuring", dest)
-        info = json.loads((out_dir / INFO_FILE).read_text())
-    else:
-        info = quantize_model(cfg, ctx, src, dest, work, tokenizer)
-    ctx.log_artifact(out_dir / INFO_FILE)
-
-    fp_bytes, q_bytes = weight_bytes(src), weight_bytes(dest)
-    metrics = {**{k: float(v) for k, v in info.items()}, "size/fp_bytes": float(fp_bytes),
-               "size/quantized_bytes": float(q_bytes), "size/ratio": q_bytes / fp_bytes}
-    ctx.log.info("weights on disk: %d bytes -> %d bytes (ratio %.3f)", fp_bytes, q_bytes, metrics["size/ratio"])
-    metrics.update(compare_perplexity(src, dest, heldout, tokenizer, cfg.perplexity, work, ctx.log))
+    metrics: dict[str, float] = {"size/fp_bytes": float(weight_bytes(src))}
+    entries = []
+    for i, fmt in enumerate(cfg.formats):
+        home = out_dir / (MODEL if i == 0 else f"{FORMATS_DIR}/{fmt}")
+        job = Job(cfg=cfg, ctx=ctx, src=src, out_dir=out_dir, home=home, check=check, calibrate=calibrate)
+        entry, found = WRITERS[fmt](job)
+        metrics.update(found)
+        if "skipped" not in entry:
+            path = Path(entry.pop("path", home))
+            entry = {"path": relative(path, out_dir), "bytes": int(found[f"{fmt}.bytes"]), **entry,
+                     "tokenizer": relative(Path(entry["tokenizer"]), out_dir)}
+            if f"{fmt}.perplexity" in found:
+                entry.update(perplexity=found[f"{fmt}.perplexity"], perplexity_fp=found["perplexity/fp"],
+                             perplexity_ratio=found[f"{fmt}.perplexity_ratio"])
+        entries.append({"format": fmt, **entry})
+    manifest = out_dir / FORMATS_DIR / MANIFEST
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"formats": entries}, indent=2)
+    ctx.log_artifact(manifest)
     ctx.log_metrics(metrics)
+    check.check()
+    for i, entry in enumerate(entries):  # MLflow logged models: the primary "quantize", the others "quantize-<format>"
+        if "skipped" not in entry:
+            ctx.log_model("quantize" if i == 0 else f"quantize-{entry['format']}", out_dir / entry["path"],
+                          params={"format": entry["format"], "bytes": entry["bytes"], "base_model": cfg.base_model})
     if not cfg.keep_checkpoint:  # set-aside checkpoints go too: the warning in the stage log is their record
+        work = out_dir / WORK
         for path in (work / CHECKPOINT, work / "offload", *work.glob(f"{CHECKPOINT}.corrupt-*")):
             shutil.rmtree(path, ignore_errors=True)
+        for path in (out_dir / "llama.cpp").glob("model-*.gguf"):
+            path.unlink()
     return metrics
 
 
@@ -761,8 +874,9 @@ STAGE = Stage(
     run=run,
     inputs=("align.model", "sft.model", "pretrain.model", "pii.documents", "tokenize.heldout"),
     **base_model_hooks(BASE_STAGES, inputs=needed_inputs, external=external_state, preflight=input_problems),
-    outputs=(MODEL,),
-    unhashed=frozenset(["cpu_workers", "keep_checkpoint", "perplexity.batch_size"]),
+    outputs=(MODEL, FORMATS_DIR),
+    version=2,  # 2: formats (gptq, gguf, awq) and their manifest
+    unhashed=frozenset(["cpu_workers", "keep_checkpoint", "perplexity.batch_size", "gguf.threads"]),
     resumable=True,
-    description="GPTQ weight-only quantization (gptqmodel) with a held-out perplexity check.",
+    description="Weight-only quantization in several formats (GPTQ, GGUF, AWQ) with a held-out perplexity check.",
 )

@@ -309,6 +309,7 @@ def train(cfg: SftConfig, ctx: StageContext, rt: Runtime, tok: Any, data: Any, b
 
 def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
     from stages.common.hub import require_cached_data
+    from stages.common.inputs import log_training_data
     from stages.common.shards import list_parquet
     from stages.common.train_ranks import cuda_device_count, layout_metrics, plan_ranks, train_in_ranks
     from stages.common.training import load_tokenizer, offline_hub, remove_checkpoints
@@ -358,6 +359,11 @@ def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
 
     metrics.update(data.metrics())
     metrics["total_s"] = time.perf_counter() - started
+    # MLflow lineage: the data (files, dataset or corpus) and the conversations made of it; the model.
+    log_training_data(ctx, cfg.data, {"training": (ctx.output_dir / DATA_DIR / "train.jsonl", len(data.train)),
+                                      "validation": (ctx.output_dir / DATA_DIR / "validation.jsonl",
+                                                     len(data.validation))})
+    ctx.log_model("sft", ctx.output("model"), params={"base_model": cfg.base_model, "method": cfg.method})
     return metrics
 
 

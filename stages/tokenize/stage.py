@@ -579,6 +579,12 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, float]:
     if sample is not None:
         metrics.update({"tokenizer_sample_chars": sample.chars, "tokenizer_sample_docs": sample.docs})
     metrics.update(mixture)
+    # MLflow lineage: the documents read; the token shards (rows: packed sequences) and held-out documents made.
+    ctx.log_dataset(INPUT, ctx.input(INPUT), rows=n_docs)
+    for split in SPLITS:
+        ctx.log_dataset(f"tokenize.tokens.{split}", ctx.output("tokens") / split, context="output",
+                        rows=meta["splits"][split]["sequences"])
+    ctx.log_dataset("tokenize.heldout", ctx.output("heldout"), rows=meta["splits"]["val"]["docs"], context="output")
     return metrics
 
 

@@ -42,6 +42,7 @@ from stages.evaluate.tasks import (
     cut_at_word,
 )
 from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
+from tests.stages.quantized_fixtures import build_tiny_gguf, quantize_output
 
 SHIPPED = stage_config("evaluate")  # conf/stage/evaluate/default.yaml, as the tiny pipeline runs it
 SMALL = replace(SHIPPED.heldout, docs=8, max_chars=400, context_words=12, continuation_words=4, choices=4, seed=0)
@@ -233,16 +234,26 @@ def test_each_model_gets_its_backend(tmp_path):
     gptq = tmp_path / "gptq"
     gptq.mkdir()
     (gptq / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"bits": 4}}))
-    ctx = make_ctx(tmp_path / "out", {"trained": plain, "heldout": tmp_path})
+    gguf = tmp_path / "model-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    quantized = quantize_output(tmp_path / "quantize", gptq, gguf=gguf, skipped={"awq": "no GPU here"})
+    ctx = make_ctx(tmp_path / "out", {"trained": plain, "heldout": tmp_path, "quantize": quantized})
     models = ("untrained", "pretrain", "sft", "quantize", f"base={plain}", f"outside4bit={gptq}")
     backends = lambda cfg: {s.name: (s.backend, s.quantized) for s in model_specs(cfg, ctx)}
+    # the quantize entry is a row per produced format (awq was skipped): GPTQ on vLLM, GGUF on llama.cpp
     assert backends(shipped(models=models, backend="vllm")) == {
         "untrained": ("hf", False),  # in memory: cannot be served
         "pretrain": ("vllm", False), "sft": ("vllm", False), "base": ("vllm", False),
-        "quantize": ("vllm", True), "outside4bit": ("vllm", True)}
+        "quantize.gptq": ("vllm", True), "quantize.gguf": ("llama.cpp", True), "outside4bit": ("vllm", True)}
     assert backends(shipped(models=models, backend="hf")) == {
         "untrained": ("hf", False), "pretrain": ("hf", False), "sft": ("hf", False), "base": ("hf", False),
-        "quantize": ("vllm", True), "outside4bit": ("vllm", True)}
+        "quantize.gptq": ("vllm", True), "quantize.gguf": ("llama.cpp", True), "outside4bit": ("vllm", True)}
+    [gguf_spec] = [s for s in model_specs(shipped(models=("quantize",)), ctx) if s.format == "gguf"]
+    assert gguf_spec.path == quantized / "formats" / "gguf" / gguf.name
+    assert gguf_spec.hf_dir == quantized / "model"  # the primary format's config and tokenizer
+    assert gguf_spec.size_bytes == 4
+    with pytest.raises(Invalid, match=r"'quantize\.gguf' is the name of a stage's model"):
+        shipped(models=(f"quantize.gguf={plain}",))
 
 
 def test_vllm_backend_server_command_and_lm_eval_args(tmp_path):
@@ -319,6 +330,9 @@ def test_model_metrics_names_top_level_tasks_and_filters():
         "sft.gsm8k.exact_match_flexible-extract": 0.07,
         "sft.eval_s": 3.0,
     }
+    results["llmpipe"] |= {"size_bytes": 2_500_000, "tokens_per_s": 50.0}  # a served quantized format's
+    assert {k: v for k, v in model_metrics("quantize.gguf", results).items() if "." not in k[len("quantize.gguf."):]} \
+        == {"quantize.gguf.eval_s": 3.0, "quantize.gguf.size_mb": 2.5, "quantize.gguf.tokens_per_s": 50.0}
 
 
 def test_table_and_chart(tmp_path):
@@ -327,17 +341,20 @@ def test_table_and_chart(tmp_path):
                       "untrained.eval_s": 4.0},
         "pretrain": {"pretrain.heldout_ppl.word_perplexity": 8.123456, "pretrain.heldout_mc.acc": 0.75,
                      "pretrain.eval_s": 5.0},
-        "quantize": {"quantize.heldout_ppl.word_perplexity": 8.5},  # a model without one metric
+        "quantize.gguf": {"quantize.gguf.heldout_ppl.word_perplexity": 8.5,  # a model without one metric...
+                          "quantize.gguf.size_mb": 0.25, "quantize.gguf.tokens_per_s": 120.0},  # ...with size, speed
     }
-    higher = {"heldout_ppl.word_perplexity": False, "heldout_mc.acc": True}
+    higher = {"heldout_ppl.word_perplexity": False, "heldout_mc.acc": True, "size_mb": False, "tokens_per_s": True}
     csv_path, md_path = write_table(per_model, tmp_path, higher)
     rows = list(csv.DictReader(csv_path.open()))
-    assert [r["model"] for r in rows] == ["untrained", "pretrain", "quantize"]
-    assert set(rows[0]) == {"model", "heldout_ppl.word_perplexity", "heldout_mc.acc"}  # eval_s is not a column
+    assert [r["model"] for r in rows] == ["untrained", "pretrain", "quantize.gguf"]
+    assert set(rows[0]) == {"model", "heldout_ppl.word_perplexity", "heldout_mc.acc", "size_mb",
+                            "tokens_per_s"}  # eval_s is not a column
     assert float(rows[1]["heldout_ppl.word_perplexity"]) == 8.123456 and rows[2]["heldout_mc.acc"] == ""
+    assert rows[2]["size_mb"] == "0.25" and rows[0]["tokens_per_s"] == ""
     md = md_path.read_text().splitlines()
-    assert md[0] == "| model | heldout_ppl.word_perplexity ↓ | heldout_mc.acc ↑ |"
-    assert md[3] == "| pretrain | 8.123 | 0.75 |" and md[4] == "| quantize | 8.5 |  |"
+    assert md[0] == "| model | heldout_ppl.word_perplexity ↓ | heldout_mc.acc ↑ | size_mb ↓ | tokens_per_s ↑ |"
+    assert md[3] == "| pretrain | 8.123 | 0.75 |  |  |" and md[4] == "| quantize.gguf | 8.5 |  | 0.25 | 120 |"
 
     chart = write_chart(per_model, tmp_path, higher)
     data = chart.read_bytes()
@@ -358,8 +375,14 @@ def tiny_models(tmp_path_factory):
 
 
 def make_ctx(out: Path, models: dict, attempt: int = 1) -> StageContext:
-    """Every upstream model is the one trained fixture (sft, align and quantize do not change it here)."""
-    inputs = {f"{stage}.model": models["trained"] for stage in ("pretrain", "sft", "align", "quantize")}
+    """Every upstream model is the one trained fixture (sft, align and quantize do not change it here); the
+    quantize output is ``models["quantize"]`` (:func:`quantize_output`) when given, else the fixture as GPTQ."""
+    inputs = {f"{stage}.model": models["trained"] for stage in ("pretrain", "sft", "align")}
+    quantized = models.get("quantize") or out.parent / f"{out.name}-quantize"
+    if not quantized.exists():
+        quantize_output(quantized, models["trained"])
+    inputs["quantize.model"] = quantized / "model"
+    inputs["quantize.formats"] = quantized / "formats"
     inputs["tokenize.heldout"] = models["heldout"]
     return StageContext(stage="evaluate", fingerprint="test", output_dir=out, inputs=inputs, attempt=attempt,
                         log=logging.getLogger("test.evaluate"), metrics_file=out / "metrics.jsonl")
@@ -429,21 +452,43 @@ def test_missing_model_dir_is_named(tmp_path, tiny_models):
 
 
 @pytest.mark.integration
-def test_quantize_path_through_vllm_server_matches_hf(tmp_path, tiny_models):
-    """local-completions against a real VllmServer (bf16) on the same weights as the hf backend (fp32):
-    the two perplexities agree to bf16 precision."""
+def test_every_quantized_format_is_a_row_scored_like_hf(tmp_path, tiny_models):
+    """The quantize entry is a row per format: the "gptq" model dir through a real VllmServer (bf16, by
+    local-completions) and the GGUF (f32, llama.cpp's converter) by llama.cpp in process, on the same weights
+    as the hf backend (fp32). The scores agree: to bf16 precision on vLLM, to float32 summation order on
+    llama.cpp (the same tokens scored: a token off, or a lost first token, would be far from it); each row
+    gets its size on disk and tokens/s."""
+    gguf = build_tiny_gguf(tiny_models["trained"], tmp_path / "gguf" / "tiny-f32.gguf")
+    quantized = quantize_output(tmp_path / "quantize", tiny_models["trained"], gguf=gguf,
+                                skipped={"awq": "no GPU here"})
     out = tmp_path / "out"
     out.mkdir()
     cfg = shipped(models=("pretrain", "quantize"), heldout=SMALL, bootstrap_iters=0)
-    metrics = run(cfg, make_ctx(out, tiny_models))
-    hf, api = metrics["pretrain.heldout_ppl.word_perplexity"], metrics["quantize.heldout_ppl.word_perplexity"]
-    assert api == pytest.approx(hf, rel=0.03)
-    assert abs(metrics["quantize.heldout_mc.acc"] - metrics["pretrain.heldout_mc.acc"]) <= 1 / SMALL.docs + 1e-9
-    stored = json.loads((out / "results" / "models" / "quantize.json").read_text())
-    assert stored["config"]["model"] == "local-completions"
-    assert stored["config"]["model_args"]["base_url"].endswith("/v1/completions")
-    assert stored["llmpipe"]["backend"] == "vllm" and stored["llmpipe"]["server"]["data_parallel_size"] == 1
-    assert (out / "results" / "vllm_server.log").stat().st_size > 0
+    metrics = run(cfg, make_ctx(out, {**tiny_models, "quantize": quantized}))
+    hf = metrics["pretrain.heldout_ppl.word_perplexity"]
+    assert metrics["quantize.gptq.heldout_ppl.word_perplexity"] == pytest.approx(hf, rel=0.03)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        key = f"heldout_ppl.{metric}"
+        assert metrics[f"quantize.gguf.{key}"] == pytest.approx(metrics[f"pretrain.{key}"], rel=1e-4)
+    for fmt in ("gptq", "gguf"):
+        assert abs(metrics[f"quantize.{fmt}.heldout_mc.acc"] - metrics["pretrain.heldout_mc.acc"]) <= 1 / SMALL.docs
+        assert metrics[f"quantize.{fmt}.tokens_per_s"] > 0
+    assert metrics["quantize.gguf.size_mb"] == gguf.stat().st_size / 1e6 and metrics["quantize.gptq.size_mb"] == 1e-3
+    assert not any(key.startswith("quantize.awq") for key in metrics)  # skipped by quantize: logged, no row
+
+    results = out / "results"
+    gptq = json.loads((results / "models" / "quantize.gptq.json").read_text())
+    assert gptq["config"]["model"] == "local-completions"
+    assert gptq["config"]["model_args"]["base_url"].endswith("/v1/completions")
+    assert gptq["llmpipe"]["backend"] == "vllm" and gptq["llmpipe"]["server"]["data_parallel_size"] == 1
+    gguf_json = json.loads((results / "models" / "quantize.gguf.json").read_text())
+    assert gguf_json["llmpipe"]["backend"] == "llama.cpp" and gguf_json["llmpipe"]["format"] == "gguf"
+    assert gguf_json["llmpipe"]["server"]["tokenizer"] == str(quantized / "model")  # the primary's
+    assert (results / "vllm_server.log").stat().st_size > 0
+    rows = {r["model"]: r for r in csv.DictReader((results / "comparison.csv").open())}
+    assert list(rows) == ["pretrain", "quantize.gptq", "quantize.gguf"]
+    assert rows["pretrain"]["size_mb"] == "" and float(rows["quantize.gguf"]["tokens_per_s"]) > 0
+    assert "size_mb ↓" in (results / "comparison.md").read_text()
 
 
 @pytest.mark.integration
@@ -467,8 +512,10 @@ def test_vllm_backend_scores_model_dirs_like_hf(tmp_path, tiny_models):
     stored = json.loads((results / "models" / "pretrain.json").read_text())
     assert stored["config"]["model"] == "local-completions"
     assert stored["llmpipe"]["backend"] == "vllm"
-    assert stored["llmpipe"]["server"] | {"startup_s": None} == {
-        "dtype": "float32", "tensor_parallel_size": 1, "data_parallel_size": 1, "num_concurrent": 1, "startup_s": None}
+    assert stored["llmpipe"]["server"]["tokens_per_s"] > 0  # the served model's generation speed
+    assert stored["llmpipe"]["server"] | {"startup_s": None, "tokens_per_s": None} == {
+        "dtype": "float32", "tensor_parallel_size": 1, "data_parallel_size": 1, "num_concurrent": 1, "startup_s": None,
+        "tokens_per_s": None}
     untrained = json.loads((results / "models" / "untrained.json").read_text())
     assert untrained["llmpipe"]["backend"] == "hf" and untrained["llmpipe"]["server"] is None
     assert served["pretrain.heldout_ppl.word_perplexity"] < served["untrained.heldout_ppl.word_perplexity"]

@@ -19,17 +19,20 @@ from stages.pii.stage import PiiConfig, scrubber_for
 
 SAMPLE = Path(__file__).parent / "data" / "labelled.jsonl"
 DEFAULT = stage_config("pii")  # conf/stage/pii/default.yaml
-# Floors: issue 14's target (precision >= 0.98) where the detectors reach it, else what they reached
-# when the issue was closed, less a margin of one or two mistakes (bench/pii.py prints the figures).
-# Batches a and b are the spans the numbering rules were written on; batch c was labelled after
-# they were frozen. With the shipped config few addresses in documentation are public (94 on all
-# batches, 3 in batch c): there IP precision is 0.989 on a+b (91 of 92) and 0.969 on all (94 of 97).
+# Floors: issue 14's target, precision >= 0.98 for IP addresses and emails on the whole sample;
+# recall at what the detectors reached, less a margin of a mistake or two (bench/pii.py prints the
+# figures). The rules were written on batches a, b and c (and one on d1); d2 was never looked at to
+# write one, and is too small to assert on alone (13 public addresses with the shipped config):
+# bench/pii.py prints it. With the shipped config IP precision is 0.985 on all (130 of 132), recall
+# 0.867: the gcloud man pages of batch d write example addresses such as 1.2.3.4 that the tiny-quad
+# rule keeps as versions.
+ABC, ALL = ("a", "b", "c"), ("a", "b", "c", "d1", "d2")
 FLOORS = {  # (config, type, batches): (precision, recall)
-    ("shipped", "ip_address", "ab"): (0.98, 0.94),
-    ("shipped", "ip_address", "abc"): (0.95, 0.93),
-    ("shipped", "email", "abc"): (0.98, 0.99),
-    ("every-address", "ip_address", "abc"): (0.96, 0.95),
-    ("every-address", "email", "abc"): (0.98, 0.99),
+    ("shipped", "ip_address", ABC): (0.98, 0.95),
+    ("shipped", "ip_address", ALL): (0.98, 0.85),
+    ("shipped", "email", ALL): (0.98, 0.99),
+    ("every-address", "ip_address", ALL): (0.98, 0.91),
+    ("every-address", "email", ALL): (0.98, 0.99),
 }
 
 
@@ -47,17 +50,9 @@ def records() -> list[dict]:
     return read_sample(SAMPLE)
 
 
-def counts_for(cfg: PiiConfig, records: list[dict], batches: str = "abc") -> dict[str, Counts]:
-    """Counts per type over the spans of ``batches`` (summed batch by batch)."""
-    total: dict[str, Counts] = {}
-    scrubber, wanted = scrubber_for(cfg), wanted_by(cfg.ip_address, cfg.email)
-    for batch in batches:
-        for kind, c in score(scrubber, records, wanted, batch).items():
-            t = total.setdefault(kind, Counts())
-            t.tp, t.fp, t.fn = t.tp + c.tp, t.fp + c.fp, t.fn + c.fn
-            t.fp_values += c.fp_values
-            t.fn_values += c.fn_values
-    return total
+def counts_for(cfg: PiiConfig, records: list[dict], batches: tuple[str, ...] = ALL) -> dict[str, Counts]:
+    """Counts per type over the spans of ``batches``."""
+    return score(scrubber_for(cfg), records, wanted_by(cfg.ip_address, cfg.email), batches)
 
 
 def test_the_sample_is_what_the_readme_describes(records):
@@ -72,6 +67,12 @@ def test_the_sample_is_what_the_readme_describes(records):
     ipv4 = [s for s in spans if s["kind"] == "ipv4"]
     assert sum(s["label"] == "none" for s in ipv4) >= 150 and sum(s["label"] == "ip_address" for s in ipv4) >= 100
     assert sum(s["label"] == "email" for s in spans) >= 300
+    # Batch d: drawn for public addresses and the numbers shaped like them, from other source files.
+    assert {s["batch"] for s in spans} == set(ALL)
+    batch_d = [s for s in spans if s["batch"] in ("d1", "d2") and s["kind"] in ("ipv4", "ipv6")]
+    assert len(batch_d) >= 150 and sum(s["label"] == "ip_address" for s in batch_d) >= 40
+    assert not {r["source"] for r in records if r["spans"][0]["batch"] in ("d1", "d2")} & \
+        {r["source"] for r in records if r["spans"][0]["batch"] not in ("d1", "d2")}
 
 
 @pytest.mark.parametrize("config, kind, batches", sorted(FLOORS))
@@ -134,6 +135,10 @@ def scrub(text: str, cfg: PiiConfig = DEFAULT) -> str:
     "Changes in 1.2.5.3 (15 Jan 2012)",
     "2015-07-29 (3.8.11.1)",
     "Pin it with kestrel==4.2.1.0 or newer; the date was 12.05.2024.",
+    " 755609 glib 2.46.0 breaks Sun Java JVM 1.8.0.60",
+    "case.  Last confirmed on 2.6.38.6.",
+    # a value the text calls a revision once is one where it recurs (a CVS diff header)
+    "retrieving revision 1.58.2.2\n--- locate/locate.c\t22 Apr 2007 16:57:42 -0000\t1.58.2.2",
 ])
 def test_numbers_that_look_like_addresses_are_kept(text):
     assert scrub(text) == text
@@ -148,9 +153,12 @@ def test_numbers_that_look_like_addresses_are_kept(text):
     ("93.184.216.34 www.example.com", "<IP_ADDRESS> www.example.com"),  # a hosts file line
     ("ping 9.9.9.9", "ping <IP_ADDRESS>"),
     ("dig @1.1.1.1 example.org", "dig @<IP_ADDRESS> example.org"),
+    ("This allows\n      user@[1.2.3.4] to work.", "This allows\n      user@[<IP_ADDRESS>] to work."),
     ("Connection from 23.21.12.5 port 51234", "Connection from <IP_ADDRESS> port 51234"),
     ("If the default public resolver, which is\n   8.8.8.8, shall not be used",
      "If the default public resolver, which is\n   <IP_ADDRESS>, shall not be used"),
+    ("console.log(blockList.check('::ffff:123.123.123.123', 'ipv6'));",  # one address, not a quad inside one
+     "console.log(blockList.check('<IP_ADDRESS>', 'ipv6'));"),
     ("resolver.setServers([\n  '4.4.4.4',\n  '[2001:4860:4860::8888]',\n])",
      "resolver.setServers([\n  '<IP_ADDRESS>',\n  '[<IP_ADDRESS>]',\n])"),
     ("Contact me at 93.184.216.34 for details.", "Contact me at <IP_ADDRESS> for details."),
@@ -169,6 +177,17 @@ def test_private_addresses_are_found_when_configured(text):
     assert "<IP_ADDRESS>" in scrub(text, every_address(DEFAULT))
 
 
+def test_a_debian_changelog_heading_is_a_version_even_where_every_address_counts():
+    text = "dpkg (0.93.42.3) BETA; priority=LOW\n\n  * Rebuilt using ncurses 1.9.2c-0."
+    assert scrub(text, every_address(DEFAULT)) == text
+    assert scrub("ping example.org (93.184.216.34) 56 bytes") == "ping example.org (<IP_ADDRESS>) 56 bytes"
+
+
+def test_a_number_named_once_is_still_an_address_where_a_port_follows_it():
+    text = "Built from revision 93.184.216.34 of the tree; the mirror listens on 93.184.216.34:8080."
+    assert scrub(text) == "Built from revision 93.184.216.34 of the tree; the mirror listens on <IP_ADDRESS>:8080."
+
+
 def test_numbering_rules_go_with_version_context():
     cfg = dataclasses.replace(DEFAULT, ip_address=dataclasses.replace(DEFAULT.ip_address, version_context=False))
     assert scrub("11.1.2.1. Virtual domains\nGit 1.8.5.6", cfg) == "<IP_ADDRESS>. Virtual domains\nGit <IP_ADDRESS>"
@@ -179,6 +198,20 @@ def test_email_shapes_in_url_paths_are_message_ids_but_query_values_are_addresse
             "https://example.org/contact?to=bob@mailbox.org")
     assert scrub(text) == ("https://lore.kernel.org/git/7v64clg5u9.fsf@assigned-by-dhcp.cox.net/ and "
                            "https://example.org/contact?to=<EMAIL>")
+
+
+def test_message_ids_in_mail_headers_are_not_addresses():
+    """README rule: a message id is no mailbox; the sender's address in the same header block is."""
+    text = ("    Signed-off-by: Christian Linhart <chris@DemoRecorder.com>\n"
+            "    Message-ID: <54562798.8040500@DemoRecorder.com>\n"
+            "In-Reply-To: <87d0x@gnus.mailbox.org>\n"
+            "References: <1334571250.5056.52.camel@vespa.frost.org> <87d0x@gnus.mailbox.org>\n"
+            "From: bob@mailbox.org (a Message-ID: header names no person)")
+    assert scrub(text) == ("    Signed-off-by: Christian Linhart <<EMAIL>>\n"
+                           "    Message-ID: <54562798.8040500@DemoRecorder.com>\n"
+                           "In-Reply-To: <87d0x@gnus.mailbox.org>\n"
+                           "References: <1334571250.5056.52.camel@vespa.frost.org> <87d0x@gnus.mailbox.org>\n"
+                           "From: <EMAIL> (a Message-ID: header names no person)")
 
 
 def test_bracketed_bare_digits_are_not_phones():

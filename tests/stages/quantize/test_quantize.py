@@ -35,7 +35,8 @@ from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_do
 REPO = Path(__file__).resolve().parents[3]
 GROUP = 64
 SHIPPED = stage_config("quantize")  # conf/stage/quantize/default.yaml, as the tiny pipeline runs it
-CFG = replace(SHIPPED, bits=4, group_size=GROUP, cpu_workers=2,
+# GPTQ alone here: the other formats and the manifest are tested in test_formats.py
+CFG = replace(SHIPPED, formats=("gptq",), bits=4, group_size=GROUP, cpu_workers=2,
               calibration=replace(SHIPPED.calibration, samples=32, max_tokens=128),
               perplexity=replace(SHIPPED.perplexity, max_tokens=2048, seq_len=128, batch_size=8))
 
@@ -318,8 +319,8 @@ def test_shipped_configs_compose_and_fit_their_model(top, overrides):
 def test_stage_declares_heldout_input_and_is_resumable():
     assert STAGE.inputs == ("align.model", "sft.model", "pretrain.model", "pii.documents", "tokenize.heldout")
     assert STAGE.needed_inputs(SHIPPED) == ("align.model", "pii.documents", "tokenize.heldout")  # base_model: align
-    assert STAGE.outputs == ("model",) and STAGE.resumable
-    assert {"cpu_workers", "keep_checkpoint", "perplexity.batch_size"} <= STAGE.unhashed
+    assert STAGE.outputs == ("model", "formats") and STAGE.resumable
+    assert {"cpu_workers", "keep_checkpoint", "perplexity.batch_size", "gguf.threads"} <= STAGE.unhashed
 
 
 def test_the_saved_config_names_the_configured_offload_folder_not_the_attempts_scratch(tmp_path):

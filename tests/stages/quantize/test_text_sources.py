@@ -210,7 +210,7 @@ def test_gptq_from_files_alone(tmp_path, caplog):
     model = build_tiny_model(tmp_path / "model", train_steps=10, texts=texts)
     write_jsonl(tmp_path / "cal.jsonl", [{"text": t} for t in texts[:120]])
     write_jsonl(tmp_path / "held.jsonl.gz", [{"text": t} for t in texts[120:]], gzipped=True)
-    cfg = replace(SHIPPED, group_size=64, cpu_workers=2,
+    cfg = replace(SHIPPED, formats=("gptq",), group_size=64, cpu_workers=2,
                   calibration=replace(SHIPPED.calibration, source="files", files=(str(tmp_path / "cal.jsonl"),),
                                       samples=8, max_tokens=64),
                   perplexity=replace(SHIPPED.perplexity, source="files", files=(str(tmp_path / "held.jsonl.gz"),),

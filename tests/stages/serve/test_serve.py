@@ -74,6 +74,84 @@ def test_bad_config_values_are_named():
         _load("stage.serve.dtype=fp8")
 
 
+def test_bad_formats_are_named():
+    with pytest.raises(ConfigError, match=r"stage\.serve\.formats: 'ggml' is not a quantized format; choose from "
+                                          r"gptq, gguf, awq or 'all' \(did you mean 'gguf'\?\)"):
+        _load("stage.serve.formats=[gptq,ggml]")
+    with pytest.raises(ConfigError, match=r"stage\.serve\.formats: repeats a format"):
+        _load("stage.serve.formats=[gguf,gguf]")
+    with pytest.raises(ConfigError, match=r"stage\.serve\.formats: \['gguf'\] picks formats of the quantize output, "
+                                          r"but base_model is 'sft'"):
+        _load("stage.serve.formats=[gguf]", "stage.serve.base_model=sft")
+    assert _load("stage.serve.formats=gguf").stages["serve"].formats == "gguf"  # one format, unlisted
+    assert _load().stages["serve"].formats == "all"
+
+
+def _quantize_output(root: Path, entries: list[dict]) -> Path:
+    """A quantize output dir with a formats manifest (stages/common/quantized.py) and empty stand-in models."""
+    (root / "model").mkdir(parents=True)
+    (root / "formats" / "gguf").mkdir(parents=True)
+    (root / "formats" / "gguf" / "m-Q4_K_M.gguf").write_bytes(b"GGUF")
+    (root / "formats" / "manifest.json").write_text(json.dumps({"formats": entries}))
+    return root
+
+
+class _Inputs:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def input(self, ref: str) -> Path:
+        return self.root / {"quantize.model": "model", "quantize.formats": "formats"}[ref]
+
+
+def test_served_models_follow_formats(tmp_path):
+    from stages.serve.stage import served_models
+
+    root = _quantize_output(tmp_path / "q", [
+        {"format": "gptq", "path": "model", "bytes": 10},
+        {"format": "gguf", "path": "formats/gguf/m-Q4_K_M.gguf", "bytes": 4},
+        {"format": "awq", "skipped": "needs a GPU"}])
+    served, skipped = served_models(shipped(), _Inputs(root))
+    assert [(m.format, m.path.name, m.tokenizer.name) for m in served] == [
+        ("gptq", "model", "model"), ("gguf", "m-Q4_K_M.gguf", "model")]  # the GGUF counts tokens with the primary's
+    assert skipped == {"awq": "needs a GPU"}  # reported, not an error
+    served, _ = served_models(shipped(formats=("gguf",)), _Inputs(root))
+    assert [m.format for m in served] == ["gguf"]
+    served, skipped = served_models(shipped(formats=("awq", "gptq")), _Inputs(root))
+    assert [m.format for m in served] == ["gptq"] and skipped == {"awq": "needs a GPU"}
+    with pytest.raises(ServeError, match=r"quantize produced none of them \(\{'awq': 'needs a GPU'\}\)"):
+        served_models(shipped(formats=("awq",)), _Inputs(root))
+    only_gptq = _quantize_output(tmp_path / "q2", [{"format": "gptq", "path": "model", "bytes": 10}])
+    with pytest.raises(ServeError, match=r"stage\.serve\.formats asks for \['gguf'\], but the quantize output has "
+                                         r"only \['gptq'\] \(stage\.quantize\.formats\)"):
+        served_models(shipped(formats=("gptq", "gguf")), _Inputs(only_gptq))
+
+
+def test_a_gguf_server_is_llama_cpp_with_the_primary_tokenizer(tmp_path):
+    from stages.common.llama_server import LlamaCppServer
+    from stages.serve.stage import bench_extra_body, tokenizer_dir
+
+    root = _quantize_output(tmp_path / "q", [{"format": "gptq", "path": "model", "bytes": 10},
+                                             {"format": "gguf", "path": "formats/gguf/m-Q4_K_M.gguf", "bytes": 4}])
+    gguf = root / "formats" / "gguf" / "m-Q4_K_M.gguf"
+    assert tokenizer_dir(gguf) == root / "model" and tokenizer_dir(root / "model") == root / "model"
+    with pytest.raises(ServeError, match="no chat template"):
+        make_server(shipped(), gguf, tmp_path / "server.log")
+    (root / "model" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    server = make_server(shipped(max_model_len=256, gguf=replace(shipped().gguf, n_threads=2)), gguf,
+                         tmp_path / "server.log")
+    assert isinstance(server, LlamaCppServer) and server.served_model_name == "tiny-llama"
+    flags = dict(zip(server.argv[3::2], server.argv[4::2], strict=True))
+    assert flags["--n_ctx"] == "256" and flags["--n_threads"] == "2" and flags["--interrupt_requests"] == "false"
+    loose = tmp_path / "loose.gguf"
+    loose.write_bytes(b"GGUF")
+    with pytest.raises(ServeError, match="GGUF file outside a quantize output"):
+        make_server(shipped(), loose, tmp_path / "server.log")
+    # llama.cpp's server drops ignore_eos: the benchmark holds EOS back with min_tokens instead
+    assert bench_extra_body("llama.cpp", bench(max_tokens=7)) == {"min_tokens": 7, "max_tokens": 7}
+    assert bench_extra_body("vllm", bench()) is None
+
+
 def test_execution_only_fields_do_not_change_the_fingerprint(tmp_path):
     from pipeline.plan import make_plan
 
@@ -229,15 +307,68 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("serve_stage") / "model", train_steps=40)
 
 
+@pytest.fixture(scope="module")
+def tiny_formats(tiny_model, tmp_path_factory):
+    """A quantize output of the tiny model: "gptq" (the model dir itself: vLLM serves it the same way), a
+    GGUF made by llama.cpp's converter (f32: llama.cpp's quantized kernels are the quantize tests' concern),
+    and a skipped awq."""
+    from tests.stages.quantized_fixtures import build_tiny_gguf, quantize_output
+
+    root = tmp_path_factory.mktemp("serve_formats")
+    gguf = build_tiny_gguf(tiny_model, root / "gguf" / "tiny-f32.gguf")
+    return quantize_output(root / "quantize", tiny_model, gguf=gguf, skipped={"awq": "no GPU here"})
+
+
 @pytest.mark.integration
-def test_foreground_serves_until_sigterm(tiny_model, tmp_path):
-    """`llmpipe serve` on a real vLLM server: it serves the model under its name, requires the API key
-    named by api_key_env, and a SIGTERM stops every process of it and frees the port. (The serve stage's
-    checks and load benchmark run in the whole tiny pipeline test.)"""
+def test_stage_serves_checks_and_benchmarks_every_format(tiny_formats, tmp_path, monkeypatch):
+    """The stage on a quantize output: GPTQ on vLLM, then GGUF on llama.cpp, each started behind the API key,
+    checked (completion + chat), load-tested by vLLM's benchmark and stopped; metrics per format, the first
+    one's also under the plain names; the skipped awq is reported."""
+    import logging
+
+    from pipeline.stage import StageContext
+    from stages.serve.stage import run
+
+    monkeypatch.setenv("LLMPIPE_TEST_KEY", "s3cret")
+    cfg = shipped(api_key_env="LLMPIPE_TEST_KEY", max_model_len=256,
+                  bench=bench(requests=4, concurrency=2, max_tokens=8, warmups=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage="serve", fingerprint="test", output_dir=out, log=logging.getLogger("test.serve"),
+                       inputs={"quantize.model": tiny_formats / "model", "quantize.formats": tiny_formats / "formats"},
+                       metrics_file=out / "metrics.jsonl")
+    metrics = run(cfg, ctx)
+    assert metrics["formats_served"] == 2 and metrics["formats_skipped"] == 1
+    for fmt in ("gptq", "gguf"):
+        assert metrics[f"{fmt}.checks_passed"] == 2 and metrics[f"{fmt}.bench_failed"] == 0
+        assert metrics[f"{fmt}.bench_completed"] == 4 and metrics[f"{fmt}.output_tokens_per_s"] > 0
+        assert 0 < metrics[f"{fmt}.ttft_ms_p50"] <= metrics[f"{fmt}.latency_ms_p50"]
+    assert metrics["gptq.bench_output_tokens"] == 4 * 8  # vLLM counts them; EOS ignored
+    assert metrics["requests_per_s"] == metrics["gptq.requests_per_s"]  # the first format's, by their old names
+    assert metrics["gguf.size_mb"] == (tiny_formats / "formats" / "gguf" / "tiny-f32.gguf").stat().st_size / 1e6
+
+    endpoint = out / "endpoint"
+    info = json.loads((endpoint / "endpoint.json").read_text())
+    assert info["engine"] == "vllm" and info["format"] == "gptq" and info["skipped"] == {"awq": "no GPU here"}
+    gguf = info["formats"]["gguf"]
+    assert gguf["engine"] == "llama.cpp" and gguf["model_dir"].endswith("tiny-f32.gguf")
+    assert gguf["checks"]["chat"]["ok"] and gguf["benchmark"]["result_file"] == "bench_result.gguf.json"
+    assert "s3cret" not in json.dumps(info)  # the key stays in the environment
+    assert json.loads((endpoint / "bench_result.gguf.json").read_text())["completed"] == 4
+    log = (endpoint / "server.log").read_text()
+    assert "vllm.entrypoints" in log and "stages.common.llama_server" in log  # one section per server
+
+
+@pytest.mark.integration
+def test_foreground_serves_until_sigterm(tiny_formats, tmp_path):
+    """`llmpipe serve` on a real server, here llama.cpp's over the quantize output's GGUF: it serves the model
+    under its name, requires the API key named by api_key_env, and a SIGTERM stops every process of it
+    and frees the port. (vLLM's start, checks and benchmark run in the stage test above.)"""
     import httpx
 
     env = {**os.environ, "LLMPIPE_TEST_KEY": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmpipe", "serve", "--model-dir", str(tiny_model),
+    gguf = tiny_formats / "formats" / "gguf" / "tiny-f32.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "llmpipe", "serve", "--model-dir", str(gguf),
                              f"run.root={tmp_path}", "stage.serve.api_key_env=LLMPIPE_TEST_KEY"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=env)
@@ -255,7 +386,7 @@ def test_foreground_serves_until_sigterm(tiny_model, tmp_path):
         key = {"Authorization": "Bearer s3cret"}
         models = httpx.get(f"{base_url}/models", headers=key, timeout=60).json()
         assert [m["id"] for m in models["data"]] == ["tiny-llama"]
-        body = {"model": "tiny-llama", "prompt": "The server", "max_tokens": 4}
+        body = {"model": "tiny-llama", "prompt": "The server", "max_tokens": 4, "min_tokens": 4}
         assert httpx.post(f"{base_url}/completions", json=body, timeout=60).status_code == 401  # key required
         answer = httpx.post(f"{base_url}/completions", json=body, headers=key, timeout=120).json()
         assert answer["usage"]["completion_tokens"] == 4
@@ -263,7 +394,7 @@ def test_foreground_serves_until_sigterm(tiny_model, tmp_path):
         rest, _ = proc.communicate(timeout=120)
         lines.append(rest)
         assert proc.returncode == 0, "".join(lines[-30:])
-        assert "stopping the vLLM server (SIGTERM)" in rest
+        assert "stopping the llama.cpp server (SIGTERM)" in rest
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
