@@ -261,6 +261,7 @@ def finetune(tiny, tmp_path_factory):
             # CI size: fewer steps and requests than the recipe (the code path is the recipe's)
             "stage.sft.train.max_steps=12", "stage.sft.train.eval_steps=6", "stage.align.train.max_steps=8",
             "stage.serve.bench.requests=4", "stage.quantize.calibration.samples=32",
+            "stage.quantize.formats=[gptq]",  # the tiny run's quantize makes and serves the GGUF too
             f"stage.evaluate.models=['base={base}',sft]"]  # the quantized model's evaluation: the tiny run's
     root = work / "runs"
     proc = llmpipe("run", "--wait-tracking", *args, root=root, corpus=None, conf="tiny-finetune")

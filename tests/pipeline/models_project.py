@@ -48,12 +48,13 @@ MODELS = Project(
 
 def write_models_conf(project_dir: Path, model: Path, documents: Path, heldout: Path) -> Path:
     """conf/models.yaml under ``project_dir``: the shipped quantize and serve configs (tiny), made
-    quick (a small calibration set, no perplexity check, no load benchmark); returns the conf dir."""
+    quick (GPTQ only, a small calibration set, no perplexity check, no load benchmark); returns the conf dir."""
     from llmpipe.project import stage_config
 
     quantize: dict[str, Any] = to_plain(stage_config("quantize"))
     quantize["calibration"].update(samples=16, max_tokens=128)
     quantize["perplexity"]["max_tokens"] = 0
+    quantize["formats"] = ["gptq"]  # the kill lands in GPTQ's calibration; the formats have their own tests
     serve: dict[str, Any] = to_plain(stage_config("serve"))
     serve["bench"]["requests"] = 0
     serve["check_max_tokens"] = 4
