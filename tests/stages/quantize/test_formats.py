@@ -16,7 +16,6 @@ import pytest
 
 from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
-from pipeline.stage import StageContext
 from stages.common.quantized import QuantizedFormatsError, find_format, read_formats
 from stages.quantize.stage import (
     GGUF_TYPES,
@@ -26,7 +25,8 @@ from stages.quantize.stage import (
     input_problems,
     run,
 )
-from tests.stages.model_fixtures import build_tiny_model, corpus_texts, torch_threads, write_documents
+from tests.stages.model_fixtures import corpus_texts, torch_threads
+from tests.stages.quantize.world import context, make_world
 
 SHIPPED = stage_config("quantize")  # conf/stage/quantize/default.yaml
 ALL = ("gptq", "gguf", "awq")
@@ -44,22 +44,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("formats")
-    texts = corpus_texts(240)
-    return {
-        "root": root,
-        "model": build_tiny_model(root / "align_model", train_steps=30, texts=texts),
-        "documents": write_documents(root / "documents", texts[:200], shards=2),
-        "heldout": write_documents(root / "heldout", texts[200:], prefix="held"),
-    }
-
-
-def context(world: dict[str, Path], name: str) -> StageContext:
-    out = world["root"] / name
-    out.mkdir(parents=True, exist_ok=True)
-    return StageContext(stage="quantize", fingerprint=name, output_dir=out, metrics_file=out / "metrics.jsonl",
-                        inputs={"align.model": world["model"], "pii.documents": world["documents"],
-                                "tokenize.heldout": world["heldout"]}, log=logging.getLogger(f"test.quantize.{name}"))
+    return make_world(tmp_path_factory.mktemp("formats"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 from llmpipe.project import stage_config
 from pipeline.errors import ConfigError
 from pipeline.schema import build
-from pipeline.stage import StageContext
 from stages.quantize.stage import (
     INFO_FILE,
     STAGE,
@@ -31,6 +30,7 @@ from stages.quantize.stage import (
     run,
 )
 from tests.stages.model_fixtures import build_tiny_model, corpus_texts, write_documents
+from tests.stages.quantize.world import context, make_world
 
 REPO = Path(__file__).resolve().parents[3]
 GROUP = 64
@@ -43,22 +43,7 @@ CFG = replace(SHIPPED, formats=("gptq",), bits=4, group_size=GROUP, cpu_workers=
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("quantize")
-    texts = corpus_texts(240)
-    return {
-        "root": root,
-        "model": build_tiny_model(root / "align_model", train_steps=30, texts=texts),
-        "documents": write_documents(root / "documents", texts[:200], shards=2),
-        "heldout": write_documents(root / "heldout", texts[200:], prefix="held"),
-    }
-
-
-def context(world: dict[str, Path], name: str) -> StageContext:
-    out = world["root"] / name
-    out.mkdir(parents=True, exist_ok=True)
-    return StageContext(stage="quantize", fingerprint=name, output_dir=out, metrics_file=out / "metrics.jsonl",
-                        inputs={"align.model": world["model"], "pii.documents": world["documents"],
-                                "tokenize.heldout": world["heldout"]})
+    return make_world(tmp_path_factory.mktemp("quantize"))
 
 
 @pytest.fixture(scope="module")
